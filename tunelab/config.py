@@ -1,0 +1,223 @@
+"""The trial configuration: every knob a study searches, as frozen dataclasses.
+
+Loaded from YAML or JSON with dotted `key=value` overrides; unknown keys, wrong types and
+inconsistent batch arithmetic are rejected with a one-line error (tunelab.errors.InputError).
+PPO defaults are DeepSpeed-Chat's (dschat/rlhf/ppo_trainer.py), which hard-codes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tunelab._typed import apply_overrides, from_mapping, read_mapping, to_mapping
+from tunelab.errors import InputError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Offload = Literal["none", "cpu"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one trained model (actor, or critic/reward) runs on DeepSpeed."""
+
+    zero_stage: int = 0
+    offload_optimizer: Offload = "none"
+    offload_params: Offload = "none"  # ZeRO-3 only
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_modules: tuple[str, ...] = ("all-linear",)  # peft target_modules
+    lora_scaling: float = 1.0  # lora_alpha = scaling * rank, as DeepSpeed-Chat's --lora_scaling
+    learning_rate: float = 9.65e-6  # PPO learning rate (DeepSpeed-Chat actor default)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.offload_params == "cpu" and self.zero_stage != 3:
+            raise ValueError("offload_params=cpu needs zero_stage 3 (DeepSpeed offloads params only there)")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer=cpu needs zero_stage 1-3 (ZeRO-Offload)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank > 0 and not self.lora_modules:
+            raise ValueError("lora_modules must name at least one module when lora_rank > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Model sources: a shape preset (random weights), a local Hugging Face directory or a hub name."""
+
+    actor: str = "tiny"
+    critic: str = "tiny"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`synthetic` (the shipped task with a known gold reward) or a local .jsonl/.parquet file."""
+
+    source: str = "synthetic"
+    train_size: int = 2048  # synthetic examples generated (ignored for files)
+    eval_size: int = 64  # held-out pairs (RM accuracy) and prompts (PPO start/end evaluation)
+
+    def __post_init__(self) -> None:
+        if self.train_size < 1 or self.eval_size < 1:
+            raise ValueError("train_size and eval_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Per-rank batch sizes; DeepSpeed's train_batch_size = micro x accumulation x ranks."""
+
+    train_micro: int = 16
+    generation_micro: int = 16
+    grad_accum: int = 1
+    train_global: int | None = None  # optional; checked against micro x accumulation x ranks
+
+    def __post_init__(self) -> None:
+        for name in ("train_micro", "generation_micro", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"batch.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Step budget and learning rate of a supervised stage (SFT or reward model)."""
+
+    steps: int = 20
+    learning_rate: float = 9.65e-6
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """DeepSpeed-Chat step 3; its hard-coded coefficients become knobs with the same defaults."""
+
+    steps: int = 10
+    kl_coef: float = 0.1
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    epochs: int = 1
+    generation_batches: int = 1
+    reward_clip: float = 5.0
+    max_prompt_len: int = 256
+    max_answer_len: int = 256
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.epochs < 1 or self.generation_batches < 1:
+            raise ValueError("steps, epochs and generation_batches must be >= 1")
+        if self.max_prompt_len < 1 or self.max_answer_len < 1:
+            raise ValueError("max_prompt_len and max_answer_len must be >= 1")
+        for name in ("kl_coef", "clip_range", "value_clip_range", "reward_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError("gamma and lam must lie in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space: the full SFT -> RM -> PPO run."""
+
+    seed: int = 1234
+    ranks: int = 1
+    device: Device = "auto"
+    precision: Precision = "bf16"
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    # SFT runs on the actor's engine settings, the reward model on the critic's.
+    actor: EngineConfig = field(default_factory=EngineConfig)
+    critic: EngineConfig = field(default_factory=lambda: EngineConfig(learning_rate=5e-6))
+    offload_reference: bool = False
+    offload_reward: bool = False
+    hybrid_engine: bool = False  # DeepSpeed's hybrid engine for generation (CUDA only)
+    sft: StageConfig = field(default_factory=StageConfig)
+    rm: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-6))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    warmup_steps: int = 1  # per stage, excluded from timing
+
+    def __post_init__(self) -> None:
+        batch = self.batch
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
+        if batch.train_global is not None:
+            product = batch.train_micro * batch.grad_accum * self.ranks
+            if batch.train_global != product:
+                raise ValueError(
+                    f"batch.train_global={batch.train_global} but batch.train_micro x "
+                    f"batch.grad_accum x ranks = {batch.train_micro} x {batch.grad_accum} x "
+                    f"{self.ranks} = {product}"
+                )
+        experience = batch.generation_micro * self.ppo.generation_batches
+        per_step = batch.train_micro * batch.grad_accum
+        if experience % per_step:
+            raise ValueError(
+                f"PPO experience per rank (batch.generation_micro x ppo.generation_batches = "
+                f"{experience}) must be a multiple of batch.train_micro x batch.grad_accum "
+                f"= {per_step}, so each PPO epoch ends on an optimizer step"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for stage in ("sft", "rm", "ppo"):
+            if self.warmup_steps >= getattr(self, stage).steps:
+                raise ValueError(
+                    f"warmup_steps={self.warmup_steps} leaves no timed step in {stage} "
+                    f"({stage}.steps={getattr(self, stage).steps})"
+                )
+        if self.offload_reference and self.actor.zero_stage != 3:
+            raise ValueError(
+                "offload_reference needs actor.zero_stage 3 (the reference follows the actor's "
+                "stage, and DeepSpeed offloads parameters only under ZeRO-3)"
+            )
+        if self.offload_reward and self.critic.zero_stage != 3:
+            raise ValueError("offload_reward needs critic.zero_stage 3 (same rule as the reference)")
+        if (
+            self.hybrid_engine
+            and self.actor.zero_stage == 2
+            and self.critic.zero_stage == 2
+            and "cpu" in (self.actor.offload_optimizer, self.critic.offload_optimizer)
+            and self.actor.lora_rank == 0
+        ):
+            # DeepSpeed-Chat refuses this combination (main.py of step 3).
+            raise ValueError("hybrid_engine with ZeRO-2 actor and critic, offload and no LoRA is unsupported")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config:") -> TrialConfig:
+    return from_mapping(TrialConfig, data, where)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrialConfig:
+    """Read a trial config (YAML/JSON; None = defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    where = "config:"
+    if path is not None:
+        path = Path(path)
+        data = read_mapping(path)
+        where = f"{path}:"
+    try:
+        data = apply_overrides(data, overrides)
+    except InputError as exc:
+        raise InputError(f"{where} {exc}") from None
+    return config_from_dict(data, where)

@@ -1,0 +1,23 @@
+"""Errors tunelab reports to the user as one line (exit code 2), never as a traceback."""
+
+
+class InputError(Exception):
+    """Bad user input: a config, spec, override or data file. The message names what and where."""
+
+
+class TrialFailure(Exception):
+    """A trial that cannot finish; `status` is how the study classifies it."""
+
+    status = "error"
+
+
+class UnsupportedError(TrialFailure):
+    """The device cannot run this precision or option (fp16 on the CPU, hybrid engine off CUDA)."""
+
+    status = "unsupported"
+
+
+class DivergedError(TrialFailure):
+    """A loss became NaN or infinite."""
+
+    status = "diverged"

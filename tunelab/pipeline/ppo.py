@@ -1,0 +1,339 @@
+"""Step 3, PPO as in DeepSpeed-Chat: actor, frozen reference, critic, frozen reward model.
+
+Each iteration: generate answers to prompts (phase `ppo_generate`), score them with the
+reference, critic and reward model (`ppo_experience`, which DeepSpeed-Chat's end-to-end figure
+leaves out), then PPO epochs over the experience (`ppo_train`). The maths lives in ppo_math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data import gold_reward
+from tunelab.flops import forward_flops, generation_flops, train_flops
+from tunelab.pipeline import ppo_math
+from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
+from tunelab.pipeline.context import TrialContext
+from tunelab.pipeline.models import (
+    build_causal_lm,
+    build_value_model,
+    frozen_engine,
+    gathered,
+    prepare_for_training,
+    train_engine,
+)
+from tunelab.pipeline.rm import sequence_scores
+from tunelab.pipeline.telemetry import throughput
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One generated batch and everything PPO needs from it (B rows, T = P + A columns)."""
+
+    seq: torch.Tensor  # [B, T] prompt (left-padded) + answer (right-padded)
+    attention_mask: torch.Tensor  # [B, T]
+    answer_mask: torch.Tensor  # [B, A] generated tokens up to and including eos
+    logprobs: torch.Tensor  # [B, A] actor, at generation time
+    ref_logprobs: torch.Tensor  # [B, A]
+    values: torch.Tensor  # [B, A] critic, at generation time
+    advantages: torch.Tensor  # [B, A]
+    returns: torch.Tensor  # [B, A]
+    scores: torch.Tensor  # [B] reward-model score
+    gold: torch.Tensor | None  # [B] gold reward (synthetic task only)
+
+    def rows(self, start: int, stop: int) -> Experience:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return Experience(**{k: v[start:stop] if v is not None else None for k, v in fields.items()})
+
+
+def _concat(experiences: list[Experience]) -> Experience:
+    def cat(name):
+        parts = [getattr(e, name) for e in experiences]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return Experience(**{name: cat(name) for name in Experience.__dataclass_fields__})
+
+
+class PPOTrainer:
+    """The four engines and the three phases of a PPO iteration."""
+
+    def __init__(self, ctx: TrialContext, sft_weights, rm_weights) -> None:
+        self.ctx = ctx
+        config = ctx.config
+        self.prompt_len = config.ppo.max_prompt_len
+        self.answer_len = config.ppo.max_answer_len
+        tokenizer = ctx.tokenizer
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.synthetic = config.data.source == "synthetic"
+        self.actor = self._init_actor(sft_weights)
+        self.reference = self._init_reference(sft_weights)
+        self.critic = self._init_critic(rm_weights)
+        self.reward = self._init_reward(rm_weights)
+
+    def _init_actor(self, weights):
+        model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
+        engine = train_engine(prepare_for_training(model, self.ctx.config.actor), self.ctx.ds_configs["actor"])
+        engine.train()
+        return engine
+
+    def _init_reference(self, weights):
+        model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
+        return frozen_engine(model, self.ctx.ds_configs["reference"])
+
+    def _init_critic(self, weights):
+        model = build_value_model(self.ctx.critic_source, self.ctx.tokenizer, weights)
+        engine = train_engine(prepare_for_training(model, self.ctx.config.critic), self.ctx.ds_configs["critic"])
+        engine.train()
+        return engine
+
+    def _init_reward(self, weights):
+        model = build_value_model(self.ctx.critic_source, self.ctx.tokenizer, weights)
+        return frozen_engine(model, self.ctx.ds_configs["reward"])
+
+    def close(self) -> None:
+        for engine in (self.actor, self.reference, self.critic, self.reward):
+            engine.destroy()
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, prompt_ids, prompt_mask):
+        """Sample answers; returns (seq [B, T], attention_mask [B, T], answer_mask [B, A], new
+        tokens per row). Under ZeRO-3 the actor's parameters are gathered once for the whole
+        generation (without the hybrid engine)."""
+        kwargs = {
+            "input_ids": prompt_ids,
+            "attention_mask": prompt_mask,
+            "max_new_tokens": self.answer_len,
+            "do_sample": True,
+            "temperature": self.ctx.config.ppo.temperature,
+            "top_k": 0,
+            "top_p": 1.0,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_id,
+        }
+        self.actor.eval()
+        with torch.no_grad():
+            if self.ctx.config.hybrid_engine:
+                output = self.actor.generate(**kwargs)
+            else:
+                with gathered(self.actor):
+                    output = self.actor.module.generate(**kwargs)
+        self.actor.train()
+        new_tokens = output.shape[1] - self.prompt_len
+        answers = output[:, self.prompt_len :]
+        if new_tokens < self.answer_len:
+            padding = answers.new_full((answers.shape[0], self.answer_len - new_tokens), self.pad_id)
+            answers = torch.cat([answers, padding], dim=1)
+        answer_mask = ppo_math.answer_mask(answers, self.eos_id)
+        seq = torch.cat([prompt_ids, answers], dim=1)
+        return seq, torch.cat([prompt_mask, answer_mask], dim=1), answer_mask, new_tokens
+
+    # -- experience ---------------------------------------------------------------------------
+
+    def _answer_logprobs(self, engine, seq, mask):
+        """[B, A] log-probabilities of the answer tokens; logits only for answer positions."""
+        logits = engine(
+            input_ids=seq,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=False,
+            logits_to_keep=self.answer_len + 1,
+        ).logits[:, :-1]
+        return ppo_math.token_logprobs(logits, seq[:, self.prompt_len :], self.ctx.config.ppo.temperature)
+
+    def _answer_values(self, engine, seq, mask):
+        """[B, A] critic values of the states before each answer token."""
+        values = engine(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask))
+        return values[:, self.prompt_len - 1 : -1].float()
+
+    def gold_rewards(self, seq, answer_mask) -> torch.Tensor | None:
+        if not self.synthetic:
+            return None
+        answers = (seq[:, self.prompt_len :] * answer_mask).tolist()
+        texts = self.ctx.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return torch.tensor([gold_reward(text) for text in texts])
+
+    def make_experience(self, seq, mask, answer_mask) -> Experience:
+        ppo = self.ctx.config.ppo
+        with torch.no_grad():
+            logprobs = self._answer_logprobs(self.actor, seq, mask)
+            ref_logprobs = self._answer_logprobs(self.reference, seq, mask)
+            values = self._answer_values(self.critic, seq, mask)
+            scores = sequence_scores(self.reward, seq, mask)
+        rewards = ppo_math.kl_penalized_rewards(
+            logprobs, ref_logprobs, scores, answer_mask, ppo.kl_coef, ppo.reward_clip
+        )
+        advantages, returns = ppo_math.gae_advantages(values, rewards, answer_mask, ppo.gamma, ppo.lam)
+        return Experience(
+            seq, mask, answer_mask, logprobs, ref_logprobs, values, advantages, returns, scores,
+            self.gold_rewards(seq, answer_mask),
+        )
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, experience: Experience, step: int) -> dict[str, float]:
+        """ppo.epochs passes over the experience in training micro-batches (actor, then critic)."""
+        ppo, runtime = self.ctx.config.ppo, self.ctx.runtime
+        micro = self.ctx.config.batch.train_micro
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        count = 0
+        for _ in range(ppo.epochs):
+            for start in range(0, len(experience.seq), micro):
+                batch = experience.rows(start, start + micro)
+                logprobs = self._answer_logprobs(self.actor, batch.seq, batch.attention_mask)
+                actor_loss, clip_fraction = ppo_math.policy_loss(
+                    logprobs, batch.logprobs, batch.advantages, batch.answer_mask, ppo.clip_range
+                )
+                runtime.check_finite(actor_loss, f"ppo step {step} actor")
+                self.actor.backward(actor_loss)
+                self.actor.step()
+                values = self._answer_values(self.critic, batch.seq, batch.attention_mask)
+                critic_loss = ppo_math.value_loss(
+                    values, batch.values, batch.returns, batch.answer_mask, ppo.value_clip_range
+                )
+                runtime.check_finite(critic_loss, f"ppo step {step} critic")
+                self.critic.backward(critic_loss)
+                self.critic.step()
+                stats["policy_loss"] += actor_loss.item()
+                stats["value_loss"] += critic_loss.item()
+                stats["clip_fraction"] += clip_fraction.item()
+                count += 1
+        return {name: value / count for name, value in stats.items()}
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward-model score and gold reward of answers to the held-out prompts."""
+        ctx = self.ctx
+        prompts, runtime = ctx.data.eval_prompts, ctx.runtime
+        totals = {"score": 0.0, "gold": 0.0, "count": 0.0}
+        for rows, counted in eval_batches(
+            len(prompts.ids), ctx.config.batch.generation_micro, runtime.rank, runtime.world_size
+        ):
+            seq, mask, answer_mask, _ = self.generate(*prompts.rows(rows, runtime.device))
+            with torch.no_grad():
+                scores = sequence_scores(self.reward, seq, mask)
+            weight = torch.tensor(counted, dtype=torch.float32)
+            totals["score"] += (scores.cpu() * weight).sum().item()
+            gold = self.gold_rewards(seq, answer_mask)
+            if gold is not None:
+                totals["gold"] += (gold * weight).sum().item()
+            totals["count"] += weight.sum().item()
+        means = {name: runtime.all_mean(value) for name, value in totals.items()}
+        result = {"score": means["score"] / means["count"]}
+        if self.synthetic:
+            result["gold"] = means["gold"] / means["count"]
+        return result
+
+
+def run_ppo(ctx: TrialContext, sft_weights, rm_weights):
+    """PPO for ppo.steps iterations; returns (metrics, per-step series)."""
+    config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
+    ppo, batch = config.ppo, config.batch
+    with ctx.memory.stage("ppo_setup"):
+        trainer = PPOTrainer(ctx, sft_weights, rm_weights)
+    with ctx.memory.stage("ppo_eval"):
+        start = trainer.evaluate()
+    prompts = ctx.data.prompts
+    series: dict[str, list[float]] = {}
+    generated_tokens = 0
+    for step in range(config.ppo.steps):
+        warm = step < config.warmup_steps
+        with ctx.timed_phase("ppo_step", step):
+            experiences = []
+            for gen_batch in range(ppo.generation_batches):
+                rows = batch_indices(
+                    len(prompts.ids), batch.generation_micro, step * ppo.generation_batches + gen_batch,
+                    runtime.rank, runtime.world_size, config.seed + 2,
+                )
+                with ctx.timed_phase("ppo_generate", step), ctx.memory.stage("ppo_generate"):
+                    seq, mask, answer_mask, new_tokens = trainer.generate(
+                        *prompts.rows(rows, runtime.device)
+                    )
+                with ctx.timed_phase("ppo_experience", step), ctx.memory.stage("ppo_experience"):
+                    experiences.append(trainer.make_experience(seq, mask, answer_mask))
+                if not warm:
+                    generated_tokens += new_tokens * len(rows)
+            experience = _concat(experiences)
+            with ctx.timed_phase("ppo_train", step), ctx.memory.stage("ppo_train"):
+                stats = trainer.train(experience, step)
+        record = {
+            "ppo/score": runtime.all_mean(experience.scores.mean().item()),
+            "ppo/kl": runtime.all_mean(
+                ppo_math.sequence_kl(experience.logprobs, experience.ref_logprobs, experience.answer_mask).item()
+            ),
+            "ppo/answer_tokens": runtime.all_mean(experience.answer_mask.sum(1).float().mean().item()),
+            **{f"ppo/{name}": runtime.all_mean(value) for name, value in stats.items()},
+        }
+        if experience.gold is not None:
+            record["ppo/gold"] = runtime.all_mean(experience.gold.mean().item())
+        for name, value in record.items():
+            series.setdefault(name, []).append(value)
+        if not warm and timer.seconds["ppo_step"] > 0:
+            timed = step + 1 - config.warmup_steps
+            rows_done = timed * batch.generation_micro * ppo.generation_batches * runtime.world_size
+            ctx.progress.write(
+                "ppo", step, {"perf/ppo_e2e_tokens_per_s": rows_done * ctx.sequence_len / timer.seconds["ppo_step"]}
+            )
+    with ctx.memory.stage("ppo_eval"):
+        end = trainer.evaluate()
+    trainer.close()
+    return _ppo_metrics(ctx, start, end, series, generated_tokens), series
+
+
+def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -> dict:
+    config, timer, world = ctx.config, ctx.timer, ctx.runtime.world_size
+    ppo, batch = config.ppo, config.batch
+    steps = ppo.steps - config.warmup_steps
+    rows_per_rank = batch.generation_micro * ppo.generation_batches  # per rank per step
+    seq_len, prompt_len = ctx.sequence_len, ppo.max_prompt_len
+    gen_calls = steps * ppo.generation_batches
+    new_per_call = generated_tokens / max(gen_calls * batch.generation_micro, 1)
+    actor, critic = ctx.actor_shape, ctx.critic_shape
+    gen_flops = gen_calls * generation_flops(actor, batch.generation_micro, prompt_len, round(new_per_call))
+    exp_flops = steps * (
+        2 * forward_flops(actor, rows_per_rank, seq_len)
+        + 2 * forward_flops(critic, rows_per_rank, seq_len, lm_head=False)
+    )
+    train = steps * ppo.epochs * (
+        train_flops(actor, rows_per_rank, seq_len) + train_flops(critic, rows_per_rank, seq_len, False)
+    )
+    samples = steps * rows_per_rank * world
+    gen_s, exp_s, train_s = (timer.seconds[n] for n in ("ppo_generate", "ppo_experience", "ppo_train"))
+    step_s = timer.seconds["ppo_step"]
+    tail = max(1, len(series["ppo/kl"]) // 4)  # "final" = mean over the last quarter of steps
+
+    def final(name):
+        return sum(series[name][-tail:]) / tail
+
+    metrics = {
+        "ppo/steps": ppo.steps,
+        "ppo/score_start": start["score"],
+        "ppo/score_end": end["score"],
+        "ppo/score_gain": end["score"] - start["score"],
+        "ppo/kl_final": final("ppo/kl"),
+        "ppo/clip_fraction": sum(series["ppo/clip_fraction"]) / len(series["ppo/clip_fraction"]),
+        "ppo/value_loss_final": final("ppo/value_loss"),
+        "ppo/policy_loss_final": final("ppo/policy_loss"),
+        "ppo/answer_tokens_mean": sum(series["ppo/answer_tokens"]) / len(series["ppo/answer_tokens"]),
+        **throughput("ppo_generate", gen_s, samples, generated_tokens * world, gen_flops),
+        "perf/ppo_generate_latency_s": gen_s / max(gen_calls, 1),
+        "perf/ppo_generate_per_token_latency_s": gen_s / max(gen_calls * new_per_call, 1e-9),
+        **throughput("ppo_experience", exp_s, samples, samples * seq_len, exp_flops),
+        **throughput("ppo_train", train_s, samples * ppo.epochs, samples * ppo.epochs * seq_len, train),
+        **throughput("ppo_e2e", step_s, samples, samples * seq_len, gen_flops + exp_flops + train),
+        "time/ppo_step_s": step_s / steps,
+        # DeepSpeed-Chat's "End-to-End" is generation + training only.
+        "time/ppo_dschat_e2e_s": (gen_s + train_s) / steps,
+    }
+    if "gold" in start:
+        metrics.update(
+            {
+                "ppo/gold_start": start["gold"],
+                "ppo/gold_end": end["gold"],
+                "ppo/gold_gain": end["gold"] - start["gold"],
+            }
+        )
+    return metrics

@@ -1,0 +1,211 @@
+"""Trial process entry point: read trial.json, run SFT -> RM -> PPO, write metrics.json.
+
+    python -m tunelab.pipeline.run --config DIR/trial.json --out DIR        (one rank)
+    torchrun --nproc_per_node 2 -m tunelab.pipeline.run --config ... --out DIR
+
+Every rank writes rank<N>.json (its status and memory); rank 0 also writes metrics.json with
+the status, the flat namespaced metrics, per-step series and per-rank memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import psutil
+import torch
+import transformers
+from transformers import AutoConfig
+
+from tunelab import dsconfig
+from tunelab.config import TrialConfig, config_from_dict
+from tunelab.data import load_preferences
+from tunelab.errors import TrialFailure
+from tunelab.pipeline.batching import encode
+from tunelab.pipeline.context import TrialContext
+from tunelab.pipeline.models import build_tokenizer
+from tunelab.pipeline.ppo import run_ppo
+from tunelab.pipeline.rm import run_rm
+from tunelab.pipeline.runtime import start_runtime
+from tunelab.pipeline.sft import run_sft
+from tunelab.pipeline.telemetry import MemoryTracker, PhaseTimer, ProgressLog
+from tunelab.presets import ModelSource, resolve_model, shape_from_hf_config
+
+log = logging.getLogger("tunelab")
+
+STATUSES = ("ok", "oom", "unsupported", "diverged", "timeout", "error")
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) of an exception that ended a trial."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, TrialFailure):
+        return exc.status, text
+    lowered = text.lower()
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in lowered:
+        return "oom", f"{type(exc).__name__}: {text}"
+    if "can't allocate memory" in lowered:
+        return "oom", f"{type(exc).__name__}: {text}"
+    if "not supported on your device" in lowered:
+        return "unsupported", text
+    return "error", f"{type(exc).__name__}: {text}"
+
+
+def _shape(source: ModelSource):
+    if source.shape is not None:
+        return source.shape
+    return shape_from_hf_config(AutoConfig.from_pretrained(source.hf_path).to_dict(), source.name)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None) -> dict:
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    actor_source = resolve_model(config.models.actor)
+    critic_source = resolve_model(config.models.critic)
+    train, held_out = load_preferences(
+        config.data.source, config.data.train_size, config.data.eval_size, config.seed
+    )
+    texts = [text for e in train + held_out for text in (e.prompt, e.chosen, e.rejected)]
+    tokenizer = build_tokenizer(actor_source, texts)
+    ppo = config.ppo
+    ctx = TrialContext(
+        config=config,
+        runtime=runtime,
+        tokenizer=tokenizer,
+        data=encode(tokenizer, train, held_out, ppo.max_prompt_len, ppo.max_answer_len),
+        actor_source=actor_source,
+        critic_source=critic_source,
+        actor_shape=_shape(actor_source),
+        critic_shape=_shape(critic_source),
+        ds_configs=dsconfig.engine_ds_configs(config),
+        timer=PhaseTimer(runtime.synchronize),
+        memory=memory,
+        progress=ProgressLog(out_dir / "progress.jsonl" if out_dir and runtime.is_main else None),
+    )
+    for name, shape in (("actor", ctx.actor_shape), ("critic", ctx.critic_shape)):
+        if ppo.max_prompt_len + ppo.max_answer_len > shape.max_positions:
+            raise TrialFailure(
+                f"ppo.max_prompt_len + max_answer_len = {ctx.sequence_len} exceeds the {name}'s "
+                f"{shape.max_positions} positions"
+            )
+    log.info("rank %d: SFT (%d steps)", runtime.rank, config.sft.steps)
+    sft_metrics, sft_weights, sft_losses = run_sft(ctx)
+    _release_memory()
+    log.info("rank %d: reward model (%d steps)", runtime.rank, config.rm.steps)
+    rm_metrics, rm_weights, rm_losses = run_rm(ctx)
+    _release_memory()
+    log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
+    ppo_metrics, series = run_ppo(ctx, sft_weights, rm_weights)
+    del sft_weights, rm_weights
+    _release_memory()
+    return {
+        "metrics": {**sft_metrics, **rm_metrics, **ppo_metrics},
+        "series": {"sft/loss": sft_losses, "rm/loss": rm_losses, **series},
+    }
+
+
+def run_trial(
+    config: TrialConfig, out_dir: str | Path | None = None, process_started: float | None = None
+) -> dict:
+    """Run one trial in this process (one rank of it); returns the result rank 0 writes.
+
+    Failures become a status and a one-line reason (the traceback goes to the log).
+    `process_started` (epoch seconds) adds the process's whole wall time, imports included.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"status": "ok", "reason": "", "config": config.to_dict(), "metrics": {}, "series": {}}
+    runtime = memory = None
+    try:
+        runtime = start_runtime(config)
+        memory = MemoryTracker(runtime.device)
+        result.update(_run_stages(config, runtime, memory, out_dir))
+    except Exception as exc:  # every failure is classified; the traceback goes to the log
+        result["status"], result["reason"] = classify(exc)
+        log.error("trial %s: %s\n%s", result["status"], result["reason"], traceback.format_exc())
+    finally:
+        if memory is not None:
+            memory.close()
+    rank = runtime.rank if runtime is not None else int(os.environ.get("RANK", "0"))
+    rank_info = {"rank": rank, "status": result["status"], "reason": result["reason"]}
+    if memory is not None:
+        rank_info.update(memory.metrics())
+    if out_dir is not None:
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(rank_info, indent=1))
+    # Gather only when every rank got through: a failed rank may leave the others in a collective.
+    if result["status"] == "ok" and runtime is not None:
+        ranks = runtime.all_gather(rank_info)
+    else:
+        ranks = [rank_info]
+    result["ranks"] = ranks
+    result["metrics"]["time/trial_s"] = time.perf_counter() - started
+    result["metrics"]["trial/ranks"] = config.ranks
+    if process_started is not None:
+        result["metrics"]["time/process_s"] = time.time() - process_started
+    for key in {k for info in ranks for k in info if k.startswith("mem/")}:
+        result["metrics"][key] = max(info.get(key, 0) for info in ranks)
+    for key in {k for k in rank_info if k.startswith("gpu/")}:
+        result["metrics"][key] = rank_info[key]
+    if out_dir is not None and rank == 0:
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _exit_with_parent() -> None:
+    """End this process when its parent dies (the orchestrator or torchrun was killed)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="tunelab-parent-watch", daemon=True).start()
+
+
+def _quiet_libraries() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunelab.pipeline.run")
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    _exit_with_parent()
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s tunelab[rank{rank}] %(message)s", stream=sys.stderr
+    )
+    _quiet_libraries()
+    config = config_from_dict(json.loads(args.config.read_text()), f"{args.config}:")
+    result = run_trial(config, args.out, process_started=psutil.Process().create_time())
+    log.info("status %s %s", result["status"], result["reason"])
+    return 0 if result["status"] == "ok" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

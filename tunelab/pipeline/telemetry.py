@@ -1,0 +1,189 @@
+"""Measurement inside the trial process: phase timers, per-stage memory peaks, NVML sampling.
+
+Host memory: a sampler thread reads this process's resident set (/proc/self/statm) every few
+milliseconds and keeps the peak per stage; ru_maxrss gives the exact lifetime peak. Device
+memory: torch.cuda peak allocated/reserved, reset at each stage entry. NVML (device memory used,
+utilisation, power) when a GPU and the library are present; absent quietly otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+class PhaseTimer:
+    """Wall time per named phase, with the device synchronised at both ends.
+
+    Steps below `warmup` are timed into `<phase>_warmup` so they never count in throughput.
+    """
+
+    def __init__(self, synchronize) -> None:
+        self._synchronize = synchronize
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.seconds[name] += time.perf_counter() - start
+            self.counts[name] += 1
+
+
+class _NvmlSampler:
+    """Device memory used, utilisation and power of this rank's GPU, sampled by NVML."""
+
+    def __init__(self, device: torch.device) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        index = device.index or 0
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is not None:
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        else:
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(self._handle)
+        self.name = name.decode() if isinstance(name, bytes) else name
+        self.memory_total = pynvml.nvmlDeviceGetMemoryInfo(self._handle).total
+        self.used_peak = 0
+        self._util: list[float] = []
+        self._power: list[float] = []
+
+    def sample(self) -> None:
+        nvml = self._nvml
+        self.used_peak = max(self.used_peak, nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        self._util.append(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+        with contextlib.suppress(nvml.NVMLError):
+            self._power.append(nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0)
+
+    def metrics(self) -> dict[str, float | str]:
+        result: dict[str, float | str] = {
+            "gpu/name": self.name,
+            "gpu/memory_total_bytes": self.memory_total,
+            "gpu/nvml_used_peak_bytes": self.used_peak,
+        }
+        if self._util:
+            result["gpu/util_mean_pct"] = sum(self._util) / len(self._util)
+        if self._power:
+            result["gpu/power_mean_w"] = sum(self._power) / len(self._power)
+        return result
+
+
+class MemoryTracker:
+    """Peak host RSS and device memory per stage, from a background sampler thread."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
+        self._device = device
+        self._interval = interval_s
+        self._stage: str | None = None
+        self.host_peak: dict[str, int] = defaultdict(int)
+        self.device_allocated: dict[str, int] = defaultdict(int)
+        self.device_reserved: dict[str, int] = defaultdict(int)
+        self._nvml: _NvmlSampler | None = None
+        if device.type == "cuda":
+            with contextlib.suppress(Exception):  # no NVML library or driver: skip it
+                self._nvml = _NvmlSampler(device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tunelab-memory", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.wait(self._interval):
+            stage = self._stage
+            if stage is not None:
+                self.host_peak[stage] = max(self.host_peak[stage], _rss_bytes())
+            ticks += 1
+            if self._nvml is not None and ticks % 20 == 0:
+                with contextlib.suppress(Exception):
+                    self._nvml.sample()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Attribute memory peaks inside the block to `name` (re-entry keeps the maximum)."""
+        previous = self._stage
+        self._stage = name
+        self.host_peak[name] = max(self.host_peak[name], _rss_bytes())
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+        try:
+            yield
+        finally:
+            self.host_peak[name] = max(self.host_peak[name], _rss_bytes())
+            if self._device.type == "cuda":
+                self.device_allocated[name] = max(
+                    self.device_allocated[name], torch.cuda.max_memory_allocated(self._device)
+                )
+                self.device_reserved[name] = max(
+                    self.device_reserved[name], torch.cuda.max_memory_reserved(self._device)
+                )
+            self._stage = previous
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def metrics(self) -> dict[str, float | str]:
+        """`mem/<stage>/...` per stage plus the overall peaks of this rank."""
+        result: dict[str, float | str] = {}
+        for stage, peak in self.host_peak.items():
+            result[f"mem/{stage}/peak_host_rss_bytes"] = peak
+        for stage, peak in self.device_allocated.items():
+            result[f"mem/{stage}/peak_device_allocated_bytes"] = peak
+            result[f"mem/{stage}/peak_device_reserved_bytes"] = self.device_reserved[stage]
+        # ru_maxrss is in KiB on Linux and covers the whole process life, imports included.
+        result["mem/peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.device_allocated:
+            result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
+            result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
+        if self._nvml is not None:
+            result.update(self._nvml.metrics())
+        return result
+
+
+class ProgressLog:
+    """JSON lines the orchestrator reads while the trial runs (intermediate values)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+
+    def write(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if self._path is None:
+            return
+        line = json.dumps({"stage": stage, "step": step, "time": time.time(), **values})
+        with self._path.open("a") as handle:
+            handle.write(line + "\n")
+
+
+def throughput(name: str, seconds: float, samples: int, tokens: int, flops_per_rank: float):
+    """`time/<name>_s` and `perf/<name>_*` figures; samples and tokens summed over ranks."""
+    seconds = max(seconds, 1e-9)
+    return {
+        f"time/{name}_s": seconds,
+        f"perf/{name}_samples_per_s": samples / seconds,
+        f"perf/{name}_tokens_per_s": tokens / seconds,
+        f"perf/{name}_tflops_per_rank": flops_per_rank / seconds / 1e12,
+    }
