@@ -65,7 +65,9 @@ def convert(annotation: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         if value in get_args(annotation) and not isinstance(value, bool):
             return value
-        raise InputError(f"{where}: expected one of {_type_name(annotation)}, got {_describe(value)}")
+        raise InputError(
+            f"{where}: expected one of {_type_name(annotation)}, got {_describe(value)}"
+        )
     if origin is tuple:
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
             raise InputError(f"{where}: expected {_type_name(annotation)}, got {_describe(value)}")
@@ -163,7 +165,9 @@ def read_mapping(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else getattr(exc, "lineno", "?")
         problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or exc
-        raise InputError(f"{path}:{line}: not valid {path.suffix[1:] or 'YAML'} ({problem})") from None
+        raise InputError(
+            f"{path}:{line}: not valid {path.suffix[1:] or 'YAML'} ({problem})"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

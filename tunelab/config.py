@@ -38,7 +38,9 @@ class EngineConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.offload_params == "cpu" and self.zero_stage != 3:
-            raise ValueError("offload_params=cpu needs zero_stage 3 (DeepSpeed offloads params only there)")
+            raise ValueError(
+                "offload_params=cpu needs zero_stage 3 (DeepSpeed offloads params only there)"
+            )
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
             raise ValueError("offload_optimizer=cpu needs zero_stage 1-3 (ZeRO-Offload)")
         if self.lora_rank < 0:
@@ -51,7 +53,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    """Model sources: a shape preset (random weights), a local Hugging Face directory or a hub name."""
+    """Model sources: a preset shape (random weights), a local Hugging Face dir or hub name."""
 
     actor: str = "tiny"
     critic: str = "tiny"
@@ -186,7 +188,9 @@ class TrialConfig:
                 "stage, and DeepSpeed offloads parameters only under ZeRO-3)"
             )
         if self.offload_reward and self.critic.zero_stage != 3:
-            raise ValueError("offload_reward needs critic.zero_stage 3 (same rule as the reference)")
+            raise ValueError(
+                "offload_reward needs critic.zero_stage 3 (same rule as the reference)"
+            )
         if (
             self.hybrid_engine
             and self.actor.zero_stage == 2
@@ -195,7 +199,9 @@ class TrialConfig:
             and self.actor.lora_rank == 0
         ):
             # DeepSpeed-Chat refuses this combination (main.py of step 3).
-            raise ValueError("hybrid_engine with ZeRO-2 actor and critic, offload and no LoRA is unsupported")
+            raise ValueError(
+                "hybrid_engine with ZeRO-2 actor and critic, offload and no LoRA is unsupported"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

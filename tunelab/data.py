@@ -17,9 +17,74 @@ from pathlib import Path
 
 from tunelab.errors import InputError
 
-POSITIVE_WORDS = ["good", "great", "happy", "love", "fine", "nice", "superb", "lovely", "bright", "brilliant", "joyful", "wonderful", "excellent", "charming", "perfect", "delightful"]
-NEGATIVE_WORDS = ["bad", "awful", "sad", "hate", "poor", "ugly", "boring", "dull", "terrible", "gloomy", "horrible", "dreadful", "weak", "messy", "broken", "bitter"]
-NEUTRAL_WORDS = ["the", "a", "film", "book", "meal", "show", "plot", "cast", "food", "room", "staff", "story", "music", "scene", "place", "day", "it", "was", "is", "and", "with", "very", "quite", "rather", "this", "that", "of", "service", "price", "view"]
+POSITIVE_WORDS = [
+    "good",
+    "great",
+    "happy",
+    "love",
+    "fine",
+    "nice",
+    "superb",
+    "lovely",
+    "bright",
+    "brilliant",
+    "joyful",
+    "wonderful",
+    "excellent",
+    "charming",
+    "perfect",
+    "delightful",
+]
+NEGATIVE_WORDS = [
+    "bad",
+    "awful",
+    "sad",
+    "hate",
+    "poor",
+    "ugly",
+    "boring",
+    "dull",
+    "terrible",
+    "gloomy",
+    "horrible",
+    "dreadful",
+    "weak",
+    "messy",
+    "broken",
+    "bitter",
+]
+NEUTRAL_WORDS = [
+    "the",
+    "a",
+    "film",
+    "book",
+    "meal",
+    "show",
+    "plot",
+    "cast",
+    "food",
+    "room",
+    "staff",
+    "story",
+    "music",
+    "scene",
+    "place",
+    "day",
+    "it",
+    "was",
+    "is",
+    "and",
+    "with",
+    "very",
+    "quite",
+    "rather",
+    "this",
+    "that",
+    "of",
+    "service",
+    "price",
+    "view",
+]
 PROMPT_PREFIX = "review of"
 _POSITIVE = frozenset(POSITIVE_WORDS)
 _NEGATIVE = frozenset(NEGATIVE_WORDS)
@@ -69,12 +134,6 @@ def synthetic_preferences(count: int, seed: int) -> list[PreferenceExample]:
             first, second = second, first
         examples.append(PreferenceExample(prompt, first, second))
     return examples
-
-
-def synthetic_vocabulary() -> list[str]:
-    """Every word the synthetic task uses (the tiny tokenizer gives each its own id)."""
-    prefix = PROMPT_PREFIX.split() + [":"]
-    return prefix + POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS
 
 
 _FIELDS = ("prompt", "chosen", "rejected")

@@ -27,7 +27,10 @@ def _precision_section(precision: str) -> dict[str, Any]:
 def _zero_section(stage: int, offload_optimizer: str, offload_params: str) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": offload_optimizer != "none"}
+        zero["offload_optimizer"] = {
+            "device": offload_optimizer,
+            "pin_memory": offload_optimizer != "none",
+        }
     if stage >= 2:
         zero["overlap_comm"] = True
         zero["contiguous_gradients"] = True
@@ -61,7 +64,12 @@ def train_ds_config(config: TrialConfig, engine: EngineConfig, learning_rate: fl
         "gradient_clipping": 1.0,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": learning_rate, "betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0},
+            "params": {
+                "lr": learning_rate,
+                "betas": _ADAM_BETAS,
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+            },
         },
         "wall_clock_breakdown": False,
     }

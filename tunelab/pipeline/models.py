@@ -72,7 +72,8 @@ def build_tokenizer(source: ModelSource, texts: list[str]) -> PreTrainedTokenize
 def _preset_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase):
     if len(tokenizer) > source.shape.vocab_size:
         raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens, model {source.name} only {source.shape.vocab_size}"
+            f"tokenizer has {len(tokenizer)} tokens, model {source.name} "
+            f"only {source.shape.vocab_size}"
         )
     kwargs = source.shape.hf_config()
     kwargs.update(
@@ -133,7 +134,9 @@ def prepare_for_training(model: nn.Module, engine: EngineConfig) -> nn.Module:
     """Gradient checkpointing, then LoRA through peft (base frozen, adapters trained)."""
     target = model.backbone if isinstance(model, ValueModel) else model
     if engine.gradient_checkpointing:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        target.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if engine.lora_rank > 0:
         lora = LoraConfig(
             r=engine.lora_rank,
@@ -200,4 +203,3 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
             key = name.replace("base_model.model.", "").replace(".base_layer.", ".")
             state[key] = value.to("cpu", copy=True)
     return state
-

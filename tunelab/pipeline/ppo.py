@@ -45,7 +45,9 @@ class Experience:
 
     def rows(self, start: int, stop: int) -> Experience:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return Experience(**{k: v[start:stop] if v is not None else None for k, v in fields.items()})
+        return Experience(
+            **{k: v[start:stop] if v is not None else None for k, v in fields.items()}
+        )
 
 
 def _concat(experiences: list[Experience]) -> Experience:
@@ -74,7 +76,9 @@ class PPOTrainer:
 
     def _init_actor(self, weights):
         model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
-        engine = train_engine(prepare_for_training(model, self.ctx.config.actor), self.ctx.ds_configs["actor"])
+        engine = train_engine(
+            prepare_for_training(model, self.ctx.config.actor), self.ctx.ds_configs["actor"]
+        )
         engine.train()
         return engine
 
@@ -84,7 +88,9 @@ class PPOTrainer:
 
     def _init_critic(self, weights):
         model = build_value_model(self.ctx.critic_source, self.ctx.tokenizer, weights)
-        engine = train_engine(prepare_for_training(model, self.ctx.config.critic), self.ctx.ds_configs["critic"])
+        engine = train_engine(
+            prepare_for_training(model, self.ctx.config.critic), self.ctx.ds_configs["critic"]
+        )
         engine.train()
         return engine
 
@@ -124,7 +130,9 @@ class PPOTrainer:
         new_tokens = output.shape[1] - self.prompt_len
         answers = output[:, self.prompt_len :]
         if new_tokens < self.answer_len:
-            padding = answers.new_full((answers.shape[0], self.answer_len - new_tokens), self.pad_id)
+            padding = answers.new_full(
+                (answers.shape[0], self.answer_len - new_tokens), self.pad_id
+            )
             answers = torch.cat([answers, padding], dim=1)
         answer_mask = ppo_math.answer_mask(answers, self.eos_id)
         seq = torch.cat([prompt_ids, answers], dim=1)
@@ -141,7 +149,9 @@ class PPOTrainer:
             use_cache=False,
             logits_to_keep=self.answer_len + 1,
         ).logits[:, :-1]
-        return ppo_math.token_logprobs(logits, seq[:, self.prompt_len :], self.ctx.config.ppo.temperature)
+        return ppo_math.token_logprobs(
+            logits, seq[:, self.prompt_len :], self.ctx.config.ppo.temperature
+        )
 
     def _answer_values(self, engine, seq, mask):
         """[B, A] critic values of the states before each answer token."""
@@ -165,9 +175,19 @@ class PPOTrainer:
         rewards = ppo_math.kl_penalized_rewards(
             logprobs, ref_logprobs, scores, answer_mask, ppo.kl_coef, ppo.reward_clip
         )
-        advantages, returns = ppo_math.gae_advantages(values, rewards, answer_mask, ppo.gamma, ppo.lam)
+        advantages, returns = ppo_math.gae_advantages(
+            values, rewards, answer_mask, ppo.gamma, ppo.lam
+        )
         return Experience(
-            seq, mask, answer_mask, logprobs, ref_logprobs, values, advantages, returns, scores,
+            seq,
+            mask,
+            answer_mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            advantages,
+            returns,
+            scores,
             self.gold_rewards(seq, answer_mask),
         )
 
@@ -245,8 +265,12 @@ def run_ppo(ctx: TrialContext, sft_weights, rm_weights):
             experiences = []
             for gen_batch in range(ppo.generation_batches):
                 rows = batch_indices(
-                    len(prompts.ids), batch.generation_micro, step * ppo.generation_batches + gen_batch,
-                    runtime.rank, runtime.world_size, config.seed + 2,
+                    len(prompts.ids),
+                    batch.generation_micro,
+                    step * ppo.generation_batches + gen_batch,
+                    runtime.rank,
+                    runtime.world_size,
+                    config.seed + 2,
                 )
                 with ctx.timed_phase("ppo_generate", step), ctx.memory.stage("ppo_generate"):
                     seq, mask, answer_mask, new_tokens = trainer.generate(
@@ -262,9 +286,13 @@ def run_ppo(ctx: TrialContext, sft_weights, rm_weights):
         record = {
             "ppo/score": runtime.all_mean(experience.scores.mean().item()),
             "ppo/kl": runtime.all_mean(
-                ppo_math.sequence_kl(experience.logprobs, experience.ref_logprobs, experience.answer_mask).item()
+                ppo_math.sequence_kl(
+                    experience.logprobs, experience.ref_logprobs, experience.answer_mask
+                ).item()
             ),
-            "ppo/answer_tokens": runtime.all_mean(experience.answer_mask.sum(1).float().mean().item()),
+            "ppo/answer_tokens": runtime.all_mean(
+                experience.answer_mask.sum(1).float().mean().item()
+            ),
             **{f"ppo/{name}": runtime.all_mean(value) for name, value in stats.items()},
         }
         if experience.gold is not None:
@@ -273,9 +301,17 @@ def run_ppo(ctx: TrialContext, sft_weights, rm_weights):
             series.setdefault(name, []).append(value)
         if not warm and timer.seconds["ppo_step"] > 0:
             timed = step + 1 - config.warmup_steps
-            rows_done = timed * batch.generation_micro * ppo.generation_batches * runtime.world_size
+            rows_done = (
+                timed * batch.generation_micro * ppo.generation_batches * runtime.world_size
+            )
             ctx.progress.write(
-                "ppo", step, {"perf/ppo_e2e_tokens_per_s": rows_done * ctx.sequence_len / timer.seconds["ppo_step"]}
+                "ppo",
+                step,
+                {
+                    "perf/ppo_e2e_tokens_per_s": rows_done
+                    * ctx.sequence_len
+                    / timer.seconds["ppo_step"]
+                },
             )
     with ctx.memory.stage("ppo_eval"):
         end = trainer.evaluate()
@@ -292,16 +328,25 @@ def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -
     gen_calls = steps * ppo.generation_batches
     new_per_call = generated_tokens / max(gen_calls * batch.generation_micro, 1)
     actor, critic = ctx.actor_shape, ctx.critic_shape
-    gen_flops = gen_calls * generation_flops(actor, batch.generation_micro, prompt_len, round(new_per_call))
+    gen_flops = gen_calls * generation_flops(
+        actor, batch.generation_micro, prompt_len, round(new_per_call)
+    )
     exp_flops = steps * (
         2 * forward_flops(actor, rows_per_rank, seq_len)
         + 2 * forward_flops(critic, rows_per_rank, seq_len, lm_head=False)
     )
-    train = steps * ppo.epochs * (
-        train_flops(actor, rows_per_rank, seq_len) + train_flops(critic, rows_per_rank, seq_len, False)
+    train = (
+        steps
+        * ppo.epochs
+        * (
+            train_flops(actor, rows_per_rank, seq_len)
+            + train_flops(critic, rows_per_rank, seq_len, False)
+        )
     )
     samples = steps * rows_per_rank * world
-    gen_s, exp_s, train_s = (timer.seconds[n] for n in ("ppo_generate", "ppo_experience", "ppo_train"))
+    gen_s, exp_s, train_s = (
+        timer.seconds[n] for n in ("ppo_generate", "ppo_experience", "ppo_train")
+    )
     step_s = timer.seconds["ppo_step"]
     tail = max(1, len(series["ppo/kl"]) // 4)  # "final" = mean over the last quarter of steps
 
@@ -317,12 +362,15 @@ def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -
         "ppo/clip_fraction": sum(series["ppo/clip_fraction"]) / len(series["ppo/clip_fraction"]),
         "ppo/value_loss_final": final("ppo/value_loss"),
         "ppo/policy_loss_final": final("ppo/policy_loss"),
-        "ppo/answer_tokens_mean": sum(series["ppo/answer_tokens"]) / len(series["ppo/answer_tokens"]),
+        "ppo/answer_tokens_mean": sum(series["ppo/answer_tokens"])
+        / len(series["ppo/answer_tokens"]),
         **throughput("ppo_generate", gen_s, samples, generated_tokens * world, gen_flops),
         "perf/ppo_generate_latency_s": gen_s / max(gen_calls, 1),
         "perf/ppo_generate_per_token_latency_s": gen_s / max(gen_calls * new_per_call, 1e-9),
         **throughput("ppo_experience", exp_s, samples, samples * seq_len, exp_flops),
-        **throughput("ppo_train", train_s, samples * ppo.epochs, samples * ppo.epochs * seq_len, train),
+        **throughput(
+            "ppo_train", train_s, samples * ppo.epochs, samples * ppo.epochs * seq_len, train
+        ),
         **throughput("ppo_e2e", step_s, samples, samples * seq_len, gen_flops + exp_flops + train),
         "time/ppo_step_s": step_s / steps,
         # DeepSpeed-Chat's "End-to-End" is generation + training only.

@@ -51,7 +51,10 @@ def pairwise_accuracy(ctx: TrialContext, engine) -> float:
     engine.eval()
     with torch.no_grad():
         for rows, counted in eval_batches(
-            len(data.eval_chosen.ids), ctx.config.batch.train_micro, runtime.rank, runtime.world_size
+            len(data.eval_chosen.ids),
+            ctx.config.batch.train_micro,
+            runtime.rank,
+            runtime.world_size,
         ):
             chosen, rejected = _pair_scores(
                 engine, data.eval_chosen, data.eval_rejected, rows, runtime.device
@@ -68,7 +71,9 @@ def run_rm(ctx: TrialContext):
     config, runtime, data = ctx.config, ctx.runtime, ctx.data
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     with ctx.memory.stage("rm"):
-        model = prepare_for_training(build_value_model(ctx.critic_source, ctx.tokenizer), config.critic)
+        model = prepare_for_training(
+            build_value_model(ctx.critic_source, ctx.tokenizer), config.critic
+        )
         engine = train_engine(model, ctx.ds_configs["rm"])
         engine.train()
         accuracy_start = pairwise_accuracy(ctx, engine)
@@ -78,8 +83,12 @@ def run_rm(ctx: TrialContext):
                 step_loss = 0.0
                 for micro in range(accum):
                     rows = batch_indices(
-                        len(data.chosen.ids), batch, step * accum + micro, runtime.rank,
-                        runtime.world_size, config.seed + 1,
+                        len(data.chosen.ids),
+                        batch,
+                        step * accum + micro,
+                        runtime.rank,
+                        runtime.world_size,
+                        config.seed + 1,
                     )
                     chosen, rejected = _pair_scores(
                         engine, data.chosen, data.rejected, rows, runtime.device
@@ -108,4 +117,3 @@ def run_rm(ctx: TrialContext):
         **throughput("rm", ctx.timer.seconds["rm"], pairs, 2 * pairs * ctx.sequence_len, flops),
     }
     return metrics, weights, losses
-

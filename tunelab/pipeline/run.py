@@ -130,7 +130,13 @@ def run_trial(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = {"status": "ok", "reason": "", "config": config.to_dict(), "metrics": {}, "series": {}}
+    result = {
+        "status": "ok",
+        "reason": "",
+        "config": config.to_dict(),
+        "metrics": {},
+        "series": {},
+    }
     runtime = memory = None
     try:
         runtime = start_runtime(config)
@@ -198,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     _exit_with_parent()
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s tunelab[rank{rank}] %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format=f"%(asctime)s tunelab[rank{rank}] %(message)s",
+        stream=sys.stderr,
     )
     _quiet_libraries()
     config = config_from_dict(json.loads(args.config.read_text()), f"{args.config}:")

@@ -88,7 +88,9 @@ def start_runtime(config: TrialConfig) -> Runtime:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
         if not CPUAdamBuilder().is_compatible(verbose=False):
-            raise UnsupportedError("optimizer offload needs DeepSpeed's CPU Adam op, not buildable here")
+            raise UnsupportedError(
+                "optimizer offload needs DeepSpeed's CPU Adam op, not buildable here"
+            )
 
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")

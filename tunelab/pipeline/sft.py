@@ -33,14 +33,21 @@ def run_sft(ctx: TrialContext):
                 step_loss = 0.0
                 for micro in range(accum):
                     rows = batch_indices(
-                        len(data.ids), batch, step * accum + micro, runtime.rank,
-                        runtime.world_size, config.seed,
+                        len(data.ids),
+                        batch,
+                        step * accum + micro,
+                        runtime.rank,
+                        runtime.world_size,
+                        config.seed,
                     )
                     ids, mask = data.rows(rows, runtime.device)
                     labels = ids.masked_fill(mask == 0, -100)
                     loss = engine(
-                        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                        labels=labels, use_cache=False,
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=position_ids(mask),
+                        labels=labels,
+                        use_cache=False,
                     ).loss
                     runtime.check_finite(loss, f"sft step {step}")
                     engine.backward(loss)

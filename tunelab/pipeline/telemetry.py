@@ -155,7 +155,9 @@ class MemoryTracker:
             result[f"mem/{stage}/peak_device_allocated_bytes"] = peak
             result[f"mem/{stage}/peak_device_reserved_bytes"] = self.device_reserved[stage]
         # ru_maxrss is in KiB on Linux and covers the whole process life, imports included.
-        result["mem/peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["mem/peak_host_rss_bytes"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
         if self.device_allocated:
             result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
             result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
