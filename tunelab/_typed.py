@@ -165,9 +165,8 @@ def read_mapping(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else getattr(exc, "lineno", "?")
         problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or exc
-        raise InputError(
-            f"{path}:{line}: not valid {path.suffix[1:] or 'YAML'} ({problem})"
-        ) from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise InputError(f"{path}:{line}: not valid {kind} ({problem})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -227,3 +227,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Trial
     except InputError as exc:
         raise InputError(f"{where} {exc}") from None
     return config_from_dict(data, where)
+
+
+def check_inputs(config: TrialConfig) -> None:
+    """Check what a trial reads before launching it: model sources, data file, lengths."""
+    from tunelab.data import load_preference_file
+    from tunelab.presets import resolve_model
+
+    for role in ("actor", "critic"):
+        source = resolve_model(getattr(config.models, role))
+        length = config.ppo.max_prompt_len + config.ppo.max_answer_len
+        if source.shape is not None and length > source.shape.max_positions:
+            raise InputError(
+                f"ppo.max_prompt_len + ppo.max_answer_len = {length} exceeds the "
+                f"{source.shape.max_positions} positions of models.{role} ({source.name})"
+            )
+    if config.data.source != "synthetic":
+        load_preference_file(config.data.source)

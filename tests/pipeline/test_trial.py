@@ -1,0 +1,104 @@
+"""Whole SFT -> RM -> PPO trials on real DeepSpeed engines, in this process (one rank).
+
+The tiny preset makes each trial take seconds on the CPU; assertions are on measured values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+LOOP_CASES = {
+    "zero0": ["actor.zero_stage=0", "critic.zero_stage=0"],
+    "zero1": ["actor.zero_stage=1", "critic.zero_stage=1"],
+    "zero3": ["actor.zero_stage=3", "critic.zero_stage=3"],
+    "zero3-lora-checkpointing": [
+        "actor.zero_stage=3", "critic.zero_stage=3", "actor.lora_rank=8", "critic.lora_rank=8",
+        "actor.gradient_checkpointing=true", "critic.gradient_checkpointing=true",
+    ],
+    "zero2-optimizer-offload": ["actor.offload_optimizer=cpu", "critic.offload_optimizer=cpu"],
+    "zero3-param-offload-frozen-offload": [
+        "actor.zero_stage=3", "critic.zero_stage=3", "actor.offload_params=cpu",
+        "critic.offload_optimizer=cpu", "offload_reference=true", "offload_reward=true",
+        "precision=fp32",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_trial(in_process_trials, tmp_path_factory):
+    """The shipped tiny config (ZeRO-2, bf16), run once for several tests."""
+    from tunelab.config import load_config
+
+    from ..conftest import TINY
+
+    out = tmp_path_factory.mktemp("default")
+    return in_process_trials(load_config(TINY), out), out
+
+
+def test_default_trial_writes_metrics_json(default_trial):
+    result, out = default_trial
+    assert result["status"] == "ok", result["reason"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["status"] == "ok"
+    assert on_disk["metrics"] == pytest.approx(result["metrics"])
+    assert on_disk["config"]["actor"]["zero_stage"] == 2
+    assert len(on_disk["series"]["ppo/gold"]) == 20
+    assert (out / "rank0.json").exists()
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in progress] == list(range(2, 20))  # after the 2 warm-up steps
+    assert all(p["perf/ppo_e2e_tokens_per_s"] > 0 for p in progress)
+
+
+def test_reward_model_is_clearly_above_chance(default_trial):
+    metrics = default_trial[0]["metrics"]
+    assert metrics["rm/eval_accuracy"] >= 0.8  # 64 held-out pairs; chance is 0.5
+    assert metrics["rm/eval_accuracy"] > metrics["rm/eval_accuracy_start"] + 0.2
+    assert metrics["rm/loss_final"] < 0.5 < metrics["rm/loss_first"]
+
+
+def test_ppo_raises_gold_reward_by_a_real_margin(default_trial):
+    metrics = default_trial[0]["metrics"]
+    # Gold reward lies in [-1, 1]; 64 held-out prompts give a standard error near 0.04.
+    assert metrics["ppo/gold_gain"] >= 0.15
+    assert metrics["ppo/gold_end"] == pytest.approx(
+        metrics["ppo/gold_start"] + metrics["ppo/gold_gain"]
+    )
+    assert metrics["ppo/score_gain"] > 0
+    assert metrics["ppo/kl_final"] > 0  # the policy moved away from the reference
+
+
+def test_phase_times_add_up(default_trial):
+    metrics = default_trial[0]["metrics"]
+    parts = sum(metrics[f"time/ppo_{p}_s"] for p in ("generate", "experience", "train"))
+    assert parts <= metrics["time/ppo_e2e_s"] * 1.001
+    assert parts >= metrics["time/ppo_e2e_s"] * 0.8  # batching between phases is small
+    assert metrics["time/ppo_dschat_e2e_s"] < metrics["time/ppo_step_s"]  # leaves out experience
+
+
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_whole_loop_runs(in_process_trials, tiny_config, tmp_path, case):
+    result = in_process_trials(tiny_config(*LOOP_CASES[case]), tmp_path)
+    assert result["status"] == "ok", result["reason"]
+    metrics = result["metrics"]
+    # LoRA adapts a random base through rank-8 deltas only, so it learns less in 40 steps.
+    assert metrics["sft/loss_final"] < metrics["sft/loss_first"] - (0.2 if "lora" in case else 1.0)
+    assert metrics["rm/eval_accuracy"] >= 0.7
+    assert metrics["ppo/steps"] == 20
+    assert metrics["perf/ppo_e2e_tokens_per_s"] > 0
+    assert metrics["mem/ppo_train/peak_host_rss_bytes"] > 0
+
+
+def test_fp16_on_cpu_is_unsupported_at_once(in_process_trials, tiny_config, tmp_path):
+    result = in_process_trials(tiny_config("precision=fp16"), tmp_path)
+    assert result["status"] == "unsupported"
+    assert "fp16" in result["reason"]
+    assert "sft/loss_final" not in result["metrics"]  # ended before any stage
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "unsupported"
+
+
+def test_absurd_learning_rate_diverges(in_process_trials, tiny_config, tmp_path):
+    result = in_process_trials(tiny_config("sft.learning_rate=1e6"), tmp_path)
+    assert result["status"] == "diverged"
+    assert "non-finite loss at sft step" in result["reason"]

@@ -1,0 +1,115 @@
+"""The `tunelab` command: thin subcommands over the library. Never imports torch.
+
+Bad input prints one line, `tunelab: error: ...`, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunelab.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every other bad input
+        raise InputError(f"{message} (see '{self.prog} --help')")
+
+
+def _fmt_bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def trial_summary(outcome) -> str:
+    """A few lines a person reads: status, stage figures, memory, where the files are."""
+    m = outcome.metrics
+    lines = [f"status {outcome.status}" + (f": {outcome.reason}" if outcome.reason else "")]
+    lines[0] += f"  ({outcome.wall_s:.1f} s wall, imports included)"
+    if "sft/loss_final" in m:
+        lines.append(
+            f"  SFT  loss {m['sft/loss_first']:.2f} -> {m['sft/loss_final']:.2f}   "
+            f"{m['perf/sft_samples_per_s']:.0f} samples/s, "
+            f"{m['perf/sft_tokens_per_s']:.0f} tokens/s"
+        )
+    if "rm/eval_accuracy" in m:
+        lines.append(
+            f"  RM   held-out accuracy {m['rm/eval_accuracy_start']:.2f} -> "
+            f"{m['rm/eval_accuracy']:.2f} ({m['rm/eval_pairs']} pairs)   "
+            f"{m['perf/rm_samples_per_s']:.0f} pairs/s"
+        )
+    if "ppo/score_end" in m:
+        gold = (
+            f"gold {m['ppo/gold_start']:.2f} -> {m['ppo/gold_end']:.2f}   "
+            if "ppo/gold_end" in m
+            else ""
+        )
+        lines.append(
+            f"  PPO  {gold}RM score {m['ppo/score_start']:.2f} -> {m['ppo/score_end']:.2f}   "
+            f"KL {m['ppo/kl_final']:.2f}"
+        )
+        lines.append(
+            f"       end-to-end {m['perf/ppo_e2e_samples_per_s']:.1f} samples/s, "
+            f"{m['perf/ppo_e2e_tokens_per_s']:.0f} tokens/s, {m['time/ppo_step_s']:.3f} s/step; "
+            f"timed steps: generate {m['time/ppo_generate_s']:.2f} s, experience "
+            f"{m['time/ppo_experience_s']:.2f} s, train {m['time/ppo_train_s']:.2f} s"
+        )
+    if "mem/peak_host_rss_bytes" in m:
+        memory = f"  peak memory per rank: host RSS {_fmt_bytes(m['mem/peak_host_rss_bytes'])}"
+        if "mem/peak_device_allocated_bytes" in m:
+            memory += f", device allocated {_fmt_bytes(m['mem/peak_device_allocated_bytes'])}"
+        lines.append(memory)
+    lines.append(f"  metrics {outcome.out_dir / 'metrics.json'}   log {outcome.log_path}")
+    return "\n".join(lines)
+
+
+def _cmd_trial(args) -> int:
+    from tunelab.config import check_inputs, load_config
+    from tunelab.launcher import launch_trial
+
+    config = load_config(args.config, args.overrides)
+    check_inputs(config)
+    outcome = launch_trial(config, args.out, timeout_s=args.timeout, launcher=args.launcher)
+    print(trial_summary(outcome))
+    return 0 if outcome.status == "ok" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tunelab", description="RLHF tuning laboratory on DeepSpeed")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    trial = commands.add_parser("trial", help="run one SFT -> RM -> PPO trial and measure it")
+    trial.add_argument("config", type=Path, help="trial config, YAML or JSON")
+    trial.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    trial.add_argument("--out", type=Path, required=True, help="output folder")
+    trial.add_argument("--timeout", type=float, default=None, help="seconds before it is killed")
+    trial.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    trial.set_defaults(handler=_cmd_trial)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may follow options (`trial CONFIG --out DIR k=v`); argparse leaves them over.
+        overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+        if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if overrides:
+            args.overrides = [*args.overrides, *overrides]
+        return args.handler(args)
+    except InputError as exc:
+        print(f"tunelab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""One trial as an isolated subprocess group: argv, timeout, kill, classification.
+
+No torch here: the orchestrator stays light. The trial takes DIR/trial.json and leaves
+DIR/metrics.json (rank 0), DIR/rank<N>.json (every rank), DIR/progress.jsonl and DIR/trial.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from tunelab.config import TrialConfig
+
+Launcher = Literal["torchrun", "deepspeed"]
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What the parent knows after the trial process group is gone."""
+
+    status: str  # ok | oom | unsupported | diverged | timeout | error | pruned
+    reason: str
+    metrics: dict[str, Any]
+    series: dict[str, list[float]]
+    wall_s: float  # measured by the parent: process start to exit, imports included
+    returncode: int | None
+    out_dir: Path
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "trial.log"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trial_argv(config: TrialConfig, out_dir: Path, launcher: Launcher = "torchrun") -> list[str]:
+    """The command that runs one trial: the pipeline module directly, or through a launcher."""
+    entry = ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
+    if config.ranks == 1:
+        return [sys.executable, "-m", "tunelab.pipeline.run", *entry]
+    port = str(_free_port())
+    if launcher == "deepspeed":
+        return [
+            sys.executable, "-m", "deepspeed.launcher.runner",
+            "--num_gpus", str(config.ranks), "--master_port", port,
+            "--module", "tunelab.pipeline.run", *entry,
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(config.ranks), "--master_port", port,
+        "--module", "tunelab.pipeline.run", *entry,
+    ]  # fmt: skip
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, the trial's process group and every descendant (a launcher may
+    start workers in sessions of their own); returns once they are gone."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + grace_s
+        while any(map(_alive, descendants)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not any(map(_alive, descendants)):
+            return
+    process.wait()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _log_tail_mentions(log_path: Path, *needles: str) -> bool:
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(max(0, log_path.stat().st_size - 65536))
+            text = handle.read().decode(errors="replace").lower()
+    except OSError:
+        return False
+    return any(needle in text for needle in needles)
+
+
+def collect_outcome(out_dir: Path, returncode: int | None, wall_s: float) -> TrialOutcome:
+    """Classify a finished trial from metrics.json, the ranks' files, or how it ended."""
+    result = _read_json(out_dir / "metrics.json")
+    ranks = sorted(out_dir.glob("rank*.json"))
+    failed_ranks = [r for r in map(_read_json, ranks) if r and r.get("status") != "ok"]
+    if result is not None and (result["status"] != "ok" or not failed_ranks):
+        status, reason = result["status"], result["reason"]
+    elif failed_ranks:
+        first = failed_ranks[0]
+        status, reason = first["status"], f"rank {first['rank']}: {first['reason']}"
+    elif returncode is not None and returncode < 0:
+        sig = signal.Signals(-returncode).name
+        if -returncode == signal.SIGKILL:
+            status, reason = (
+                "oom",
+                f"killed by {sig}, not by tunelab: likely the kernel's OOM killer",
+            )
+        else:
+            status, reason = "error", f"trial process ended by {sig}"
+    elif _log_tail_mentions(out_dir / "trial.log", "out of memory", "outofmemoryerror"):
+        status, reason = "oom", f"trial process exited with code {returncode}; log reports OOM"
+    else:
+        status, reason = "error", f"trial process exited with code {returncode} and no metrics"
+    result = result or {}
+    return TrialOutcome(
+        status=status,
+        reason=reason,
+        metrics=result.get("metrics", {}),
+        series=result.get("series", {}),
+        wall_s=wall_s,
+        returncode=returncode,
+        out_dir=out_dir,
+        ranks=result.get("ranks", []),
+    )
+
+
+class ProgressReader:
+    """Reads new lines of the trial's progress.jsonl as they appear."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            with self._path.open() as handle:
+                handle.seek(self._offset)
+                text = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = text[: text.rfind("\n") + 1]
+        self._offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def launch_trial(
+    config: TrialConfig,
+    out_dir: Path,
+    *,
+    timeout_s: float | None = None,
+    launcher: Launcher = "torchrun",
+    env: dict[str, str] | None = None,
+    on_progress: Callable[[dict[str, Any]], bool] | None = None,
+    poll_s: float = 0.2,
+) -> TrialOutcome:
+    """Run one trial in its own process group and wait for it.
+
+    `on_progress` sees each progress record; returning True stops the trial (status `pruned`).
+    Past `timeout_s` the whole group is killed (status `timeout`).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "progress.jsonl", *(p.name for p in out_dir.glob("rank*.json"))):
+        (out_dir / stale).unlink(missing_ok=True)
+    (out_dir / "trial.json").write_text(json.dumps(config.to_dict(), indent=1))
+    argv = trial_argv(config, out_dir, launcher)
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    progress = ProgressReader(out_dir / "progress.jsonl")
+    started = time.monotonic()
+    stopped: tuple[str, str] | None = None
+    with (out_dir / "trial.log").open("ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
+        )
+        try:
+            while process.poll() is None:
+                time.sleep(poll_s)
+                for record in progress.new_records():
+                    if on_progress is not None and on_progress(record) and stopped is None:
+                        where = f"{record['stage']} step {record['step']}"
+                        stopped = ("pruned", f"stopped early at {where}")
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    stopped = ("timeout", f"exceeded the {timeout_s:g} s trial timeout")
+                if stopped is not None:
+                    kill_process_tree(process)
+                    break
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): leave nothing behind
+                kill_process_tree(process)
+    wall_s = time.monotonic() - started
+    outcome = collect_outcome(out_dir, process.returncode, wall_s)
+    if stopped is not None:
+        status, reason = stopped
+        return TrialOutcome(status, reason, outcome.metrics, outcome.series, wall_s,
+                            process.returncode, out_dir)  # fmt: skip
+    return outcome
