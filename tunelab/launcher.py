@@ -25,6 +25,12 @@ from tunelab.config import TrialConfig
 
 Launcher = Literal["torchrun", "deepspeed"]
 
+# Set by a launcher for its own children; a trial must not inherit the caller's.
+_RANK_VARIABLES = frozenset(
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class TrialOutcome:
@@ -55,17 +61,16 @@ def trial_argv(config: TrialConfig, out_dir: Path, launcher: Launcher = "torchru
     entry = ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
     if config.ranks == 1:
         return [sys.executable, "-m", "tunelab.pipeline.run", *entry]
-    port = str(_free_port())
     if launcher == "deepspeed":
         return [
             sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_gpus", str(config.ranks), "--master_port", port,
+            "--num_gpus", str(config.ranks), "--master_port", str(_free_port()),
             "--module", "tunelab.pipeline.run", *entry,
         ]  # fmt: skip
+    # --standalone: torchrun picks a free rendezvous port itself (no race between workers).
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(config.ranks), "--master_port", port,
-        "--module", "tunelab.pipeline.run", *entry,
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(config.ranks), "--module", "tunelab.pipeline.run", *entry,
     ]  # fmt: skip
 
 
@@ -193,7 +198,8 @@ def launch_trial(
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "trial.json").write_text(json.dumps(config.to_dict(), indent=1))
     argv = trial_argv(config, out_dir, launcher)
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    child_env.update(env or {}, PYTHONUNBUFFERED="1")
     progress = ProgressReader(out_dir / "progress.jsonl")
     started = time.monotonic()
     stopped: tuple[str, str] | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import deepspeed
@@ -57,12 +56,6 @@ class Runtime:
             raise DivergedError(f"non-finite loss at {where}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_runtime(config: TrialConfig) -> Runtime:
     """Join (or create) the process group and check the device can run this configuration.
 
@@ -92,13 +85,12 @@ def start_runtime(config: TrialConfig) -> Runtime:
                 "optimizer offload needs DeepSpeed's CPU Adam op, not buildable here"
             )
 
-    if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    backend = accelerator.communication_backend_name()
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        # A lone process: an in-memory store, so no TCP port can be taken from under it.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)
     world_size = dist.get_world_size()
     if world_size != config.ranks:
         raise UnsupportedError(f"config asks for {config.ranks} ranks, launched with {world_size}")
