@@ -14,14 +14,9 @@ from tunelab.presets import ModelShape
 
 def matmul_weights(shape: ModelShape, lm_head: bool) -> int:
     """Weights that take part in a matmul for every token (embedding lookups excluded)."""
-    h, f = shape.hidden_size, shape.ffn_dim
-    if shape.family == "opt":
-        per_layer = 4 * h * h + 2 * h * f
-    else:
-        per_layer = 2 * h * h + 2 * h * shape.kv_dim + 3 * h * f
+    per_layer = sum(fan_in * fan_out for _, fan_in, fan_out in shape.layer_linears())
     count = shape.num_layers * per_layer
-    if shape.word_embed_proj_dim:
-        count += 2 * h * shape.word_embed_proj_dim
+    count += sum(fan_in * fan_out for _, fan_in, fan_out in shape.extra_linears())
     if lm_head:
         count += shape.vocab_size * shape.output_dim
     return count

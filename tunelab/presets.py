@@ -41,34 +41,53 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.hidden_size * (self.num_kv_heads or self.num_heads) // self.num_heads
 
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (as transformers builds OPT and Llama)."""
-        h, f = self.hidden_size, self.ffn_dim
+    def layer_linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of each linear layer in one decoder block."""
+        h, f, kv = self.hidden_size, self.ffn_dim, self.kv_dim
         if self.family == "opt":
-            # q, k, v, out projections with biases; fc1, fc2 with biases; two LayerNorms.
-            return 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h
-        # q, o: h x h; k, v: h x kv_dim; gate, up, down: h x f; two RMSNorms; no biases.
-        return 2 * h * h + 2 * h * self.kv_dim + 3 * h * f + 2 * h
+            names = ("q_proj", "k_proj", "v_proj", "out_proj")
+            return [*((n, h, h) for n in names), ("fc1", h, f), ("fc2", f, h)]
+        return [
+            ("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h),
+            ("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h),
+        ]  # fmt: skip
 
-    def embedding_params(self) -> int:
-        """Token (and OPT's learned position) embeddings, projections and the final norm."""
-        h, p = self.hidden_size, self.output_dim
-        if self.family == "opt":
-            # OPT's position table has 2 extra rows; OPT-350m (post-LN) has no final LayerNorm.
-            count = self.vocab_size * p + (self.max_positions + 2) * h
-            if self.word_embed_proj_dim:
-                count += 2 * h * p
-            else:
-                count += 2 * h
-            return count
-        return self.vocab_size * h + h
+    def extra_linears(self) -> list[tuple[str, int, int]]:
+        """Linear layers outside the blocks other than the LM head (OPT-350m's projections)."""
+        if self.word_embed_proj_dim:
+            p, h = self.word_embed_proj_dim, self.hidden_size
+            return [("project_in", p, h), ("project_out", h, p)]
+        return []
+
+    def param_tensors(self, lm_head: bool = True) -> list[int]:
+        """Element count of every parameter tensor, as transformers builds OPT and Llama.
+
+        `lm_head=False` for the backbone under a value head. ZeRO-3 treats tensors below its
+        persistence threshold differently, hence the per-tensor view.
+        """
+        h = self.hidden_size
+        opt = self.family == "opt"
+        tensors = [self.vocab_size * self.output_dim]
+        if opt:
+            tensors.append((self.max_positions + 2) * h)  # OPT's learned positions, offset 2
+        tensors += [i * o for _, i, o in self.extra_linears()]
+        for _ in range(self.num_layers):
+            for _, fan_in, fan_out in self.layer_linears():
+                tensors.append(fan_in * fan_out)
+                if opt:
+                    tensors.append(fan_out)  # bias
+            tensors += [h, h, h, h] if opt else [h, h]  # two LayerNorms (weight, bias) / RMSNorms
+        if opt and not self.word_embed_proj_dim:
+            tensors += [h, h]  # final LayerNorm; OPT-350m (post-LN) has none
+        if not opt:
+            tensors.append(h)  # final RMSNorm
+            if lm_head and not self.tie_embeddings:
+                tensors.append(self.vocab_size * h)
+        return tensors
 
     def num_params(self, lm_head: bool = True) -> int:
         """Total parameters; `lm_head=False` for the backbone under a value head."""
-        count = self.embedding_params() + self.num_layers * self.layer_params()
-        if lm_head and not self.tie_embeddings:
-            count += self.vocab_size * self.output_dim
-        return count
+        return sum(self.param_tensors(lm_head))
 
     def hf_config(self) -> dict[str, Any]:
         """Keyword arguments for transformers' AutoConfig.for_model (dropout off, as PPO needs)."""

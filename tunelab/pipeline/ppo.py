@@ -248,12 +248,13 @@ class PPOTrainer:
         return result
 
 
-def run_ppo(ctx: TrialContext, sft_weights, rm_weights):
-    """PPO for ppo.steps iterations; returns (metrics, per-step series)."""
+def run_ppo(ctx: TrialContext, handoff: dict):
+    """PPO for ppo.steps iterations from the SFT and RM weights in `handoff` (emptied once the
+    engines are built, so host memory is freed); returns (metrics, per-step series)."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
     with ctx.memory.stage("ppo_setup"):
-        trainer = PPOTrainer(ctx, sft_weights, rm_weights)
+        trainer = PPOTrainer(ctx, handoff.pop("sft"), handoff.pop("rm"))
     with ctx.memory.stage("ppo_eval"):
         start = trainer.evaluate()
     prompts = ctx.data.prompts

@@ -109,8 +109,10 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None) -> d
     rm_metrics, rm_weights, rm_losses = run_rm(ctx)
     _release_memory()
     log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
-    ppo_metrics, series = run_ppo(ctx, sft_weights, rm_weights)
+    # run_ppo drops the hand-off weights once its engines hold them.
+    handoff = {"sft": sft_weights, "rm": rm_weights}
     del sft_weights, rm_weights
+    ppo_metrics, series = run_ppo(ctx, handoff)
     _release_memory()
     return {
         "metrics": {**sft_metrics, **rm_metrics, **ppo_metrics},

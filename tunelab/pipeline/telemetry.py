@@ -189,3 +189,73 @@ def throughput(name: str, seconds: float, samples: int, tokens: int, flops_per_r
         f"perf/{name}_tokens_per_s": tokens / seconds,
         f"perf/{name}_tflops_per_rank": flops_per_rank / seconds / 1e12,
     }
+
+
+# -- model states on a live engine ------------------------------------------------------------
+
+_OPTIMIZER_ATTRS = frozenset(
+    ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+     "fp32_groups_flat_partition", "fp32_groups_flat", "fp32_groups", "fp32_groups_partition")
+)  # fmt: skip
+
+
+def _category(path: tuple[str, ...]) -> str:
+    """params / grads / optimizer / buffers, from where a tensor hangs on the engine."""
+    if path[-1] == "grad":
+        return "grads"
+    if path[0] == "module":
+        return "params"
+    top = path[1]
+    # "state"/"param_groups" belong to a bare torch optimizer (fp32 without ZeRO).
+    if top in ("optimizer", "state", "param_groups") or top in _OPTIMIZER_ATTRS:
+        return "optimizer"  # Adam moments and fp32 master weights (the basic optimizer's params)
+    if "grad" in top and not top.startswith("temp_grad_buffer"):
+        return "grads"
+    return "buffers"  # reduce buckets, offload staging buffers
+
+
+def engine_state_bytes(engine, accelerator: str) -> dict[str, dict[str, int]]:
+    """Bytes of every tensor storage reachable from a live DeepSpeed engine, by category
+    (params, grads, optimizer, buffers) and place ("device": the accelerator's memory, "host":
+    CPU memory when the accelerator is not the CPU). Shared storages are counted once."""
+    totals = {c: {"device": 0, "host": 0} for c in ("params", "grads", "optimizer", "buffers")}
+    seen: set[int] = set()
+
+    def add(tensor: torch.Tensor, path: tuple[str, ...]) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            place = "host" if tensor.device.type == "cpu" and accelerator != "cpu" else "device"
+            totals[_category(path)][place] += storage.nbytes()
+
+    def walk(obj, path: tuple[str, ...], depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            add(obj, path)
+            if obj.grad is not None:
+                add(obj.grad, (*path, "grad"))
+            if hasattr(obj, "ds_tensor"):
+                walk(obj.ds_tensor, path, depth + 1)
+            return
+        if depth > 6:
+            return
+        if isinstance(obj, dict):
+            for value in obj.values():
+                walk(value, path, depth + 1)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                walk(value, path, depth + 1)
+        elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and not isinstance(
+            obj, torch.nn.Module
+        ):
+            names = list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ()))
+            for name in names:
+                walk(
+                    getattr(obj, name, None), (*path, name) if len(path) == 1 else path, depth + 1
+                )
+
+    for param in engine.module.parameters():
+        walk(param, ("module",), 0)
+    walk(engine.optimizer, ("optimizer",), 0)
+    return totals
