@@ -24,6 +24,8 @@ REQUIRED_METRICS = [
     "time/ppo_dschat_e2e_s", "time/trial_s", "time/process_s",
     "mem/peak_host_rss_bytes", "mem/sft/peak_host_rss_bytes", "mem/rm/peak_host_rss_bytes",
     "mem/ppo_generate/peak_host_rss_bytes", "mem/ppo_train/peak_host_rss_bytes",
+    "mem/actor/predicted_model_states_bytes", "mem/actor/measured_model_states_bytes",
+    "mem/ppo_train/predicted_device_peak_bytes", "mem/predicted_device_peak_bytes",
     "sft/loss_final", "rm/eval_accuracy", "ppo/score_start", "ppo/score_end", "ppo/gold_start",
     "ppo/gold_end", "ppo/kl_final", "ppo/clip_fraction", "ppo/value_loss_final",
 ]  # fmt: skip
@@ -104,7 +106,8 @@ def test_malformed_data_file_names_line(tmp_path):
 def test_orchestrator_modules_never_import_torch():
     code = (
         "import sys, tunelab.cli, tunelab.launcher, tunelab.config, tunelab.dsconfig, "
-        "tunelab.presets, tunelab.flops, tunelab.data\n"
+        "tunelab.presets, tunelab.flops, tunelab.data, tunelab.memory, tunelab.estimate, "
+        "tunelab.gpus\n"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -54,7 +54,7 @@ def test_json_round_trip(tmp_path):
         (["batch.train_global=64"], "batch.train_global=64 but batch.train_micro x"),
         (
             ["batch.generation_micro=12"],
-            "must be a multiple of batch.train_micro x batch.grad_accum",
+            "must be a multiple of batch.train_micro = 16",
         ),
         (["actor.offload_params=cpu"], "offload_params=cpu needs zero_stage 3"),
         (["actor.zero_stage=0", "actor.offload_optimizer=cpu"], "needs zero_stage 1-3"),

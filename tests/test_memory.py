@@ -82,9 +82,12 @@ def test_lora_shrinks_trainable_states():
 def test_activations_and_kv_cache_formulas():
     shape = PRESETS["opt-350m"]  # h 1024, 16 heads, 24 layers
     s, b, h, a = 512, 4, 1024, 16
-    per_layer = s * b * h * (34 + 5 * a * s / h)
-    assert activation_bytes(shape, b, s, False, "bf16") == 24 * per_layer
-    assert activation_bytes(shape, b, s, True, "bf16") == 2 * s * b * h * 24 + per_layer
+    eager = s * b * h * (34 + 5 * a * s / h)  # Korthikanti et al. eq. 2
+    assert activation_bytes(shape, b, s, False, "bf16", eager_attention=True) == 24 * eager
+    fused = 34 * s * b * h  # SDPA keeps no score matrices
+    assert activation_bytes(shape, b, s, False, "bf16") == 24 * fused
+    assert activation_bytes(shape, b, s, True, "bf16") == 2 * s * b * h * 24 + fused
+    assert activation_bytes(shape, b, s, False, "fp32") == 2 * 24 * fused
     assert kv_cache_bytes(shape, 8, 512, "bf16") == 2 * 24 * 8 * 512 * 1024 * 2
 
 

@@ -78,6 +78,28 @@ def _cmd_trial(args) -> int:
     return 0 if outcome.status == "ok" else 1
 
 
+def _cmd_estimate(args) -> int:
+    from tunelab.config import load_config
+    from tunelab.estimate import render
+    from tunelab.presets import resolve_model
+
+    overrides = list(args.overrides)
+    if args.ranks is not None:
+        overrides += [f"ranks={args.ranks}", "batch.train_global=null"]
+    config = load_config(args.config, overrides)
+    shapes = []
+    for role in ("actor", "critic"):
+        source = resolve_model(getattr(config.models, role))
+        if source.shape is None:
+            raise InputError(
+                f"models.{role}={source.name}: estimate needs a preset or a local model directory"
+            )
+        shapes.append(source.shape)
+    names = (config.models.actor, config.models.critic)
+    print(render(config, *shapes, names, args.gpu_mem))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tunelab", description="RLHF tuning laboratory on DeepSpeed")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -89,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--timeout", type=float, default=None, help="seconds before it is killed")
     trial.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
     trial.set_defaults(handler=_cmd_trial)
+
+    estimate = commands.add_parser("estimate", help="predict memory per stage before launching")
+    estimate.add_argument("config", type=Path, help="trial config, YAML or JSON")
+    estimate.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    estimate.add_argument("--ranks", type=int, help="ranks (GPUs) sharing the ZeRO partitions")
+    estimate.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    estimate.set_defaults(handler=_cmd_estimate)
     return parser
 
 

@@ -116,6 +116,7 @@ class PPOConfig:
     reward_clip: float = 5.0
     max_prompt_len: int = 256
     max_answer_len: int = 256
+    min_answer_len: int = 1  # = max_answer_len: fixed-length answers, DeepSpeed-Chat's benchmark
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
@@ -123,6 +124,8 @@ class PPOConfig:
             raise ValueError("steps, epochs and generation_batches must be >= 1")
         if self.max_prompt_len < 1 or self.max_answer_len < 1:
             raise ValueError("max_prompt_len and max_answer_len must be >= 1")
+        if not 1 <= self.min_answer_len <= self.max_answer_len:
+            raise ValueError("min_answer_len must lie in [1, max_answer_len]")
         for name in ("kl_coef", "clip_range", "value_clip_range", "reward_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -153,6 +156,7 @@ class TrialConfig:
     rm: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-6))
     ppo: PPOConfig = field(default_factory=PPOConfig)
     warmup_steps: int = 1  # per stage, excluded from timing
+    peak_tflops: float | None = None  # device peak for MFU; None = tunelab.gpus table by name
 
     def __post_init__(self) -> None:
         batch = self.batch
@@ -167,12 +171,11 @@ class TrialConfig:
                     f"{self.ranks} = {product}"
                 )
         experience = batch.generation_micro * self.ppo.generation_batches
-        per_step = batch.train_micro * batch.grad_accum
-        if experience % per_step:
+        if experience % batch.train_micro:
+            # Gradient accumulation may span PPO steps (DeepSpeed-Chat's single-GPU scripts do).
             raise ValueError(
                 f"PPO experience per rank (batch.generation_micro x ppo.generation_batches = "
-                f"{experience}) must be a multiple of batch.train_micro x batch.grad_accum "
-                f"= {per_step}, so each PPO epoch ends on an optimizer step"
+                f"{experience}) must be a multiple of batch.train_micro = {batch.train_micro}"
             )
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")

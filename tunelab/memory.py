@@ -15,8 +15,11 @@ against live engines (tests/test_memory_measured.py):
 
 Activations per decoder layer follow Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes in 16-bit
-without recomputation, 2*s*b*h with full recomputation (the layer inputs). The generation KV
-cache is 2 * layers * batch * tokens * kv_width * bytes.
+without recomputation. transformers runs attention through SDPA, whose fused kernels never
+store the a*s*s score matrices, so the 5*a*s/h term is dropped (as in the paper's selective
+recomputation, 34*s*b*h); `eager_attention=True` keeps it. Full recomputation keeps 2*s*b*h per
+layer (the layer inputs). The generation KV cache is 2 * layers * batch * tokens * kv_width *
+bytes.
 """
 
 from __future__ import annotations
@@ -180,15 +183,21 @@ def _frozen_states(config: TrialConfig, shape: ModelShape, follows: EngineConfig
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, checkpointing: bool, precision: str
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    precision: str,
+    eager_attention: bool = False,
 ) -> int:
     """Activations kept for backward over all layers (Korthikanti et al. 2022, eq. 2).
 
-    16-bit: s*b*h*(34 + 5*a*s/h) per layer without recomputation; 2*s*b*h (the layer input)
-    with full recomputation, plus one layer's worth recomputed during backward. fp32 doubles.
+    16-bit: s*b*h*34 per layer (+ 5*a*s*s*b for eager attention's stored scores) without
+    recomputation; 2*s*b*h (the layer input) with full recomputation, plus one layer's worth
+    recomputed during backward. fp32 doubles.
     """
     s, b, h, a = seq, batch, shape.hidden_size, shape.num_heads
-    per_layer = s * b * h * (34 + 5 * a * s / h)
+    per_layer = s * b * h * (34 + (5 * a * s / h if eager_attention else 0))
     if checkpointing:
         total = 2 * s * b * h * shape.num_layers + per_layer
     else:

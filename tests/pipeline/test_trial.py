@@ -51,6 +51,27 @@ def test_default_trial_writes_metrics_json(default_trial):
     assert all(p["perf/ppo_e2e_tokens_per_s"] > 0 for p in progress)
 
 
+def test_predicted_and_measured_memory_side_by_side(default_trial):
+    result, _ = default_trial
+    metrics = result["metrics"]
+    for engine in ("sft", "rm", "actor", "critic", "reference", "reward"):
+        predicted = metrics[f"mem/{engine}/predicted_model_states_bytes"]
+        measured = metrics[f"mem/{engine}/measured_model_states_bytes"]
+        assert predicted == pytest.approx(measured, rel=0.10), engine
+    for stage in ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train"):
+        assert metrics[f"mem/{stage}/predicted_device_peak_bytes"] > 0
+        assert metrics[f"mem/{stage}/peak_host_rss_bytes"] > 0
+    assert set(result["memory"]["measured"]) == {
+        "sft",
+        "rm",
+        "actor",
+        "critic",
+        "reference",
+        "reward",
+    }
+    assert result["memory"]["predicted"]["ranks"] == 1
+
+
 def test_reward_model_is_clearly_above_chance(default_trial):
     metrics = default_trial[0]["metrics"]
     assert metrics["rm/eval_accuracy"] >= 0.8  # 64 held-out pairs; chance is 0.5

@@ -73,6 +73,8 @@ class PPOTrainer:
         self.reference = self._init_reference(sft_weights)
         self.critic = self._init_critic(rm_weights)
         self.reward = self._init_reward(rm_weights)
+        ctx.record_states("reference", self.reference)
+        ctx.record_states("reward", self.reward)
 
     def _init_actor(self, weights):
         model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
@@ -112,6 +114,7 @@ class PPOTrainer:
             "input_ids": prompt_ids,
             "attention_mask": prompt_mask,
             "max_new_tokens": self.answer_len,
+            "min_new_tokens": self.ctx.config.ppo.min_answer_len,
             "do_sample": True,
             "temperature": self.ctx.config.ppo.temperature,
             "top_k": 0,
@@ -208,6 +211,7 @@ class PPOTrainer:
                 )
                 runtime.check_finite(actor_loss, f"ppo step {step} actor")
                 self.actor.backward(actor_loss)
+                self.ctx.record_states("actor", self.actor)
                 self.actor.step()
                 values = self._answer_values(self.critic, batch.seq, batch.attention_mask)
                 critic_loss = ppo_math.value_loss(
@@ -215,6 +219,7 @@ class PPOTrainer:
                 )
                 runtime.check_finite(critic_loss, f"ppo step {step} critic")
                 self.critic.backward(critic_loss)
+                self.ctx.record_states("critic", self.critic)
                 self.critic.step()
                 stats["policy_loss"] += actor_loss.item()
                 stats["value_loss"] += critic_loss.item()

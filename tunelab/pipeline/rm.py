@@ -96,6 +96,7 @@ def run_rm(ctx: TrialContext):
                     loss = -F.logsigmoid(chosen - rejected).mean()
                     runtime.check_finite(loss, f"rm step {step}")
                     engine.backward(loss)
+                    ctx.record_states("rm", engine)
                     engine.step()
                     step_loss += loss.item() / accum
             losses.append(runtime.all_mean(step_loss))

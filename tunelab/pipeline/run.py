@@ -30,6 +30,8 @@ from tunelab import dsconfig
 from tunelab.config import TrialConfig, config_from_dict
 from tunelab.data import load_preferences
 from tunelab.errors import TrialFailure
+from tunelab.gpus import mfu_metrics, peak_tflops
+from tunelab.memory import predict
 from tunelab.pipeline.batching import encode
 from tunelab.pipeline.context import TrialContext
 from tunelab.pipeline.models import build_tokenizer
@@ -42,7 +44,12 @@ from tunelab.presets import ModelSource, resolve_model, shape_from_hf_config
 
 log = logging.getLogger("tunelab")
 
-STATUSES = ("ok", "oom", "unsupported", "diverged", "timeout", "error")
+# (engine role in metrics, predicted stage, role within that stage)
+_ENGINE_STAGES = (
+    ("sft", "sft", "actor"), ("rm", "rm", "critic"), ("actor", "ppo_train", "actor"),
+    ("critic", "ppo_train", "critic"), ("reference", "ppo_train", "reference"),
+    ("reward", "ppo_train", "reward"),
+)  # fmt: skip
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -72,7 +79,8 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None) -> dict:
+def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, result: dict) -> None:
+    """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured)."""
     torch.manual_seed(config.seed)  # same initial weights on every rank
     actor_source = resolve_model(config.models.actor)
     critic_source = resolve_model(config.models.critic)
@@ -96,6 +104,12 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None) -> d
         memory=memory,
         progress=ProgressLog(out_dir / "progress.jsonl" if out_dir and runtime.is_main else None),
     )
+    prediction = predict(config, ctx.actor_shape, ctx.critic_shape)
+    result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
+    result["metrics"].update(prediction.flat_metrics())
+    for role, stage, engine in _ENGINE_STAGES:
+        states = prediction.stages[stage].engines[engine]
+        result["metrics"][f"mem/{role}/predicted_model_states_bytes"] = states.model_states.total
     for name, shape in (("actor", ctx.actor_shape), ("critic", ctx.critic_shape)):
         if ppo.max_prompt_len + ppo.max_answer_len > shape.max_positions:
             raise TrialFailure(
@@ -114,10 +128,27 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None) -> d
     del sft_weights, rm_weights
     ppo_metrics, series = run_ppo(ctx, handoff)
     _release_memory()
-    return {
-        "metrics": {**sft_metrics, **rm_metrics, **ppo_metrics},
-        "series": {"sft/loss": sft_losses, "rm/loss": rm_losses, **series},
-    }
+    result["metrics"].update({**sft_metrics, **rm_metrics, **ppo_metrics})
+    result["series"] = {"sft/loss": sft_losses, "rm/loss": rm_losses, **series}
+    gpu_name = (
+        torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
+    )
+    peak = peak_tflops(gpu_name, config.precision, config.peak_tflops)
+    if peak:
+        result["metrics"]["perf/peak_tflops"] = peak
+        result["metrics"].update(mfu_metrics(result["metrics"], peak))
+
+
+def _measured_state_metrics(engine_states: dict) -> dict[str, int]:
+    """`mem/<engine>/measured_*_bytes` from the live-engine probe (device + host)."""
+    metrics = {}
+    for role, categories in engine_states.items():
+        totals = {name: place["device"] + place["host"] for name, place in categories.items()}
+        metrics[f"mem/{role}/measured_model_states_bytes"] = (
+            totals["params"] + totals["grads"] + totals["optimizer"]
+        )
+        metrics[f"mem/{role}/measured_buffers_bytes"] = totals["buffers"]
+    return metrics
 
 
 def run_trial(
@@ -143,7 +174,7 @@ def run_trial(
     try:
         runtime = start_runtime(config)
         memory = MemoryTracker(runtime.device)
-        result.update(_run_stages(config, runtime, memory, out_dir))
+        _run_stages(config, runtime, memory, out_dir, result)
     except Exception as exc:  # every failure is classified; the traceback goes to the log
         result["status"], result["reason"] = classify(exc)
         log.error("trial %s: %s\n%s", result["status"], result["reason"], traceback.format_exc())
@@ -154,6 +185,8 @@ def run_trial(
     rank_info = {"rank": rank, "status": result["status"], "reason": result["reason"]}
     if memory is not None:
         rank_info.update(memory.metrics())
+    if "memory" in result:
+        rank_info.update(_measured_state_metrics(result["memory"]["measured"]))
     if out_dir is not None:
         (out_dir / f"rank{rank}.json").write_text(json.dumps(rank_info, indent=1))
     # Gather only when every rank got through: a failed rank may leave the others in a collective.

@@ -51,6 +51,7 @@ def run_sft(ctx: TrialContext):
                     ).loss
                     runtime.check_finite(loss, f"sft step {step}")
                     engine.backward(loss)
+                    ctx.record_states("sft", engine)
                     engine.step()
                     step_loss += loss.item() / accum
             losses.append(runtime.all_mean(step_loss))

@@ -1,0 +1,129 @@
+"""`tunelab estimate`: the memory model as tables a person reads before launching (no torch).
+
+Tables are pure functions returning pandas DataFrames; the CLI prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+
+from tunelab.config import EngineConfig, TrialConfig
+from tunelab.memory import MemoryPrediction, predict
+from tunelab.presets import ModelShape
+
+GIB = 1024**3
+
+# (label, ZeRO stage, optimizer offload, parameter offload) compared by `largest_micro_batch`.
+SETTINGS = (
+    ("ZeRO-0", 0, "none", "none"),
+    ("ZeRO-1", 1, "none", "none"),
+    ("ZeRO-1 + optimizer offload", 1, "cpu", "none"),
+    ("ZeRO-2", 2, "none", "none"),
+    ("ZeRO-2 + optimizer offload", 2, "cpu", "none"),
+    ("ZeRO-3", 3, "none", "none"),
+    ("ZeRO-3 + optimizer offload", 3, "cpu", "none"),
+    ("ZeRO-3 + optimizer and param offload", 3, "cpu", "cpu"),
+)
+
+
+def breakdown(prediction: MemoryPrediction) -> pd.DataFrame:
+    """One row per (stage, engine) plus the stage's transients and peak, in GiB per rank."""
+    rows = []
+    for stage_name, stage in prediction.stages.items():
+        for role, states in stage.engines.items():
+            rows.append({
+                "stage": stage_name, "item": role,
+                "params": states.params.device, "grads": states.grads.device,
+                "optimizer": states.optimizer.device, "buffers": states.buffers.device,
+                "step": states.step_transient.device if role in stage.stepping else 0,
+                "device": states.resident.device, "host": states.resident.host,
+            })  # fmt: skip
+        for name, value in stage.transient.items():
+            if value:
+                rows.append({"stage": stage_name, "item": name, "device": value})
+        for name, value in stage.host_transient.items():
+            rows.append({"stage": stage_name, "item": name, "host": value})
+        rows.append({
+            "stage": stage_name, "item": "PEAK", "device": stage.device_peak,
+            "host": stage.host_peak,
+        })  # fmt: skip
+    frame = pd.DataFrame(rows).fillna(0)
+    columns = ["params", "grads", "optimizer", "buffers", "step", "device", "host"]
+    frame[columns] = frame[columns] / GIB
+    return frame
+
+
+def _with_setting(config: TrialConfig, stage: int, optimizer: str, params: str) -> TrialConfig:
+    def engine(current: EngineConfig) -> EngineConfig:
+        return replace(
+            current, zero_stage=stage, offload_optimizer=optimizer, offload_params=params
+        )
+
+    frozen_offload = params == "cpu"
+    return replace(
+        config, actor=engine(config.actor), critic=engine(config.critic),
+        offload_reference=frozen_offload, offload_reward=frozen_offload,
+    )  # fmt: skip
+
+
+def largest_micro_batch(
+    config: TrialConfig, actor: ModelShape, critic: ModelShape, budget: int, limit: int = 4096
+) -> pd.DataFrame:
+    """For each ZeRO stage and offload choice (applied to actor and critic), the largest
+    micro-batch (training = generation) whose predicted device peak over the whole loop fits
+    in `budget` bytes per rank, found by bisection (the peak grows with the batch)."""
+
+    def peak(setting: TrialConfig, micro: int) -> int:
+        batch = replace(
+            setting.batch, train_micro=micro, generation_micro=micro, train_global=None
+        )
+        return predict(replace(setting, batch=batch), actor, critic).device_peak
+
+    rows = []
+    for label, stage, optimizer, params in SETTINGS:
+        setting = _with_setting(config, stage, optimizer, params)
+        if peak(setting, 1) > budget:
+            best = 0
+        else:
+            low, high = 1, limit
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (
+                    (middle, high) if peak(setting, middle) <= budget else (low, middle - 1)
+                )
+            best = low
+        rows.append({
+            "setting": label,
+            "max micro-batch": best,  # 0: does not fit even at 1
+            "device peak at it (GiB)": peak(setting, max(best, 1)) / GIB,
+            "host peak (GiB)": predict(setting, actor, critic).host_peak / GIB,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def render(config: TrialConfig, actor: ModelShape, critic: ModelShape, names, gpu_mem_gib):
+    """The text `tunelab estimate` prints."""
+    prediction = predict(config, actor, critic)
+    budget = int(gpu_mem_gib * GIB)
+    lines = [
+        f"Predicted memory per rank: actor {names[0]} ({actor.num_params() / 1e6:,.1f} M params), "
+        f"critic {names[1]} ({critic.num_params(lm_head=False) / 1e6:,.1f} M), "
+        f"{config.precision}, {config.ranks} rank(s), micro-batch {config.batch.train_micro}, "
+        f"sequence {config.ppo.max_prompt_len}+{config.ppo.max_answer_len}",
+        "GiB per rank; 'step' = fp32 gradients alive inside optimizer.step; device = on the GPU, "
+        "host = CPU memory (offload, hand-off weights)",
+        "",
+        breakdown(prediction).to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+        "",
+        f"Whole loop: device peak {prediction.device_peak / GIB:.2f} GiB per rank "
+        f"({'fits' if prediction.device_peak <= budget else 'does NOT fit'} in "
+        f"{gpu_mem_gib:g} GiB), host peak {prediction.host_peak / GIB:.2f} GiB per rank",
+        "",
+        f"Largest micro-batch that fits in {gpu_mem_gib:g} GiB per GPU (actor and critic alike):",
+        largest_micro_batch(config, actor, critic, budget)
+        .replace({"max micro-batch": {0: "does not fit"}})
+        .to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+    ]
+    return "\n".join(lines)
