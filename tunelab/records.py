@@ -1,0 +1,87 @@
+"""What a tunelab study keeps in its Optuna storage, and how to read it back (pure, no torch).
+
+The orchestrator writes, reports and export read; nothing else touches the storage.
+
+Study user attrs:
+    "tunelab:spec"        the study spec as a mapping (tunelab.spec.StudySpec.to_dict())
+    "tunelab:objectives"  [{"metric": ..., "direction": "maximize"|"minimize"}, ...]
+
+Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in spec order.
+Trial user attrs (TrialAttr below): status, reason, metrics (flat), series (per step),
+config (the full trial config), predicted (flat memory prediction), wall_s, out_dir, log,
+worker, and "baseline" (its name) for enqueued baseline trials.
+Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Outcome of a trial as tunelab classifies it (Optuna state in brackets):
+# ok [COMPLETE]; oom, unsupported, diverged, timeout, error, invalid [FAIL];
+# pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
+# interrupted [FAIL]: its orchestrator died; the same parameters are enqueued again.
+FAILURE_STATUSES = ("oom", "unsupported", "diverged", "timeout", "error", "invalid")
+PRUNED_STATUSES = ("pruned", "pruned_memory")
+
+
+class TrialAttr:
+    STATUS = "status"
+    REASON = "reason"
+    METRICS = "metrics"
+    SERIES = "series"
+    CONFIG = "config"
+    PREDICTED = "predicted"
+    WALL_S = "wall_s"
+    OUT_DIR = "out_dir"
+    LOG = "log"
+    WORKER = "worker"
+    BASELINE = "baseline"
+    INTERMEDIATE = "intermediate"  # {step: value} of the pruning metric (multi-objective)
+
+
+SPEC_ATTR = "tunelab:spec"
+OBJECTIVES_ATTR = "tunelab:objectives"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as reports and export see it."""
+
+    number: int
+    state: str  # Optuna's: COMPLETE, FAIL, PRUNED, RUNNING, WAITING
+    status: str
+    reason: str
+    params: dict[str, Any]
+    values: tuple[float, ...] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    series: dict[str, list[float]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    wall_s: float | None = None
+    baseline: str | None = None
+    out_dir: str | None = None
+    feasible: bool = True
+
+
+def from_frozen_trial(trial) -> TrialRecord:
+    """A TrialRecord from an optuna.trial.FrozenTrial (duck-typed: no optuna import here)."""
+    attrs = trial.user_attrs
+    state = trial.state.name
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        status=attrs.get(TrialAttr.STATUS, state.lower()),
+        reason=attrs.get(TrialAttr.REASON, ""),
+        params=dict(trial.params),
+        values=tuple(trial.values) if trial.values is not None else None,
+        metrics=attrs.get(TrialAttr.METRICS, {}),
+        series=attrs.get(TrialAttr.SERIES, {}),
+        config=attrs.get(TrialAttr.CONFIG, {}),
+        predicted=attrs.get(TrialAttr.PREDICTED, {}),
+        wall_s=attrs.get(TrialAttr.WALL_S),
+        baseline=attrs.get(TrialAttr.BASELINE),
+        out_dir=attrs.get(TrialAttr.OUT_DIR),
+        feasible=all(c <= 0 for c in trial.constraints.values()),
+    )
