@@ -174,23 +174,30 @@ def read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(mapping: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Apply dotted `key=value` overrides (values parsed as YAML) to a nested mapping copy."""
+def with_dotted(mapping: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a nested mapping with dotted keys ("ppo.kl_coef") set to the given values."""
     result = json.loads(json.dumps(mapping))
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise InputError(f"override {override!r}: expected dotted key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+    for key, value in values.items():
         node = result
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise InputError(f"override {override!r}: {part} is not a section")
+                raise InputError(f"{key}: {part} is not a section")
             node = child
         node[parts[-1]] = value
     return result
+
+
+def apply_overrides(mapping: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides (values parsed as YAML) to a nested mapping copy."""
+    values = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise InputError(f"override {override!r}: expected dotted key=value")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key] = raw
+    return with_dotted(mapping, values)

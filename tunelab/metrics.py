@@ -1,0 +1,54 @@
+"""The names of trial metrics (flat, namespaced), so specs can be checked before a study runs.
+
+A test checks that every metric a trial writes matches one of these patterns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from tunelab.errors import InputError
+
+_PHASES = "sft|rm|ppo_generate|ppo_experience|ppo_train|ppo_e2e"
+_MEMORY_STAGES = "sft|rm|ppo_setup|ppo_generate|ppo_experience|ppo_train|ppo_eval"
+_ENGINES = "sft|rm|actor|critic|reference|reward"
+
+PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"sft/(steps|loss_first|loss_final)",
+        r"rm/(steps|loss_first|loss_final|eval_accuracy|eval_accuracy_start|eval_pairs)",
+        r"ppo/(steps|score_start|score_end|score_gain|gold_start|gold_end|gold_gain|kl_final"
+        r"|clip_fraction|value_loss_final|policy_loss_final|answer_tokens_mean)",
+        rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process)_s",
+        rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
+        r"perf/(ppo_generate_latency_s|ppo_generate_per_token_latency_s|peak_tflops)",
+        r"mem/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",
+        r"mem/predicted_(device|host)_peak_bytes",
+        rf"mem/({_MEMORY_STAGES})/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",
+        rf"mem/({_MEMORY_STAGES})/predicted_(device|host)_peak_bytes",
+        rf"mem/({_ENGINES})/(predicted_model_states|measured_model_states|measured_buffers)_bytes",
+        r"gpu/(name|memory_total_bytes|nvml_used_peak_bytes|util_mean_pct|power_mean_w)",
+        r"trial/ranks",
+    )
+)
+
+# Examples for "did you mean" hints.
+COMMON = (
+    "perf/ppo_e2e_tokens_per_s", "perf/ppo_e2e_samples_per_s", "perf/ppo_generate_tokens_per_s",
+    "perf/ppo_train_tflops_per_rank", "time/ppo_step_s", "mem/peak_host_rss_bytes",
+    "mem/peak_device_allocated_bytes", "mem/predicted_device_peak_bytes", "ppo/gold_gain",
+    "ppo/score_gain", "ppo/kl_final", "rm/eval_accuracy", "sft/loss_final",
+)  # fmt: skip
+
+
+def is_metric_name(name: str) -> bool:
+    return any(pattern.fullmatch(name) for pattern in PATTERNS)
+
+
+def check_metric_name(name: str) -> None:
+    if not is_metric_name(name):
+        close = difflib.get_close_matches(name, COMMON, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"unknown metric {name!r}{hint}")
