@@ -69,6 +69,8 @@ def convert(annotation: Any, value: Any, where: str) -> Any:
             f"{where}: expected one of {_type_name(annotation)}, got {_describe(value)}"
         )
     if origin is tuple:
+        if isinstance(value, str) and get_args(annotation)[0] is str:
+            value = [item.strip() for item in value.split(",") if item.strip()]  # "a,b" form
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
             raise InputError(f"{where}: expected {_type_name(annotation)}, got {_describe(value)}")
         item_type = get_args(annotation)[0]
@@ -134,6 +136,19 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any], where: str) -> T:
         return cls(**kwargs)
     except (ValueError, InputError) as exc:
         raise InputError(f"{where}: {exc}") from None
+
+
+def field_annotation(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted field of nested dataclasses; KeyError when there is none."""
+    annotation: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(annotation):
+            raise KeyError(dotted)
+        hints = get_type_hints(annotation)
+        if part not in hints:
+            raise KeyError(dotted)
+        annotation = hints[part]
+    return annotation
 
 
 def _join(where: str, key: str) -> str:

@@ -6,6 +6,7 @@ Bad input prints one line, `tunelab: error: ...`, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -100,6 +101,46 @@ def _cmd_estimate(args) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops a study like Ctrl-C: running trials are killed and enqueued again."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _cmd_run(args) -> int:
+    from tunelab.spec import load_spec
+    from tunelab.storage import default_url
+    from tunelab.study import create_or_resume
+
+    loaded = load_spec(args.spec)
+    out = args.out or Path("runs") / loaded.spec.name
+    url = args.storage or default_url(out)
+    return _orchestrate(loaded, create_or_resume(loaded, url), url, out, args.workers)
+
+
+def _cmd_worker(args) -> int:
+    from tunelab.study import load_for_worker
+
+    loaded, study = load_for_worker(args.storage, args.study)
+    out = args.out or Path("runs") / args.study
+    return _orchestrate(loaded, study, args.storage, out, args.workers)
+
+
+def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
+    from tunelab.study import Orchestrator
+
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    _stop_on_sigterm()
+    print(f"study {loaded.spec.name}: storage {url}, trials in {out / 'trials'}", file=sys.stderr)
+    code = Orchestrator(loaded, study, url, out, workers).run()
+    print(f"report: tunelab report --storage {url} --study {loaded.spec.name}", file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tunelab", description="RLHF tuning laboratory on DeepSpeed")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -118,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--ranks", type=int, help="ranks (GPUs) sharing the ZeRO partitions")
     estimate.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     estimate.set_defaults(handler=_cmd_estimate)
+
+    run = commands.add_parser("run", help="create or resume a study and run its budget")
+    run.add_argument("spec", type=Path, help="study spec (studies/*.yaml)")
+    run.add_argument("--storage", help="Optuna RDB URL or journal file (default: SQLite in --out)")
+    run.add_argument("--out", type=Path, help="study folder (default: runs/<name>)")
+    run.add_argument("--workers", type=int, default=1, help="trials at once on this node")
+    run.set_defaults(handler=_cmd_run)
+
+    worker = commands.add_parser("worker", help="join a running study from another node")
+    worker.add_argument("--storage", required=True, help="the study's Optuna storage URL")
+    worker.add_argument("--study", required=True, help="study name")
+    worker.add_argument("--out", type=Path, help="folder for this node's trials")
+    worker.add_argument("--workers", type=int, default=1, help="trials at once on this node")
+    worker.set_defaults(handler=_cmd_worker)
     return parser
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ import psutil
 from tunelab.config import TrialConfig
 
 Launcher = Literal["torchrun", "deepspeed"]
+
+# "pid:create_time" of the process a trial must not outlive (read by tunelab.pipeline.run).
+WATCH_ENV = "TUNELAB_WATCH_PID"
 
 # Set by a launcher for its own children; a trial must not inherit the caller's.
 _RANK_VARIABLES = frozenset(
@@ -56,16 +60,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def trial_argv(config: TrialConfig, out_dir: Path, launcher: Launcher = "torchrun") -> list[str]:
-    """The command that runs one trial: the pipeline module directly, or through a launcher."""
+def trial_argv(
+    config: TrialConfig, out_dir: Path, launcher: Launcher = "torchrun", gpus=None
+) -> list[str]:
+    """The command that runs one trial: the pipeline module directly, or through a launcher.
+    `gpus` (indices) is the worker's slice; torchrun sees it through CUDA_VISIBLE_DEVICES, the
+    DeepSpeed launcher (which sets that variable itself) through --include."""
     entry = ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
     if config.ranks == 1:
         return [sys.executable, "-m", "tunelab.pipeline.run", *entry]
     if launcher == "deepspeed":
+        where = (
+            ["--include", "localhost:" + ",".join(map(str, gpus))]
+            if gpus
+            else ["--num_gpus", str(config.ranks)]
+        )
         return [
-            sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_gpus", str(config.ranks), "--master_port", str(_free_port()),
-            "--module", "tunelab.pipeline.run", *entry,
+            sys.executable, "-m", "deepspeed.launcher.runner", *where,
+            "--master_port", str(_free_port()), "--module", "tunelab.pipeline.run", *entry,
         ]  # fmt: skip
     # --standalone: torchrun picks a free rendezvous port itself (no race between workers).
     return [
@@ -184,22 +196,28 @@ def launch_trial(
     *,
     timeout_s: float | None = None,
     launcher: Launcher = "torchrun",
-    env: dict[str, str] | None = None,
+    gpus: list[int] | None = None,
     on_progress: Callable[[dict[str, Any]], bool] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
     poll_s: float = 0.2,
 ) -> TrialOutcome:
     """Run one trial in its own process group and wait for it.
 
     `on_progress` sees each progress record; returning True stops the trial (status `pruned`).
-    Past `timeout_s` the whole group is killed (status `timeout`).
+    Past `timeout_s` the whole group is killed (status `timeout`); so is it when `stop` is set
+    (status `interrupted`). `on_start` gets the process group id.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "progress.jsonl", *(p.name for p in out_dir.glob("rank*.json"))):
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "trial.json").write_text(json.dumps(config.to_dict(), indent=1))
-    argv = trial_argv(config, out_dir, launcher)
+    argv = trial_argv(config, out_dir, launcher, gpus)
     child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    child_env.update(env or {}, PYTHONUNBUFFERED="1")
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
+    if gpus is not None:
+        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     progress = ProgressReader(out_dir / "progress.jsonl")
     started = time.monotonic()
     stopped: tuple[str, str] | None = None
@@ -209,6 +227,8 @@ def launch_trial(
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
         )
+        if on_start is not None:
+            on_start(process.pid)
         try:
             while process.poll() is None:
                 time.sleep(poll_s)
@@ -218,6 +238,8 @@ def launch_trial(
                         stopped = ("pruned", f"stopped early at {where}")
                 if timeout_s is not None and time.monotonic() - started > timeout_s:
                     stopped = ("timeout", f"exceeded the {timeout_s:g} s trial timeout")
+                if stop is not None and stop.is_set():
+                    stopped = ("interrupted", "the orchestrator was stopped")
                 if stopped is not None:
                     kill_process_tree(process)
                     break

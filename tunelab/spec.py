@@ -6,14 +6,23 @@ YAML files under studies/, validated with one-line errors naming the key. A poin
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from tunelab._typed import from_mapping, read_mapping, to_mapping, with_dotted
+from tunelab._typed import (
+    convert,
+    field_annotation,
+    from_mapping,
+    read_mapping,
+    to_mapping,
+    with_dotted,
+)
 from tunelab.config import TrialConfig, config_from_dict
 from tunelab.errors import InputError
 from tunelab.metrics import check_metric_name
@@ -33,9 +42,9 @@ class Knob:
     listed values; inactive knobs keep the base config's value."""
 
     choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    step: int | float | None = None
     log: bool = False
     same_as: str | None = None
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -187,9 +196,41 @@ class LoadedSpec:
     source: str  # where it came from, for messages
 
 
+def _check_knob_values(name: str, knob: Knob, where: str) -> None:
+    """The knob names a config key, and its values have that key's type."""
+    try:
+        annotation = field_annotation(TrialConfig, name)
+    except KeyError:
+        close = difflib.get_close_matches(name, _config_keys(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"{where} space.{name}: not a trial config key{hint}") from None
+    if knob.choices is not None:
+        for index, choice in enumerate(knob.choices):
+            if not isinstance(choice, bool | int | float | str):
+                raise InputError(
+                    f"{where} space.{name}.choices[{index}]: choices must be scalars "
+                    f"(write lists as 'a,b'), got {choice!r}"
+                )
+            convert(annotation, choice, f"{where} space.{name}.choices[{index}]")
+    for bound in ("low", "high"):
+        if getattr(knob, bound) is not None:
+            convert(annotation, getattr(knob, bound), f"{where} space.{name}.{bound}")
+
+
+def _config_keys(prefix: str = "", cls: type = TrialConfig) -> list[str]:
+    keys = []
+    for name, annotation in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            keys += _config_keys(f"{prefix}{name}.", annotation)
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
 def _check_space(spec: StudySpec, base: dict[str, Any], where: str) -> None:
     names = list(spec.space)
     for position, (name, knob) in enumerate(spec.space.items()):
+        _check_knob_values(name, knob, where)
         for key in [*knob.when, *([knob.same_as] if knob.same_as else [])]:
             if key in spec.space and names.index(key) > position:
                 raise InputError(f"{where} space.{name}: refers to {key}, which comes later")

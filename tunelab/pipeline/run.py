@@ -31,6 +31,7 @@ from tunelab.config import TrialConfig, config_from_dict
 from tunelab.data import load_preferences
 from tunelab.errors import TrialFailure
 from tunelab.gpus import mfu_metrics, peak_tflops
+from tunelab.launcher import WATCH_ENV
 from tunelab.memory import predict
 from tunelab.pipeline.batching import encode
 from tunelab.pipeline.context import TrialContext
@@ -209,13 +210,24 @@ def run_trial(
 
 
 def _exit_with_parent() -> None:
-    """End this process when its parent dies (the orchestrator or torchrun was killed)."""
-    parent = os.getppid()
+    """End this process when the process that launched the trial dies (also through torchrun,
+    whose workers would otherwise outlive a killed orchestrator)."""
+    watched = os.environ.get(WATCH_ENV)
+    if watched:
+        pid, started = watched.split(":")
+        try:
+            owner = psutil.Process(int(pid))
+        except psutil.NoSuchProcess:
+            os._exit(3)
+        if f"{owner.create_time():.2f}" != started:
+            os._exit(3)
+    else:
+        owner = psutil.Process(os.getppid())
 
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent:
+            if not owner.is_running():
                 os._exit(3)
 
     threading.Thread(target=watch, name="tunelab-parent-watch", daemon=True).start()

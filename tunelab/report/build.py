@@ -1,0 +1,325 @@
+"""A study's report (and a comparison of studies): tables -> figures -> sections -> files.
+
+tunelab report <study>   ->  reports/<study>/index.html, report.md, *.png, trials.csv
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from tunelab.records import TrialRecord, from_frozen_trial
+from tunelab.report import compare, data, plots
+from tunelab.report.render import (
+    Image,
+    Section,
+    Table,
+    display,
+    format_metric,
+    to_html,
+    to_markdown,
+)
+from tunelab.spec import Objective
+
+TOP_TRIALS = 5  # how many of the best trials the time and reward sections show
+
+
+def _records(study) -> list[TrialRecord]:
+    return [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
+
+
+def _objectives(study) -> list[Objective]:
+    return data.objectives_from(study.user_attrs, [d.name.lower() for d in study.directions])
+
+
+def _image(name: str, figure) -> Image:
+    return Image(name, plots.png(figure))
+
+
+def gain_text(row: pd.Series) -> str:
+    """How a headline row's best value compares with the baseline's: "1.84x the baseline",
+    "38% less than the baseline", "+0.12 vs the baseline" (when a ratio means nothing); ""
+    without a best or a baseline value."""
+    if pd.isna(row["trial"]) or math.isnan(row["baseline_value"]):
+        return ""
+    if math.isnan(row["ratio"]):
+        return f"{row['difference']:+.4g} vs the baseline"
+    if row["direction"] == "maximize":
+        return f"{row['ratio']:.2f}x the baseline"
+    if row["change"] == 0:
+        return "the same as the baseline"
+    return f"{abs(row['change']):.0%} {'less' if row['change'] < 0 else 'more'} than the baseline"
+
+
+def headline_sentence(row: pd.Series) -> str:
+    """One row of `data.headline` in plain words and numbers."""
+    metric = row["objective"]
+    if pd.isna(row["trial"]):
+        return f"No complete, feasible trial for {metric} yet."
+    knobs = row["params"] or "no searched knobs"
+    best = f"Best {metric}: {format_metric(metric, row['value'])} (trial #{row['trial']}: {knobs})"
+    if pd.isna(row["baseline"]):
+        return f"{best}; this study has no baseline trial."
+    if math.isnan(row["baseline_value"]):
+        return (
+            f"{best}; the baseline '{row['baseline']}' (trial #{row['baseline_trial']}) has no "
+            f"value (status {row['baseline_status']})."
+        )
+    baseline_value = format_metric(metric, row["baseline_value"])
+    return f"{best}, {gain_text(row)} '{row['baseline']}' ({baseline_value})."
+
+
+def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The headline (with its `study` column, if any) with each value in its objective's
+    unit."""
+    rows = [
+        {
+            **({"study": row["study"]} if "study" in row else {}),
+            "objective": row["objective"], "direction": row["direction"],
+            "best trial": row["trial"], "value": format_metric(row["objective"], row["value"]),
+            "knobs": row["params"], "baseline": row["baseline"],
+            "baseline value": format_metric(row["objective"], row["baseline_value"]),
+            "gain": gain_text(row),
+        }
+        for _, row in frame.iterrows()
+    ]  # fmt: skip
+    return display(pd.DataFrame(rows))
+
+
+def headline_section(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> Section:
+    frame = data.headline(records, objectives)
+    if frame.empty:
+        return Section("Headline", ["This study has no objectives."])
+    return Section(
+        "Headline",
+        [headline_sentence(row) for _, row in frame.iterrows()],
+        tables=[Table("", _headline_table(frame))],
+    )
+
+
+def _memory_note(memory_metric: str) -> str:
+    if memory_metric == data.DEVICE_PEAK:
+        return f"Memory is {memory_metric}: torch.cuda's peak allocated bytes on the device."
+    return (
+        f"Memory is {memory_metric}, the host's peak resident memory (device memory was not "
+        "recorded throughout), which includes the process baseline (interpreter, libraries, "
+        "data)."
+    )
+
+
+def pareto_section(records: Sequence[TrialRecord]) -> Section:
+    metric = data.memory_metric(records)
+    points = data.pareto_points(records, metric)
+    if not points["measured"].any():
+        return Section("Throughput vs memory", ["No complete trial measured both yet."])
+    front = points[points["pareto"]].sort_values("memory_bytes")
+    knobs = {r.number: data.format_params(r.params) for r in records}
+    table = front[["number", "zero_stage", "category", "memory_bytes", "tokens_per_s"]]
+    table = table.rename(columns={"memory_bytes": metric, "tokens_per_s": data.THROUGHPUT})
+    return Section(
+        "Throughput vs memory",
+        [
+            f"y = {data.THROUGHPUT}; colour = the actor's ZeRO stage; marker = offload / LoRA. "
+            "Ringed points are Pareto-optimal among the complete, feasible trials: no other has "
+            "both more throughput and less memory. Failed and pruned trials have no "
+            "measurement; the strip below places them at their predicted device peak.",
+            _memory_note(metric),
+        ],
+        _image("pareto.png", plots.pareto_figure(points, metric, "zero_stage", "ZeRO stage")),
+        [Table("Pareto front:", display(table.assign(knobs=table["number"].map(knobs))))],
+    )
+
+
+def importance_section(study, objectives: Sequence[Objective]) -> Section:
+    importances = data.param_importances(study, objectives)
+    notes = [f"{item.objective}: {item.note}." for item in importances if item.note]
+    computed = [item for item in importances if item.importances]
+    if not computed:
+        return Section("Parameter importance", notes or ["This study has no objectives."])
+    return Section(
+        "Parameter importance",
+        [
+            "How much each searched knob decides whether a trial lands among the best for an "
+            "objective (Optuna's PED-ANOVA over the complete trials).",
+            *notes,
+        ],
+        _image("importance.png", plots.importance_figure(computed)),
+        [Table("", display(data.importance_table(computed)))],
+    )
+
+
+def time_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
+    breakdown = data.time_breakdown(records, numbers)
+    if breakdown.empty or breakdown[list(data.STAGES)].isna().all().all():
+        return Section("Time per stage", ["No complete trial to break down yet."])
+    table = breakdown.assign(total_s=breakdown[list(data.STAGES)].sum(axis=1))
+    table = table.rename(columns={stage: f"{stage}_s" for stage in data.STAGES})
+    return Section(
+        "Time per stage",
+        ["The best trials by the first objective (and the baseline), seconds per stage."],
+        _image("time.png", plots.time_figure(breakdown)),
+        [Table("", display(table))],
+    )
+
+
+def reward_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
+    curves = data.reward_curves(records, numbers)
+    if curves.empty:
+        return Section("Reward over PPO steps", ["No trial recorded reward series."])
+    return Section(
+        "Reward over PPO steps",
+        [
+            "ppo/score is the reward model's score, what PPO maximizes; ppo/gold is the gold "
+            "reward of the synthetic task (absent for other data). A score that rises while the "
+            "gold reward stays flat means the policy games the reward model."
+        ],
+        _image("rewards.png", plots.reward_figure(curves)),
+    )
+
+
+def memory_section(records: Sequence[TrialRecord]) -> Section:
+    states = data.model_states_memory(records)
+    stages = data.stage_memory(records)
+    if states.empty and stages.empty:
+        return Section("Predicted vs measured memory", ["No trial recorded memory yet."])
+    paragraphs = [
+        "Model states (parameters, gradients, optimizer states) are predicted by tunelab's "
+        "memory model and measured on the live engines: the same quantity on both sides, so "
+        "their ratio tests the model."
+    ]
+    if (stages["measured"] == "host RSS").any():
+        paragraphs.append(
+            "Stage peaks: on the CPU the measured figure is the host's peak RSS, which includes "
+            "the process baseline (interpreter, libraries, data), so it lies well above the "
+            "predicted device peak; only GPU trials (device allocated) compare like with like."
+        )
+    tables = [
+        Table(f"Measured / predicted {name} per {by}:", display(data.ratio_summary(frame, by)))
+        for frame, by, name in ((states, "engine", "model states"), (stages, "stage", "peak"))
+        if not frame.empty
+    ]
+    return Section(
+        "Predicted vs measured memory",
+        paragraphs,
+        _image("memory.png", plots.memory_figure(states, stages)),
+        tables,
+    )
+
+
+def failures_section(records: Sequence[TrialRecord]) -> Section:
+    frame = data.failures(records)
+    if frame.empty:
+        return Section("Failures", ["No failed or pruned trial."])
+    return Section("Failures", [], tables=[Table("", display(frame))])
+
+
+def _shown_metrics(records: Sequence[TrialRecord]) -> list[str]:
+    present = set(data.metric_names(records))
+    return [name for name in data.KEY_METRICS if name in present]
+
+
+def trials_section(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> Section:
+    table = data.trial_table(records, objectives, _shown_metrics(records))
+    if table.empty:
+        return Section("All trials", ["No trials yet."])
+    return Section(
+        "All trials",
+        ["Every trial; trials.csv holds all metrics."],
+        tables=[Table("", display(table))],
+    )
+
+
+def _overview(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> str:
+    counts = pd.Series([r.state for r in records], dtype=object).value_counts()
+    states = ", ".join(f"{count} {state.lower()}" for state, count in counts.items())
+    goals = ", ".join(f"{o.metric} ({o.direction})" for o in objectives)
+    return f"{len(records)} trials ({states or 'none yet'}); objectives: {goals or 'none'}."
+
+
+def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.DataFrame) -> Path:
+    """index.html, report.md, the PNGs and `trials` as trials.csv into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for section in sections:
+        if section.image is not None:
+            (out_dir / section.image.name).write_bytes(section.image.png)
+    (out_dir / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
+    trials.to_csv(out_dir / "trials.csv", index=False)
+    index = out_dir / "index.html"
+    index.write_text(to_html(title, sections), encoding="utf-8")
+    return index
+
+
+def write_report(study, out_dir: Path) -> Path:
+    """Write the report of an Optuna study made by tunelab into `out_dir`; returns index.html.
+
+    out_dir gets index.html (self-contained), report.md with the PNG plots next to it, and
+    trials.csv (every trial, every metric).
+    """
+    records = _records(study)
+    objectives = _objectives(study)
+    top = data.top_trials(records, objectives, TOP_TRIALS)
+    sections = [
+        Section("Overview", [_overview(records, objectives)]),
+        headline_section(records, objectives),
+        pareto_section(records),
+        importance_section(study, objectives),
+        time_section(records, top),
+        reward_section(records, top),
+        memory_section(records),
+        failures_section(records),
+        trials_section(records, objectives),
+    ]
+    trials = data.trial_table(records, objectives, data.metric_names(records))
+    return _write(Path(out_dir), f"tunelab report: {study.study_name}", sections, trials)
+
+
+def comparison_sections(studies: Sequence[compare.StudyData]) -> list[Section]:
+    """Summary, best configuration per study, and the overlaid Pareto plot."""
+    shared = compare.shared_objectives(studies)
+    compared = ", ".join(o.metric for o in shared)
+    note = f"Shared objectives: {compared}." if shared else "These studies share no objective."
+    summary = Section(
+        "Summary",
+        [note],
+        tables=[Table("", display(compare.study_summary(studies, shared)))],
+    )
+    best = compare.best_configs(studies, shared)
+    best_section = Section(
+        "Best configuration per study",
+        [f"{row['study']}: {headline_sentence(row)}" for _, row in best.iterrows()],
+        tables=[Table("", _headline_table(best))],
+    )
+    metric = data.common_memory_metric([s.records for s in studies])
+    points = compare.comparison_points(studies, metric)
+    if not points["measured"].any():
+        pareto = Section("Throughput vs memory", ["No complete trial measured both yet."])
+    else:
+        figure = plots.pareto_figure(points, metric, "study", "study")
+        pareto = Section(
+            "Throughput vs memory",
+            [
+                "Colour = study; marker = offload / LoRA; ringed points and step lines are each "
+                "study's own Pareto front.",
+                _memory_note(metric),
+            ],
+            _image("pareto.png", figure),
+        )
+    return [summary, best_section, pareto]
+
+
+def write_comparison(studies: list, out_dir: Path) -> Path:
+    """Write one report setting several Optuna studies side by side; returns index.html.
+
+    Same outputs as `write_report`; trials.csv has a `study` column.
+    """
+    names = compare.unique_names([s.study_name for s in studies])
+    compared = [
+        compare.StudyData(name, _records(s), _objectives(s))
+        for name, s in zip(names, studies, strict=True)
+    ]
+    title = "tunelab comparison: " + " vs ".join(names)
+    trials = compare.comparison_trials(compared)
+    return _write(Path(out_dir), title, comparison_sections(compared), trials)

@@ -1,0 +1,386 @@
+"""Report tables: pure functions of TrialRecords and the study's objectives (no drawing, no I/O).
+
+Every figure and every table of a report is drawn or rendered from a frame built here, so the
+numbers are tested without drawing. Only `param_importances` needs the Optuna study itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import pandas as pd
+from optuna.importance import get_param_importances
+
+from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial
+from tunelab.spec import Objective
+
+STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
+ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
+THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
+DEVICE_PEAK = "mem/peak_device_allocated_bytes"
+HOST_PEAK = "mem/peak_host_rss_bytes"
+PREDICTED_PEAK = "mem/predicted_device_peak_bytes"
+REWARD_SERIES = ("ppo/score", "ppo/gold")  # reward-model score, gold reward (synthetic data)
+# The metrics the trial table shows (when any trial has them); trials.csv carries them all.
+KEY_METRICS = (
+    THROUGHPUT, DEVICE_PEAK, HOST_PEAK, PREDICTED_PEAK, "ppo/gold_gain", "ppo/score_gain",
+    "ppo/kl_final", "rm/eval_accuracy", "sft/loss_final", "time/trial_s",
+)  # fmt: skip
+CATEGORIES = ("plain", "offload", "lora", "lora+offload")
+
+
+def objectives_from(user_attrs: Mapping[str, Any], directions: Sequence[str]) -> list[Objective]:
+    """The study's objectives from its "tunelab:objectives" attr; a study made elsewhere gets
+    "value <i>" names with the study's `directions` ("maximize"/"minimize")."""
+    stored = user_attrs.get(OBJECTIVES_ATTR)
+    if stored:
+        return [Objective(item["metric"], item["direction"]) for item in stored]
+    return [Objective(f"value {index}", direction) for index, direction in enumerate(directions)]
+
+
+def knob(record: TrialRecord, name: str) -> Any:
+    """A knob's value by dotted name: the searched param, else the trial's full config."""
+    if name in record.params:
+        return record.params[name]
+    node: Any = record.config
+    for part in name.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def category(record: TrialRecord) -> str:
+    """The actor's memory-saving technique: one of CATEGORIES."""
+    lora = (knob(record, "actor.lora_rank") or 0) > 0
+    offload = any(
+        knob(record, f"actor.{name}") not in (None, "none", False)
+        for name in ("offload_optimizer", "offload_params")
+    )
+    return CATEGORIES[2 * lora + offload]
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def ranked(records: Sequence[TrialRecord], objectives: Sequence[Objective], index: int):
+    """COMPLETE, feasible trials with a finite value for objective `index`, best first (ties by
+    trial number)."""
+    maximize = objectives[index].direction == "maximize"
+    eligible = [
+        r
+        for r in records
+        if r.state == "COMPLETE" and r.feasible and r.values and _is_finite(r.values[index])
+    ]
+    return sorted(
+        eligible, key=lambda r: (-r.values[index] if maximize else r.values[index], r.number)
+    )
+
+
+def baseline_of(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The baseline trial: the first by number whose record names a baseline."""
+    baselines = [r for r in records if r.baseline]
+    return min(baselines, key=lambda r: r.number) if baselines else None
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """Knob values as one line, like "actor.zero_stage=2, precision=bf16" (spec order)."""
+    return ", ".join(f"{name}={value}" for name, value in params.items())
+
+
+def headline(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
+    """Per objective: the best trial, its knobs and its value against the baseline's.
+
+    `ratio` (best / baseline) is set only when both values are positive, where a ratio means
+    something; `change` = ratio - 1; `difference` = best - baseline always.
+    """
+    baseline = baseline_of(records)
+    rows = []
+    for index, objective in enumerate(objectives):
+        best = next(iter(ranked(records, objectives, index)), None)
+        value = best.values[index] if best else math.nan
+        base_value = (
+            baseline.values[index]
+            if baseline is not None and baseline.values and _is_finite(baseline.values[index])
+            else math.nan
+        )
+        ratio = value / base_value if value >= 0 and base_value > 0 else math.nan
+        rows.append({
+            "objective": objective.metric, "direction": objective.direction,
+            "trial": best.number if best else None, "value": value,
+            "params": format_params(best.params) if best else "",
+            "baseline": baseline.baseline if baseline else None,
+            "baseline_trial": baseline.number if baseline else None,
+            "baseline_status": baseline.status if baseline else None,
+            "baseline_value": base_value, "ratio": ratio, "change": ratio - 1,
+            "difference": value - base_value,
+        })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    return frame.astype({"trial": "Int64", "baseline_trial": "Int64"}) if rows else frame
+
+
+def memory_metric(records: Sequence[TrialRecord]) -> str:
+    """The peak-memory metric to plot: device allocated (GPU) when any trial has it, else host
+    RSS (which includes the process's baseline)."""
+    return DEVICE_PEAK if any(DEVICE_PEAK in r.metrics for r in records) else HOST_PEAK
+
+
+def common_memory_metric(record_lists: Sequence[Sequence[TrialRecord]]) -> str:
+    """The peak-memory metric every study has: device allocated only if all studies have it."""
+    metrics = {memory_metric(records) for records in record_lists}
+    return DEVICE_PEAK if metrics == {DEVICE_PEAK} else HOST_PEAK
+
+
+def pareto_mask(memory: Sequence[float], throughput: Sequence[float]) -> list[bool]:
+    """Which points no other point dominates (no more memory, no less throughput, and strictly
+    better in one)."""
+
+    def dominated(i: int) -> bool:
+        return any(
+            memory[j] <= memory[i]
+            and throughput[j] >= throughput[i]
+            and (memory[j] < memory[i] or throughput[j] > throughput[i])
+            for j in range(len(memory))
+        )
+
+    return [not dominated(i) for i in range(len(memory))]
+
+
+def pareto_points(records: Sequence[TrialRecord], memory: str) -> pd.DataFrame:
+    """One row per trial for the throughput-vs-memory plot.
+
+    Columns: number, state, status, feasible, zero_stage, category, memory_bytes (the `memory`
+    metric), tokens_per_s, predicted_bytes (predicted device peak, known before launch even for
+    pruned trials), measured (both measured values present), pareto (on the front of the
+    measured, COMPLETE, feasible trials).
+    """
+    rows = [
+        {
+            "number": r.number,
+            "state": r.state,
+            "status": r.status,
+            "feasible": r.feasible,
+            "zero_stage": knob(r, "actor.zero_stage"),
+            "category": category(r),
+            "memory_bytes": r.metrics.get(memory, math.nan),
+            "tokens_per_s": r.metrics.get(THROUGHPUT, math.nan),
+            "predicted_bytes": r.predicted.get(PREDICTED_PEAK, math.nan),
+        }
+        for r in records
+    ]
+    columns = ["number", "state", "status", "feasible", "zero_stage", "category"]
+    columns += ["memory_bytes", "tokens_per_s", "predicted_bytes", "measured", "pareto"]
+    frame = pd.DataFrame(rows, columns=columns[:-2])
+    frame["measured"] = (
+        (frame["state"] == "COMPLETE")
+        & frame["memory_bytes"].notna()
+        & frame["tokens_per_s"].notna()
+    )
+    candidates = frame[frame["measured"] & frame["feasible"].astype(bool)]
+    front = pareto_mask(list(candidates["memory_bytes"]), list(candidates["tokens_per_s"]))
+    frame["pareto"] = False
+    frame.loc[candidates.index[front], "pareto"] = True
+    return frame[columns]
+
+
+def importance_obstacle(
+    records: Sequence[TrialRecord], objectives: Sequence[Objective], index: int
+) -> str | None:
+    """Why parameter importance cannot be computed for objective `index`, or None if it can."""
+    complete = [
+        r for r in records if r.state == "COMPLETE" and r.values and _is_finite(r.values[index])
+    ]
+    if len(complete) < 2:
+        return f"needs at least 2 complete trials (this study has {len(complete)})"
+    names = {name for r in complete for name in r.params}
+    varying = [n for n in names if len({repr(r.params.get(n)) for r in complete}) > 1]
+    if not varying:
+        return "no searched knob takes more than one value among the complete trials"
+    return None
+
+
+def _lower_is_better(objective: Objective, index: int):
+    """The target PED-ANOVA wants: it ranks a `target` lower-is-better, whatever the study's
+    directions."""
+    sign = -1.0 if objective.direction == "maximize" else 1.0
+    return lambda trial: sign * trial.values[index]
+
+
+class Importance(NamedTuple):
+    objective: str
+    importances: dict[str, float]  # knob -> share of importance, largest first
+    note: str  # why `importances` is empty, else ""
+
+
+def param_importances(study, objectives: Sequence[Objective]) -> list[Importance]:
+    """Per objective, Optuna's default importance evaluator (PED-ANOVA in Optuna 5) over the
+    study's COMPLETE trials, or a note saying why it cannot be computed."""
+    records = [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
+    results = []
+    for index, objective in enumerate(objectives):
+        obstacle = importance_obstacle(records, objectives, index)
+        if obstacle:
+            results.append(Importance(objective.metric, {}, obstacle))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "computes the importances ... low target values"
+            found = get_param_importances(study, target=_lower_is_better(objective, index))
+        results.append(Importance(objective.metric, dict(found), ""))
+    return results
+
+
+def importance_table(importances: Sequence[Importance]) -> pd.DataFrame:
+    """Long form: objective, param, importance."""
+    rows = [
+        {"objective": item.objective, "param": name, "importance": share}
+        for item in importances
+        for name, share in item.importances.items()
+    ]
+    return pd.DataFrame(rows, columns=["objective", "param", "importance"])
+
+
+def top_trials(
+    records: Sequence[TrialRecord], objectives: Sequence[Objective], count: int = 5
+) -> list[int]:
+    """Numbers of the `count` best trials by the first objective, then the baseline (when it
+    completed and is not among them) as the reference."""
+    if not objectives:
+        return []
+    numbers = [r.number for r in ranked(records, objectives, 0)[:count]]
+    baseline = baseline_of(records)
+    if baseline is not None and baseline.state == "COMPLETE" and baseline.number not in numbers:
+        numbers.append(baseline.number)
+    return numbers
+
+
+def _chosen(records: Sequence[TrialRecord], numbers: Sequence[int]) -> list[TrialRecord]:
+    by_number = {r.number: r for r in records}
+    return [by_number[n] for n in numbers]
+
+
+def time_breakdown(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
+    """Seconds per stage (columns STAGES, NaN when missing) of the given trials, in order, with
+    their baseline name."""
+    rows = [
+        {
+            "number": r.number,
+            "baseline": r.baseline,
+            **{stage: r.metrics.get(f"time/{stage}_s", math.nan) for stage in STAGES},
+        }
+        for r in _chosen(records, numbers)
+    ]
+    return pd.DataFrame(rows, columns=["number", "baseline", *STAGES])
+
+
+def reward_curves(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
+    """Long form per PPO step (0-based, warm-up included): number, series, step, value."""
+    rows = [
+        {"number": r.number, "series": name, "step": step, "value": value}
+        for r in _chosen(records, numbers)
+        for name in REWARD_SERIES
+        for step, value in enumerate(r.series.get(name, []))
+    ]
+    return pd.DataFrame(rows, columns=["number", "series", "step", "value"])
+
+
+def stage_memory(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """Predicted device peak vs the measured peak, per trial and stage.
+
+    `measured` says what was measured: "device allocated" (torch.cuda, comparable) or
+    "host RSS" (the CPU, which also counts the interpreter, libraries and data).
+    """
+    rows = []
+    for r in records:
+        for stage in STAGES:
+            predicted = r.metrics.get(f"mem/{stage}/predicted_device_peak_bytes")
+            device = r.metrics.get(f"mem/{stage}/peak_device_allocated_bytes")
+            host = r.metrics.get(f"mem/{stage}/peak_host_rss_bytes")
+            measured, kind = (
+                (device, "device allocated") if device is not None else (host, "host RSS")
+            )
+            if predicted is None or measured is None:
+                continue
+            rows.append({
+                "number": r.number, "stage": stage, "predicted_bytes": predicted,
+                "measured_bytes": measured, "measured": kind,
+                "ratio": measured / predicted if predicted else math.nan,
+            })  # fmt: skip
+    columns = ["number", "stage", "predicted_bytes", "measured_bytes", "measured", "ratio"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def model_states_memory(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """Predicted vs measured model states (parameters, gradients, optimizer states) per trial and
+    engine: the same quantity on both sides, so the ratio tests the memory model itself."""
+    rows = [
+        {
+            "number": r.number,
+            "engine": engine,
+            "predicted_bytes": predicted,
+            "measured_bytes": measured,
+            "ratio": measured / predicted if predicted else math.nan,
+        }
+        for r in records
+        for engine in ENGINES
+        if (predicted := r.metrics.get(f"mem/{engine}/predicted_model_states_bytes")) is not None
+        and (measured := r.metrics.get(f"mem/{engine}/measured_model_states_bytes")) is not None
+    ]
+    columns = ["number", "engine", "predicted_bytes", "measured_bytes", "ratio"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def ratio_summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Measured / predicted per `by` (engine or stage): trials, median, min and max ratio."""
+    grouped = frame.groupby(by, sort=False)["ratio"]
+    summary = grouped.agg(trials="count", median="median", min="min", max="max")
+    return summary.reset_index()
+
+
+def failures(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """FAIL and PRUNED trials grouped by (state, status, reason): count and trial numbers, the
+    largest group first."""
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for r in sorted(records, key=lambda r: r.number):
+        if r.state in ("FAIL", "PRUNED"):
+            groups.setdefault((r.state, r.status, r.reason), []).append(r.number)
+    rows = [
+        {"state": state, "status": status, "reason": reason, "count": len(numbers),
+         "trials": tuple(numbers)}
+        for (state, status, reason), numbers in groups.items()
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["state", "status", "reason", "count", "trials"])
+    return frame.sort_values(
+        ["count", "state", "status"], ascending=[False, True, True], kind="stable"
+    ).reset_index(drop=True)
+
+
+def metric_names(records: Sequence[TrialRecord]) -> list[str]:
+    """Every metric any trial has, sorted."""
+    return sorted({name for r in records for name in r.metrics})
+
+
+def trial_table(
+    records: Sequence[TrialRecord], objectives: Sequence[Objective], metrics: Sequence[str]
+) -> pd.DataFrame:
+    """One row per trial: number, state, status, baseline, feasible, the params (dotted names),
+    the objective values (by metric; Optuna's values, empty unless COMPLETE), the given other
+    `metrics` (slashed names), wall_s and reason."""
+    objective_names = [o.metric for o in objectives]
+    others = [name for name in metrics if name not in objective_names]
+    rows = []
+    for r in sorted(records, key=lambda r: r.number):
+        values = dict(zip(objective_names, r.values or (), strict=False))
+        rows.append({
+            "number": r.number, "state": r.state, "status": r.status, "baseline": r.baseline,
+            "feasible": r.feasible, **r.params,
+            **{name: values.get(name, math.nan) for name in objective_names},
+            **{name: r.metrics.get(name, math.nan) for name in others},
+            "wall_s": r.wall_s, "reason": r.reason,
+        })  # fmt: skip
+    params = list(dict.fromkeys(name for r in records for name in r.params))
+    columns = ["number", "state", "status", "baseline", "feasible", *params, *objective_names]
+    return pd.DataFrame(rows, columns=[*columns, *others, "wall_s", "reason"])
