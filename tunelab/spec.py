@@ -65,7 +65,7 @@ class Knob:
     @property
     def is_int(self) -> bool:
         bounds = (self.low, self.high, self.step if self.step is not None else 1)
-        return all(isinstance(b, int) or (isinstance(b, float) and b.is_integer()) for b in bounds)
+        return all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
 
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(key) in allowed for key, allowed in self.when.items())

@@ -117,10 +117,7 @@ def create_or_resume(loaded: LoadedSpec, url: str) -> optuna.Study:
     study.set_user_attr(OBJECTIVES_ATTR, [vars(o) for o in spec.objectives])
     if created:
         for baseline in spec.baselines:
-            study.enqueue_trial(
-                baseline.params, user_attrs={TrialAttr.BASELINE: baseline.name},
-                skip_if_exists=True,
-            )  # fmt: skip
+            study.enqueue_trial(baseline.params, user_attrs={TrialAttr.BASELINE: baseline.name})
     return study
 
 

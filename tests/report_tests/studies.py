@@ -147,10 +147,12 @@ UNSUPPORTED = "the hybrid engine needs CUDA"
 PRUNED_MEMORY = "predicted device peak 90.0 GiB > budget 80 GiB"
 
 
-def cpu_study(name: str = "smoke") -> optuna.Study:
+def cpu_study(name: str = "smoke", storage: str | None = None) -> optuna.Study:
     """Two objectives (throughput up, host RSS down), a baseline, failures, a pruned trial and
     an infeasible one. Pareto front (feasible, complete): trials 1, 2, 4, 5, 10."""
-    study = optuna.create_study(study_name=name, directions=["maximize", "minimize"])
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=["maximize", "minimize"]
+    )
     study.set_user_attr(OBJECTIVES_ATTR, CPU_OBJECTIVES)
     objectives = CPU_OBJECTIVES
     trials = [

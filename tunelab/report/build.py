@@ -1,6 +1,6 @@
 """A study's report (and a comparison of studies): tables -> figures -> sections -> files.
 
-tunelab report <study>   ->  reports/<study>/index.html, report.md, *.png, trials.csv
+write_report(study, reports/<study>) -> index.html, report.md, *.png and trials.csv there.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -24,14 +25,17 @@ from tunelab.report.render import (
 )
 from tunelab.spec import Objective
 
+if TYPE_CHECKING:
+    import optuna
+
 TOP_TRIALS = 5  # how many of the best trials the time and reward sections show
 
 
-def _records(study) -> list[TrialRecord]:
+def _records(study: optuna.Study) -> list[TrialRecord]:
     return [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
 
 
-def _objectives(study) -> list[Objective]:
+def _objectives(study: optuna.Study) -> list[Objective]:
     return data.objectives_from(study.user_attrs, [d.name.lower() for d in study.directions])
 
 
@@ -63,6 +67,8 @@ def headline_sentence(row: pd.Series) -> str:
     best = f"Best {metric}: {format_metric(metric, row['value'])} (trial #{row['trial']}: {knobs})"
     if pd.isna(row["baseline"]):
         return f"{best}; this study has no baseline trial."
+    if row["trial"] == row["baseline_trial"]:
+        return f"{best}: the baseline '{row['baseline']}' itself."
     if math.isnan(row["baseline_value"]):
         return (
             f"{best}; the baseline '{row['baseline']}' (trial #{row['baseline_trial']}) has no "
@@ -78,8 +84,8 @@ def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = [
         {
             **({"study": row["study"]} if "study" in row else {}),
-            "objective": row["objective"], "direction": row["direction"],
-            "best trial": row["trial"], "value": format_metric(row["objective"], row["value"]),
+            "objective": row["objective"], "best trial": row["trial"],
+            "value": format_metric(row["objective"], row["value"]),
             "knobs": row["params"], "baseline": row["baseline"],
             "baseline value": format_metric(row["objective"], row["baseline_value"]),
             "gain": gain_text(row),
@@ -133,7 +139,7 @@ def pareto_section(records: Sequence[TrialRecord]) -> Section:
     )
 
 
-def importance_section(study, objectives: Sequence[Objective]) -> Section:
+def importance_section(study: optuna.Study, objectives: Sequence[Objective]) -> Section:
     importances = data.param_importances(study, objectives)
     notes = [f"{item.objective}: {item.note}." for item in importances if item.note]
     computed = [item for item in importances if item.importances]
@@ -236,7 +242,8 @@ def _overview(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -
     counts = pd.Series([r.state for r in records], dtype=object).value_counts()
     states = ", ".join(f"{count} {state.lower()}" for state, count in counts.items())
     goals = ", ".join(f"{o.metric} ({o.direction})" for o in objectives)
-    return f"{len(records)} trials ({states or 'none yet'}); objectives: {goals or 'none'}."
+    trials = "1 trial" if len(records) == 1 else f"{len(records)} trials"
+    return f"{trials} ({states or 'none yet'}); objectives: {goals or 'none'}."
 
 
 def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.DataFrame) -> Path:
@@ -252,7 +259,7 @@ def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.Da
     return index
 
 
-def write_report(study, out_dir: Path) -> Path:
+def write_report(study: optuna.Study, out_dir: Path) -> Path:
     """Write the report of an Optuna study made by tunelab into `out_dir`; returns index.html.
 
     out_dir gets index.html (self-contained), report.md with the PNG plots next to it, and
@@ -310,11 +317,13 @@ def comparison_sections(studies: Sequence[compare.StudyData]) -> list[Section]:
     return [summary, best_section, pareto]
 
 
-def write_comparison(studies: list, out_dir: Path) -> Path:
+def write_comparison(studies: Sequence[optuna.Study], out_dir: Path) -> Path:
     """Write one report setting several Optuna studies side by side; returns index.html.
 
     Same outputs as `write_report`; trials.csv has a `study` column.
     """
+    if not studies:
+        raise ValueError("write_comparison needs at least one study")
     names = compare.unique_names([s.study_name for s in studies])
     compared = [
         compare.StudyData(name, _records(s), _objectives(s))

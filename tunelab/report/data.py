@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 from optuna.importance import get_param_importances
 
 from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial
 from tunelab.spec import Objective
+
+if TYPE_CHECKING:
+    import optuna
 
 STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
 ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
@@ -216,7 +219,7 @@ class Importance(NamedTuple):
     note: str  # why `importances` is empty, else ""
 
 
-def param_importances(study, objectives: Sequence[Objective]) -> list[Importance]:
+def param_importances(study: optuna.Study, objectives: Sequence[Objective]) -> list[Importance]:
     """Per objective, Optuna's default importance evaluator (PED-ANOVA in Optuna 5) over the
     study's COMPLETE trials, or a note saying why it cannot be computed."""
     records = [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
@@ -276,14 +279,26 @@ def time_breakdown(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd
     return pd.DataFrame(rows, columns=["number", "baseline", *STAGES])
 
 
+def series_steps(count: int, total: int) -> list[int]:
+    """The PPO steps of a stored series of `count` points from a run of `total` steps: the
+    orchestrator thins long series to evenly strided samples (values[int(i * stride)])."""
+    if not 0 < count < total:
+        return list(range(count))
+    stride = total / count
+    return [int(i * stride) for i in range(count)]
+
+
 def reward_curves(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
     """Long form per PPO step (0-based, warm-up included): number, series, step, value."""
-    rows = [
-        {"number": r.number, "series": name, "step": step, "value": value}
-        for r in _chosen(records, numbers)
-        for name in REWARD_SERIES
-        for step, value in enumerate(r.series.get(name, []))
-    ]
+    rows = []
+    for r in _chosen(records, numbers):
+        for name in REWARD_SERIES:
+            values = r.series.get(name, [])
+            steps = series_steps(len(values), int(r.metrics.get("ppo/steps", len(values))))
+            rows += [
+                {"number": r.number, "series": name, "step": step, "value": value}
+                for step, value in zip(steps, values, strict=True)
+            ]
     return pd.DataFrame(rows, columns=["number", "series", "step", "value"])
 
 

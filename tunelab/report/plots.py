@@ -191,13 +191,13 @@ def reward_figure(curves: pd.DataFrame) -> Figure:
 
 def _predicted_vs_measured(axes, frame: pd.DataFrame, colour_by: str, title: str, ylabel: str):
     """Scatter of measured against predicted bytes (log-log) with the y = x line."""
-    scale, unit = _byte_scale(pd.concat([frame["predicted_bytes"], frame["measured_bytes"]]))
+    both = pd.concat([frame["predicted_bytes"], frame["measured_bytes"]])
+    scale, unit = _byte_scale(both)
     for key, group in frame.groupby(colour_by, sort=False):
         axes.scatter(
             group["predicted_bytes"] / scale, group["measured_bytes"] / scale, label=key, s=25
         )
-    both = pd.concat([frame["predicted_bytes"], frame["measured_bytes"]]) / scale
-    ends = [both.min() / 1.5, both.max() * 1.5]
+    ends = [both.min() / scale / 1.5, both.max() / scale * 1.5]
     axes.plot(ends, ends, color="black", ls="--", lw=1, label="y = x")
     axes.set_xscale("log")
     axes.set_yscale("log")

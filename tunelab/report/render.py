@@ -128,8 +128,9 @@ body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200p
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 img { max-width: 100%; height: auto; display: block; margin: 1em 0; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; width: max-content; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top;
+         max-width: 26em; }
 th { background: #f3f3f3; position: sticky; top: 0; }
 tr:nth-child(even) td { background: #fafafa; }
 """

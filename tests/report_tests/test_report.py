@@ -1,0 +1,174 @@
+"""write_report / write_comparison end to end: the files, their numbers against the study's
+storage, and index.html opened in a real headless Chromium (Debian's /usr/bin/chromium)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import optuna
+import pandas as pd
+import pytest
+
+from tests.report_tests.studies import CPU_OBJECTIVES, MIB, cpu_study, gpu_study
+from tunelab.records import OBJECTIVES_ATTR
+from tunelab.report import write_comparison, write_report
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",  # containers often have a small /dev/shm
+]  # fmt: skip
+FIGURES = ("pareto.png", "importance.png", "time.png", "rewards.png", "memory.png")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> optuna.Study:
+    """The CPU study in SQLite, loaded back as the CLI would (attrs go through JSON)."""
+    storage = f"sqlite:///{tmp_path_factory.mktemp('storage') / 'study.db'}"
+    cpu_study(storage=storage)
+    return optuna.load_study(study_name="smoke", storage=storage)
+
+
+@pytest.fixture(scope="module")
+def report(study, tmp_path_factory) -> Path:
+    return write_report(study, tmp_path_factory.mktemp("reports") / study.study_name)
+
+
+def test_report_writes_every_file(report):
+    assert report.name == "index.html"
+    written = {path.name for path in report.parent.iterdir()}
+    assert {"index.html", "report.md", "trials.csv", *FIGURES} <= written
+    for name in FIGURES:
+        size = (report.parent / name).stat().st_size
+        assert 5_000 < size < 200_000, (name, size)  # modest figures
+        assert (report.parent / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_markdown_states_the_storage_best_values_and_references_the_pngs(study, report):
+    text = (report.parent / "report.md").read_text()
+    best_throughput = max(
+        t.values[0] for t in study.trials if t.state.name == "COMPLETE" and not t.constraints
+    )
+    assert best_throughput == 5213
+    assert "Best perf/ppo_e2e_tokens_per_s: 5213 tokens/s (trial #4: " in text
+    assert "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s)." in text
+    assert "Best mem/peak_host_rss_bytes: 480 MiB (trial #5: " in text
+    assert "20% less than the baseline 'dschat-single-gpu' (600 MiB)." in text
+    assert "| FAIL | oom | out of memory in ppo_train (host RSS 2.1 GiB) | 2 | 3, 8 |" in text
+    for name in FIGURES:
+        assert f"]({name})" in text
+
+
+def test_trials_csv_matches_the_storage(study, report):
+    table = pd.read_csv(report.parent / "trials.csv")
+    assert len(table) == len(study.trials)
+    assert table["number"].tolist() == [t.number for t in study.trials]
+    assert table["state"].tolist() == [t.state.name for t in study.trials]
+    by_number = table.set_index("number")
+    for trial in study.trials:
+        if trial.values is not None:
+            assert by_number.loc[trial.number, CPU_OBJECTIVES[0]["metric"]] == trial.values[0]
+            assert by_number.loc[trial.number, CPU_OBJECTIVES[1]["metric"]] == trial.values[1]
+        assert by_number.loc[trial.number, "actor.zero_stage"] == trial.params["actor.zero_stage"]
+    assert by_number.loc[4, "mem/ppo_train/peak_host_rss_bytes"] == 700 * MIB
+    assert by_number.loc[3, "reason"] == study.trials[3].user_attrs["reason"]
+    assert by_number.loc[0, "baseline"] == "dschat-single-gpu"
+
+
+@pytest.mark.parametrize("trials", [[], [3, 7]], ids=["empty", "failed-and-pruned"])
+def test_report_of_a_study_without_complete_trials(trials, tmp_path):
+    study = optuna.create_study(study_name="empty", directions=["maximize", "minimize"])
+    study.set_user_attr(OBJECTIVES_ATTR, CPU_OBJECTIVES)
+    for number in trials:
+        study.add_trial(cpu_study().trials[number])
+    index = write_report(study, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "No complete, feasible trial for perf/ppo_e2e_tokens_per_s yet." in text
+    assert "needs at least 2 complete trials (this study has 0)" in text
+    assert "<img" not in index.read_text()
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials)
+
+
+def test_comparison_writes_every_file(tmp_path):
+    index = write_comparison([cpu_study(), gpu_study()], tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"index.html", "report.md", "trials.csv"}
+    assert (tmp_path / "pareto.png").stat().st_size > 5_000
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert table.groupby("study").size().to_dict() == {"smoke": 11, "h200": 4}
+    text = (tmp_path / "report.md").read_text()
+    assert "| smoke | 11 | 7 | 3 | 1 | 5213 tokens/s |" in text
+    assert "| h200 | 4 | 3 | 1 | 0 | 41000 tokens/s |" in text
+    assert index.name == "index.html"
+
+
+def test_report_package_never_imports_torch():
+    code = "import sys, tunelab.report\nassert 'torch' not in sys.modules, 'torch imported'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+class PageCheck(NamedTuple):
+    image_widths: list[int]  # naturalWidth of every <img>, in page order
+    console_errors: list[str]
+    requests: list[str]  # every URL the page asked for
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """Open a page in headless Chromium, screenshot it, and say what it loaded and logged."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path_factory.mktemp("chromium-profile"),
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        )  # fmt: skip
+
+        def check(index: Path, screenshot: Path) -> PageCheck:
+            page = browser.new_page()
+            errors: list[str] = []
+            requests: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(index.as_uri(), wait_until="load")
+            widths = page.eval_on_selector_all(
+                "img", "images => images.map(i => i.complete ? i.naturalWidth : 0)"
+            )
+            page.screenshot(path=screenshot, full_page=True)
+            page.close()
+            return PageCheck(widths, errors, requests)
+
+        yield check
+        browser.close()
+
+
+def assert_page_is_whole(check: PageCheck, images: int) -> None:
+    assert len(check.image_widths) == images
+    assert all(width > 0 for width in check.image_widths), check.image_widths
+    assert check.console_errors == []
+    # Self-contained: the page itself, then only data URIs.
+    assert all(url.startswith(("file:", "data:")) for url in check.requests), check.requests
+
+
+@needs_chromium
+def test_report_opens_in_chromium(report, chromium):
+    screenshot = report.parent / "screenshot.png"
+    assert_page_is_whole(chromium(report, screenshot), images=len(FIGURES))
+    assert screenshot.stat().st_size > 0
+
+
+@needs_chromium
+def test_comparison_opens_in_chromium(tmp_path, chromium):
+    index = write_comparison([cpu_study(), gpu_study("a100")], tmp_path)
+    screenshot = tmp_path / "screenshot.png"
+    assert_page_is_whole(chromium(index, screenshot), images=1)
+    assert screenshot.stat().st_size > 0

@@ -1,0 +1,249 @@
+"""Studies end to end: real Optuna, real trial subprocesses, real PostgreSQL and SQLite.
+
+Trials use the tiny preset with few steps (about 10 s each, imports included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import psutil
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tunelab.presets import PRESETS
+from tunelab.spec import load_spec
+from tunelab.study import PGID_ATTR, create_or_resume
+
+from .conftest import ROOT, TINY
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+FAST = {"sft.steps": 4, "rm.steps": 4, "ppo.steps": 4, "warmup_steps": 1,
+        "data.train_size": 256, "data.eval_size": 16}  # fmt: skip
+THROUGHPUT = [{"metric": "perf/ppo_e2e_tokens_per_s", "direction": "maximize"}]
+
+
+def write_spec(folder, **fields) -> tuple[str, object]:
+    """A spec in `folder` on a copy of the tiny trial config; returns (name, path)."""
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    (folder / "trials" / "tiny.yaml").write_text(TINY.read_text())
+    name = fields.pop("name", f"t-{uuid.uuid4().hex[:10]}")
+    spec = {"name": name, "base": "trials/tiny.yaml", "objectives": THROUGHPUT,
+            "base_overrides": {**FAST, **fields.pop("base_overrides", {})},
+            "sampler": {"type": "random", "seed": 0}, **fields}  # fmt: skip
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return name, path
+
+
+def tunelab(*args, timeout=600):
+    argv = [sys.executable, "-m", "tunelab", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def by_baseline(study):
+    return {t.user_attrs.get("baseline"): t for t in study.trials}
+
+
+@pytest.fixture
+def postgres_study_name():
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return alive
+
+
+def test_failures_are_classified_and_the_study_goes_on(tmp_path, postgres_study_name):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps(PRESETS["tiny"].hf_config()))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    baselines = [
+        {"name": "crash", "params": {"models.actor": str(broken), "precision": "bf16",
+                                     "ppo.steps": 4}},
+        {"name": "hang", "params": {"models.actor": "tiny", "precision": "bf16",
+                                    "ppo.steps": 100000}},
+        {"name": "fp16", "params": {"models.actor": "tiny", "precision": "fp16", "ppo.steps": 4}},
+        {"name": "ok", "params": {"models.actor": "tiny", "precision": "bf16", "ppo.steps": 4}},
+    ]  # fmt: skip
+    _, path = write_spec(
+        tmp_path, name=postgres_study_name, budget={"trials": 4}, baselines=baselines,
+        space={"models.actor": {"choices": ["tiny", str(broken)]},
+               "precision": {"choices": ["bf16", "fp16"]},
+               "ppo.steps": {"choices": [4, 100000]}},
+        resources={"trial_timeout_s": 25},
+    )  # fmt: skip
+    run = tunelab("run", path, "--storage", POSTGRES, "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    study = optuna.load_study(study_name=postgres_study_name, storage=POSTGRES)
+    trials = by_baseline(study)
+    assert len(study.trials) == 4
+    crash = trials["crash"]
+    assert crash.state == TrialState.FAIL and crash.user_attrs["status"] == "error"
+    assert crash.user_attrs["reason"]  # one line naming the exception
+    assert os.path.exists(crash.user_attrs["log"])
+    hang = trials["hang"]
+    assert hang.state == TrialState.FAIL and hang.user_attrs["status"] == "timeout"
+    assert "25 s trial timeout" in hang.user_attrs["reason"]
+    assert _group_alive(hang.user_attrs[PGID_ATTR]) == []  # the whole group is gone
+    fp16 = trials["fp16"]
+    assert (
+        fp16.user_attrs["status"] == "unsupported" and "not launched" in fp16.user_attrs["reason"]
+    )
+    ok = trials["ok"]  # ran after three failures
+    assert ok.state == TrialState.COMPLETE
+    assert ok.values[0] == ok.user_attrs["metrics"]["perf/ppo_e2e_tokens_per_s"] > 0
+    assert ok.user_attrs["series"]["ppo/score"] and ok.user_attrs["config"]["precision"] == "bf16"
+    assert "[" + postgres_study_name + "] 4/4 trials | ok 1, failed 3, pruned 0" in run.stderr
+
+
+def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
+    name, path = write_spec(
+        tmp_path, budget={"trials": 3},
+        space={"actor.zero_stage": {"choices": [1, 2]}, "ppo.kl_coef": {"low": 0.05, "high": 0.2}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'study.db'}"
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "run", str(path), "--out", str(out)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    running = None
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if not (out / "study.db").exists():
+            continue
+        trials = optuna.load_study(study_name=name, storage=url).trials
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [
+            t for t in trials if t.state == TrialState.RUNNING and PGID_ATTR in t.user_attrs
+        ]
+        if done and running:
+            break
+    assert done and running, "the study never had a finished and a running trial"
+    completed_before = {t.number: t.values for t in done}
+    victim = running[0]
+    orchestrator.send_signal(signal.SIGKILL)
+    orchestrator.wait()
+    for _ in range(40):  # the trial notices its orchestrator is gone within a second
+        if not _group_alive(victim.user_attrs[PGID_ATTR]):
+            break
+        time.sleep(0.25)
+    assert _group_alive(victim.user_attrs[PGID_ATTR]) == []
+
+    again = tunelab("run", path, "--out", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"trials [{victim.number}]: their orchestrator died" in again.stderr
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = {t.number: t for t in study.trials}
+    for number, values in completed_before.items():
+        assert trials[number].state == TrialState.COMPLETE and trials[number].values == values
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    interrupted = trials[victim.number]
+    assert interrupted.state == TrialState.FAIL
+    assert interrupted.user_attrs["status"] == "interrupted"
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].params == victim.params
+    assert retry[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3  # the budget
+    # Running it once more resumes a finished study: nothing new.
+    assert tunelab("run", path, "--out", out).returncode == 0
+    assert len(optuna.load_study(study_name=name, storage=url).trials) == len(study.trials)
+
+
+def test_three_workers_on_postgres_run_exactly_the_budget(tmp_path, postgres_study_name):
+    _, path = write_spec(
+        tmp_path, name=postgres_study_name, budget={"trials": 6},
+        space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}},
+    )  # fmt: skip
+    create_or_resume(load_spec(path), POSTGRES)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "worker", "--storage", POSTGRES, "--study",
+             postgres_study_name, "--out", str(tmp_path / f"node{i}")],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name=postgres_study_name, storage=POSTGRES)
+    assert len(study.trials) == 6
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in study.trials}) >= 2
+
+
+def test_workers_in_one_process_run_at_once(tmp_path):
+    name, path = write_spec(
+        tmp_path, budget={"trials": 2}, space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}}
+    )
+    out = tmp_path / "out"
+    run = tunelab("run", path, "--out", out, "--workers", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db").trials
+    assert first.state == second.state == TrialState.COMPLETE
+    assert first.datetime_start < second.datetime_complete
+    assert second.datetime_start < first.datetime_complete  # overlapping
+
+
+def test_memory_budget_prunes_before_launch(tmp_path):
+    # ZeRO-3 allocates DeepSpeed's 5e8-element reduce bucket (~1 GiB); ZeRO-2 needs a few MiB.
+    name, path = write_spec(
+        tmp_path, budget={"trials": 2}, memory_budget={"device_gib": 0.5},
+        space={"actor.zero_stage": {"choices": [2, 3]}},
+        baselines=[{"name": "z3", "params": {"actor.zero_stage": 3}},
+                   {"name": "z2", "params": {"actor.zero_stage": 2}}],
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert tunelab("run", path, "--out", out).returncode == 0
+    trials = by_baseline(optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db"))
+    z3 = trials["z3"]
+    assert z3.state == TrialState.PRUNED and z3.user_attrs["status"] == "pruned_memory"
+    assert z3.user_attrs["predicted"]["mem/predicted_device_peak_bytes"] > 0.5 * 2**30
+    assert PGID_ATTR not in z3.user_attrs  # never launched
+    assert not (out / "trials" / f"{z3.number:04d}").exists()
+    assert trials["z2"].state == TrialState.COMPLETE
+
+
+def test_median_pruner_stops_a_clearly_slow_trial(tmp_path):
+    # Micro-batch 2 runs PPO at about a fifth of micro-batch 16's tokens/s on this machine.
+    name, path = write_spec(
+        tmp_path, budget={"trials": 3}, base_overrides={"ppo.steps": 12, "warmup_steps": 2},
+        space={"batch.train_micro": {"choices": [2, 16]},
+               "batch.generation_micro": {"same_as": "batch.train_micro"}},
+        pruner={"type": "median", "options": {"n_startup_trials": 2, "n_warmup_steps": 3}},
+        baselines=[{"name": "a", "params": {"batch.train_micro": 16}},
+                   {"name": "b", "params": {"batch.train_micro": 16}},
+                   {"name": "slow", "params": {"batch.train_micro": 2}}],
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert tunelab("run", path, "--out", out).returncode == 0
+    trials = by_baseline(optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db"))
+    slow = trials["slow"]
+    assert slow.state == TrialState.PRUNED and slow.user_attrs["status"] == "pruned"
+    assert "stopped early at ppo step" in slow.user_attrs["reason"]
+    assert slow.intermediate_values  # reported through Optuna
+    assert trials["a"].state == trials["b"].state == TrialState.COMPLETE
