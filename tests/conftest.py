@@ -28,3 +28,11 @@ def in_process_trials():
 
     _quiet_libraries()
     return run_trial
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """check(index.html, screenshot.png) -> PageCheck, in one headless Chromium per session."""
+    from tests.browser import open_chromium
+
+    yield from open_chromium(tmp_path_factory)

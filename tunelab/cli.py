@@ -141,6 +141,72 @@ def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
     return code
 
 
+def _study(args):
+    from tunelab.storage import load_study
+
+    return load_study(args.study_dir, args.storage, args.study)
+
+
+def _cmd_report(args) -> int:
+    from tunelab.report import write_report
+
+    study = _study(args)
+    index = write_report(study, args.out or Path("reports") / study.study_name)
+    print(f"report: {index}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from tunelab.report import write_comparison
+    from tunelab.storage import load_study
+
+    studies = [load_study(folder) for folder in args.study_dirs]
+    studies += [load_study(url=args.storage, name=name) for name in args.study or ()]
+    if len(studies) < 2:
+        raise InputError("compare needs at least two studies (folders or --storage with --study)")
+    default = Path("reports") / ("compare-" + "-vs-".join(s.study_name for s in studies))
+    index = write_comparison(studies, args.out or default)
+    print(f"comparison: {index}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from tunelab.export import choose_trial, write_export
+
+    study = _study(args)
+    record = choose_trial(study, args.objective, args.trial)
+    default = Path("exports") / f"{study.study_name}-trial{record.number}"
+    out = write_export(study, record, args.out or default)
+    print(f"exported trial {record.number} of {study.study_name} to {out}")
+    print(f"  launch: tunelab trial {out / 'trial.yaml'} --out runs/{out.name}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from tunelab.export import read_export, reproduce_table
+    from tunelab.launcher import launch_trial
+
+    if args.repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {args.repeats}")
+    config, figures = read_export(args.export_dir)
+    out = args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}"
+    runs = []
+    for repeat in range(args.repeats):
+        outcome = launch_trial(config, out / f"repeat{repeat}", timeout_s=args.timeout)
+        print(f"repeat {repeat}: {outcome.status} {outcome.reason}".rstrip(), file=sys.stderr)
+        runs.append(outcome.metrics if outcome.status == "ok" else {})
+    table = reproduce_table(figures, runs)
+    print(f"study {figures['study']}, trial {figures['trial']}, {args.repeats} repeats:")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0 if all(runs) else 1
+
+
+def _add_study_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_dir", type=Path, nargs="?", help="study folder (holds study.db)")
+    parser.add_argument("--storage", help="Optuna storage URL instead of a folder")
+    parser.add_argument("--study", help="study name (when the storage holds several)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tunelab", description="RLHF tuning laboratory on DeepSpeed")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -173,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--out", type=Path, help="folder for this node's trials")
     worker.add_argument("--workers", type=int, default=1, help="trials at once on this node")
     worker.set_defaults(handler=_cmd_worker)
+
+    report = commands.add_parser("report", help="HTML/Markdown report, plots and CSV of a study")
+    _add_study_target(report)
+    report.add_argument("--out", type=Path, help="folder (default: reports/<study>)")
+    report.set_defaults(handler=_cmd_report)
+
+    compare = commands.add_parser("compare", help="several studies side by side")
+    compare.add_argument("study_dirs", type=Path, nargs="*", help="study folders")
+    compare.add_argument("--storage", help="a storage URL holding the --study names")
+    compare.add_argument("--study", action="append", help="study name in --storage (repeat)")
+    compare.add_argument("--out", type=Path, help="folder (default: reports/compare-…)")
+    compare.set_defaults(handler=_cmd_compare)
+
+    export = commands.add_parser("export", help="DeepSpeed JSON and commands of a chosen trial")
+    _add_study_target(export)
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--objective", help="best trial for this objective metric")
+    choice.add_argument("--trial", type=int, help="this trial number")
+    export.add_argument("--out", type=Path, help="folder (default: exports/<study>-trial<N>)")
+    export.set_defaults(handler=_cmd_export)
+
+    reproduce = commands.add_parser("reproduce", help="rerun an export and compare its figures")
+    reproduce.add_argument("export_dir", type=Path, help="folder written by tunelab export")
+    reproduce.add_argument("--repeats", type=int, default=3)
+    reproduce.add_argument("--out", type=Path, help="folder for the reruns")
+    reproduce.add_argument("--timeout", type=float, help="seconds per rerun")
+    reproduce.set_defaults(handler=_cmd_reproduce)
     return parser
 
 

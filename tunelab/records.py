@@ -15,6 +15,8 @@ Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,3 +87,19 @@ def from_frozen_trial(trial) -> TrialRecord:
         out_dir=attrs.get(TrialAttr.OUT_DIR),
         feasible=all(c <= 0 for c in trial.constraints.values()),
     )
+
+
+def is_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def ranked(records: Sequence[TrialRecord], index: int, direction: str) -> list[TrialRecord]:
+    """COMPLETE, feasible trials with a finite value for objective `index`, best first (ties by
+    trial number)."""
+    sign = -1 if direction == "maximize" else 1
+    eligible = [
+        r
+        for r in records
+        if r.state == "COMPLETE" and r.feasible and r.values and is_finite(r.values[index])
+    ]
+    return sorted(eligible, key=lambda r: (sign * r.values[index], r.number))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from tunelab.errors import InputError
+
+# Heartbeats and their retry callback are marked experimental in Optuna 5; they are its
+# documented way to recover from dead workers.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_S = 20  # a worker that stops beating for GRACE_S is taken as dead
 GRACE_S = 120
@@ -107,3 +112,24 @@ def budget_lock(url: str, study_name: str) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_study(folder: Path | None = None, url: str | None = None, name: str | None = None):
+    """A study by its folder (holding study.db) or by storage URL, and name (optional when the
+    storage holds one study). One-line errors for anything missing."""
+    if url is None:
+        if folder is None:
+            raise InputError("give a study folder, or --storage URL and --study NAME")
+        if not (folder / "study.db").is_file():
+            raise InputError(f"{folder}: no study.db here (is it a study folder?)")
+        url = default_url(folder)
+    storage = open_storage(url)
+    names = optuna.get_all_study_names(storage)
+    if name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) or "none"
+            raise InputError(f"storage {url}: holds {len(names)} studies ({listed}); name one")
+        name = names[0]
+    if name not in names:
+        raise InputError(f"storage {url}: no study named {name!r}")
+    return optuna.load_study(study_name=name, storage=storage)

@@ -43,7 +43,6 @@ PGID_ATTR = "pgid"
 _SERIES_POINTS = 200  # per-step series kept in storage are thinned to this many points
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # tunelab records heartbeats itself around ask/tell (Study.optimize is not used).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 

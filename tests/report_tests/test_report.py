@@ -6,27 +6,18 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import optuna
 import pandas as pd
 import pytest
 
+from tests.browser import assert_page_is_whole, needs_chromium
 from tests.report_tests.studies import CPU_OBJECTIVES, MIB, cpu_study, gpu_study
 from tunelab.records import OBJECTIVES_ATTR
 from tunelab.report import write_comparison, write_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage",  # containers often have a small /dev/shm
-]  # fmt: skip
 FIGURES = ("pareto.png", "importance.png", "time.png", "rewards.png", "memory.png")
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
-)
 
 
 @pytest.fixture(scope="module")
@@ -113,50 +104,6 @@ def test_report_package_never_imports_torch():
     code = "import sys, tunelab.report\nassert 'torch' not in sys.modules, 'torch imported'"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-
-
-class PageCheck(NamedTuple):
-    image_widths: list[int]  # naturalWidth of every <img>, in page order
-    console_errors: list[str]
-    requests: list[str]  # every URL the page asked for
-
-
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory):
-    """Open a page in headless Chromium, screenshot it, and say what it loaded and logged."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-        )  # fmt: skip
-
-        def check(index: Path, screenshot: Path) -> PageCheck:
-            page = browser.new_page()
-            errors: list[str] = []
-            requests: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(index.as_uri(), wait_until="load")
-            widths = page.eval_on_selector_all(
-                "img", "images => images.map(i => i.complete ? i.naturalWidth : 0)"
-            )
-            page.screenshot(path=screenshot, full_page=True)
-            page.close()
-            return PageCheck(widths, errors, requests)
-
-        yield check
-        browser.close()
-
-
-def assert_page_is_whole(check: PageCheck, images: int) -> None:
-    assert len(check.image_widths) == images
-    assert all(width > 0 for width in check.image_widths), check.image_widths
-    assert check.console_errors == []
-    # Self-contained: the page itself, then only data URIs.
-    assert all(url.startswith(("file:", "data:")) for url in check.requests), check.requests
 
 
 @needs_chromium

@@ -80,8 +80,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, result: dict) -> None:
-    """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured)."""
+def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs=None):
+    """Data, tokenizer, model sources and meters of a trial. `ds_configs` defaults to the ones
+    tunelab.dsconfig derives (an export's JSON files can stand in for them)."""
     torch.manual_seed(config.seed)  # same initial weights on every rank
     actor_source = resolve_model(config.models.actor)
     critic_source = resolve_model(config.models.critic)
@@ -100,23 +101,29 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
         critic_source=critic_source,
         actor_shape=_shape(actor_source),
         critic_shape=_shape(critic_source),
-        ds_configs=dsconfig.engine_ds_configs(config),
+        ds_configs=ds_configs or dsconfig.engine_ds_configs(config),
         timer=PhaseTimer(runtime.synchronize),
         memory=memory,
         progress=ProgressLog(out_dir / "progress.jsonl" if out_dir and runtime.is_main else None),
     )
+    for name, shape in (("actor", ctx.actor_shape), ("critic", ctx.critic_shape)):
+        if ctx.sequence_len > shape.max_positions:
+            raise TrialFailure(
+                f"ppo.max_prompt_len + max_answer_len = {ctx.sequence_len} exceeds the {name}'s "
+                f"{shape.max_positions} positions"
+            )
+    return ctx
+
+
+def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, result: dict) -> None:
+    """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured)."""
+    ctx = build_context(config, runtime, memory, out_dir)
     prediction = predict(config, ctx.actor_shape, ctx.critic_shape)
     result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
     result["metrics"].update(prediction.flat_metrics())
     for role, stage, engine in _ENGINE_STAGES:
         states = prediction.stages[stage].engines[engine]
         result["metrics"][f"mem/{role}/predicted_model_states_bytes"] = states.model_states.total
-    for name, shape in (("actor", ctx.actor_shape), ("critic", ctx.critic_shape)):
-        if ppo.max_prompt_len + ppo.max_answer_len > shape.max_positions:
-            raise TrialFailure(
-                f"ppo.max_prompt_len + max_answer_len = {ctx.sequence_len} exceeds the {name}'s "
-                f"{shape.max_positions} positions"
-            )
     log.info("rank %d: SFT (%d steps)", runtime.rank, config.sft.steps)
     sft_metrics, sft_weights, sft_losses = run_sft(ctx)
     _release_memory()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 from optuna.importance import get_param_importances
 
-from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial
+from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite, ranked
 from tunelab.spec import Objective
 
 if TYPE_CHECKING:
@@ -66,24 +66,6 @@ def category(record: TrialRecord) -> str:
     return CATEGORIES[2 * lora + offload]
 
 
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def ranked(records: Sequence[TrialRecord], objectives: Sequence[Objective], index: int):
-    """COMPLETE, feasible trials with a finite value for objective `index`, best first (ties by
-    trial number)."""
-    maximize = objectives[index].direction == "maximize"
-    eligible = [
-        r
-        for r in records
-        if r.state == "COMPLETE" and r.feasible and r.values and _is_finite(r.values[index])
-    ]
-    return sorted(
-        eligible, key=lambda r: (-r.values[index] if maximize else r.values[index], r.number)
-    )
-
-
 def baseline_of(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The baseline trial: the first by number whose record names a baseline."""
     baselines = [r for r in records if r.baseline]
@@ -104,11 +86,11 @@ def headline(records: Sequence[TrialRecord], objectives: Sequence[Objective]) ->
     baseline = baseline_of(records)
     rows = []
     for index, objective in enumerate(objectives):
-        best = next(iter(ranked(records, objectives, index)), None)
+        best = next(iter(ranked(records, index, objectives[index].direction)), None)
         value = best.values[index] if best else math.nan
         base_value = (
             baseline.values[index]
-            if baseline is not None and baseline.values and _is_finite(baseline.values[index])
+            if baseline is not None and baseline.values and is_finite(baseline.values[index])
             else math.nan
         )
         ratio = value / base_value if value >= 0 and base_value > 0 else math.nan
@@ -195,7 +177,7 @@ def importance_obstacle(
 ) -> str | None:
     """Why parameter importance cannot be computed for objective `index`, or None if it can."""
     complete = [
-        r for r in records if r.state == "COMPLETE" and r.values and _is_finite(r.values[index])
+        r for r in records if r.state == "COMPLETE" and r.values and is_finite(r.values[index])
     ]
     if len(complete) < 2:
         return f"needs at least 2 complete trials (this study has {len(complete)})"
@@ -253,7 +235,7 @@ def top_trials(
     completed and is not among them) as the reference."""
     if not objectives:
         return []
-    numbers = [r.number for r in ranked(records, objectives, 0)[:count]]
+    numbers = [r.number for r in ranked(records, 0, objectives[0].direction)[:count]]
     baseline = baseline_of(records)
     if baseline is not None and baseline.state == "COMPLETE" and baseline.number not in numbers:
         numbers.append(baseline.number)

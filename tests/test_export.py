@@ -1,0 +1,135 @@
+"""Export: DeepSpeed JSON per engine that builds real engines and runs a PPO step; DeepSpeed-Chat
+flags; the reproduce table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import optuna
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.dsconfig import ENGINE_ROLES
+from tunelab.export import (
+    choose_trial,
+    dschat_step3_command,
+    export_files,
+    reproduce_table,
+    write_export,
+)
+from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial
+
+from .conftest import TINY
+
+OBJECTIVES = [{"metric": "perf/ppo_e2e_tokens_per_s", "direction": "maximize"}]
+
+
+def _study_with(config, value=1000.0):
+    study = optuna.create_study(directions=["maximize"])
+    study.set_user_attr(OBJECTIVES_ATTR, OBJECTIVES)
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=value, params={}, distributions={},
+            user_attrs={"status": "ok", "config": config.to_dict(),
+                        "metrics": {"perf/ppo_e2e_tokens_per_s": value}},
+        )
+    )  # fmt: skip
+    return study
+
+
+def test_dschat_flags_follow_the_trial():
+    config = load_config(TINY, [
+        "ranks=2", "batch.train_micro=8", "batch.generation_micro=8", "actor.zero_stage=3",
+        "critic.zero_stage=2", "actor.lora_rank=64", "actor.offload_params=cpu",
+        "offload_reference=true", "hybrid_engine=true", "ppo.kl_coef=0.05", "precision=fp16",
+    ])  # fmt: skip
+    argv, notes = dschat_step3_command(config)
+    pairs = dict(itertools.pairwise(argv))  # each flag -> the word after it
+    assert argv[:4] == ["deepspeed", "--num_gpus", "2", "main.py"]
+    assert pairs["--actor_zero_stage"] == "3" and pairs["--critic_zero_stage"] == "2"
+    assert pairs["--per_device_training_batch_size"] == "8"
+    assert pairs["--actor_lora_dim"] == "64" and pairs["--dtype"] == "fp16"
+    for flag in ("--offload", "--offload_reference_model", "--enable_hybrid_engine",
+                 "--only_optimize_lora"):  # fmt: skip
+        assert flag in argv
+    assert "--offload_reward_model" not in argv
+    assert any("kl_ctl=0.05" in note for note in notes)  # hard-coded in DeepSpeed-Chat
+
+
+def test_export_files_are_complete_and_round_trip(tmp_path):
+    config = load_config(TINY, ["actor.zero_stage=1"])
+    study = _study_with(config)
+    record = choose_trial(study)
+    files = export_files("s", record, OBJECTIVES)
+    assert set(files) == {f"ds_config_{r}.json" for r in ENGINE_ROLES} | {
+        "trial.yaml", "study.json", "README.md"}  # fmt: skip
+    written = write_export(study, record, tmp_path)
+    assert load_config(written / "trial.yaml") == config
+    assert json.loads((written / "study.json").read_text())["values"] == [1000.0]
+    assert "tunelab trial trial.yaml" in (written / "README.md").read_text()
+
+
+def test_choose_trial_errors_are_one_line():
+    from tunelab.errors import InputError
+
+    study = _study_with(load_config(TINY))
+    with pytest.raises(InputError, match="no trial 7"):
+        choose_trial(study, number=7)
+    with pytest.raises(InputError, match="the study's objectives are perf/ppo_e2e_tokens_per_s"):
+        choose_trial(study, objective="ppo/gold_gain")
+
+
+def test_reproduce_table_puts_reruns_next_to_the_study():
+    figures = {"objectives": OBJECTIVES, "values": [100.0]}
+    table = reproduce_table(figures, [{"perf/ppo_e2e_tokens_per_s": 90.0},
+                                      {"perf/ppo_e2e_tokens_per_s": 110.0}])  # fmt: skip
+    row = table.iloc[0]
+    assert row["mean"] == 100.0 and row["mean / study"] == 1.0
+    assert row["min"] == 90.0 and row["max"] == 110.0 and row["runs ok"] == 2
+
+
+def test_engines_from_exported_json_run_a_ppo_step(in_process_trials, tmp_path):
+    from tunelab.pipeline.models import build_causal_lm, build_value_model, gathered
+    from tunelab.pipeline.ppo import PPOTrainer
+    from tunelab.pipeline.run import build_context
+    from tunelab.pipeline.runtime import start_runtime
+    from tunelab.pipeline.telemetry import MemoryTracker
+
+    config = load_config(TINY, [
+        "actor.zero_stage=3", "critic.zero_stage=2", "actor.lora_rank=4",
+        "offload_reference=true", "critic.offload_optimizer=cpu",
+    ])  # fmt: skip
+    study = _study_with(config)
+    export = write_export(study, choose_trial(study), tmp_path / "export")
+    ds_configs = {
+        r: json.loads((export / f"ds_config_{r}.json").read_text()) for r in ENGINE_ROLES
+    }
+    runtime = start_runtime(config)
+    memory = MemoryTracker(runtime.device)
+    ctx = build_context(config, runtime, memory, ds_configs=ds_configs)
+    sft = build_causal_lm(ctx.actor_source, ctx.tokenizer).state_dict()
+    rm = build_value_model(ctx.critic_source, ctx.tokenizer).state_dict()
+    trainer = PPOTrainer(ctx, sft, rm)
+    try:
+        assert trainer.actor.zero_optimization_stage() == 3
+        assert trainer.critic.zero_optimization_stage() == 2
+        assert trainer.reference.zero_optimization_stage() == 3  # follows the actor, offloaded
+        assert trainer.reward.zero_optimization_stage() == 0
+        rows = list(range(config.batch.generation_micro))
+        seq, mask, answer_mask, _ = trainer.generate(*ctx.data.prompts.rows(rows, runtime.device))
+        experience = trainer.make_experience(seq, mask, answer_mask)
+        with gathered(trainer.actor):
+            before = {n: p.detach().clone() for n, p in trainer.actor.module.named_parameters()
+                      if "lora_B" in n}  # fmt: skip
+        stats = trainer.train(experience, step=0)
+        with gathered(trainer.actor):
+            after = {n: p.detach().clone() for n, p in trainer.actor.module.named_parameters()
+                     if "lora_B" in n}  # fmt: skip
+    finally:
+        trainer.close()
+        memory.close()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the actor learned
+    assert from_frozen_trial(study.trials[0]).config["actor"]["zero_stage"] == 3

@@ -1,0 +1,242 @@
+"""`tunelab export`: a study's chosen trial as files a person launches as they are.
+
+    EXPORT_DIR/ds_config_<engine>.json   one DeepSpeed config per engine, validated by
+                                         DeepSpeed's own parser before it is written
+    EXPORT_DIR/trial.yaml                the full trial configuration
+    EXPORT_DIR/study.json                where it came from and what the study measured
+    EXPORT_DIR/README.md                 the commands: `tunelab trial` and DeepSpeed-Chat step 3
+
+Building the files is pure (configs come from tunelab.dsconfig, the same functions the trial
+used); only `write_export` touches the disk, and only `validate_ds_config` imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tunelab import dsconfig
+from tunelab.config import TrialConfig, config_from_dict
+from tunelab.errors import InputError
+from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, ranked
+
+# Hub names of the presets' real models, for DeepSpeed-Chat's --*_model_name_or_path.
+HUB_NAMES = {
+    "opt-125m": "facebook/opt-125m",
+    "opt-350m": "facebook/opt-350m",
+    "opt-1.3b": "facebook/opt-1.3b",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+}
+
+
+def choose_trial(study, objective: str | None = None, number: int | None = None) -> TrialRecord:
+    """Trial `number`, or the best COMPLETE feasible trial for `objective` (default: the first)."""
+    records = [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
+    if number is not None:
+        match = [r for r in records if r.number == number]
+        if not match:
+            raise InputError(f"study {study.study_name}: no trial {number}")
+        if match[0].state != "COMPLETE":
+            raise InputError(f"trial {number} is {match[0].status}, not a finished ok trial")
+        return match[0]
+    objectives = study.user_attrs.get(OBJECTIVES_ATTR, [])
+    metrics = [o["metric"] for o in objectives]
+    if objective is None:
+        index = 0
+    elif objective in metrics:
+        index = metrics.index(objective)
+    else:
+        raise InputError(
+            f"--objective {objective}: the study's objectives are {', '.join(metrics)}"
+        )
+    best = ranked(records, index, objectives[index]["direction"])
+    if not best:
+        raise InputError(f"study {study.study_name}: no complete feasible trial to export")
+    return best[0]
+
+
+def dschat_step3_command(config: TrialConfig) -> tuple[list[str], list[str]]:
+    """DeepSpeed-Chat step-3 argv (dschat main.py flags) for a trial, and notes on what its flags
+    cannot say (it hard-codes the PPO coefficients and shares one --offload flag)."""
+    actor, critic, batch, ppo = config.actor, config.critic, config.batch, config.ppo
+
+    def model(name: str, role: str) -> str:
+        hub = HUB_NAMES.get(name, name)
+        return f"<{role} checkpoint trained from {hub}>"
+
+    argv = [
+        "deepspeed", "--num_gpus", str(config.ranks), "main.py",
+        "--actor_model_name_or_path", model(config.models.actor, "step-1 SFT"),
+        "--critic_model_name_or_path", model(config.models.critic, "step-2 reward"),
+        "--actor_zero_stage", str(actor.zero_stage), "--critic_zero_stage", str(critic.zero_stage),
+        "--per_device_generation_batch_size", str(batch.generation_micro),
+        "--per_device_training_batch_size", str(batch.train_micro),
+        "--gradient_accumulation_steps", str(batch.grad_accum),
+        "--generation_batches", str(ppo.generation_batches), "--ppo_epochs", str(ppo.epochs),
+        "--max_prompt_seq_len", str(ppo.max_prompt_len),
+        "--max_answer_seq_len", str(ppo.max_answer_len),
+        "--actor_learning_rate", f"{actor.learning_rate:g}",
+        "--critic_learning_rate", f"{critic.learning_rate:g}",
+        "--seed", str(config.seed), "--deepspeed",
+    ]  # fmt: skip
+    notes = [
+        "DeepSpeed-Chat hard-codes the PPO coefficients in dschat/rlhf/ppo_trainer.py "
+        f"(DeepSpeedPPOTrainer.__init__); set kl_ctl={ppo.kl_coef:g}, "
+        f"clip_reward_value={ppo.reward_clip:g}, cliprange={ppo.clip_range:g}, "
+        f"cliprange_value={ppo.value_clip_range:g}, gamma={ppo.gamma:g}, lam={ppo.lam:g} there.",
+    ]
+    if config.precision == "fp32":
+        notes.append("DeepSpeed-Chat's --dtype takes fp16 or bf16 only; this trial ran in fp32.")
+    else:
+        argv += ["--dtype", config.precision]
+    offloaded = {actor.offload_optimizer, critic.offload_optimizer, actor.offload_params,
+                 critic.offload_params} - {"none"}  # fmt: skip
+    if offloaded:
+        argv.append("--offload")
+        notes.append(
+            "DeepSpeed-Chat's --offload moves optimizer (and under ZeRO-3 parameter) state of "
+            "both actor and critic to the CPU; the JSON files here set each engine separately."
+        )
+    flags = {
+        "--offload_reference_model": config.offload_reference,
+        "--offload_reward_model": config.offload_reward,
+        "--enable_hybrid_engine": config.hybrid_engine,
+        "--actor_gradient_checkpointing": actor.gradient_checkpointing,
+        "--critic_gradient_checkpointing": critic.gradient_checkpointing,
+    }
+    argv += [flag for flag, on in flags.items() if on]
+    if actor.lora_rank:
+        argv += ["--actor_lora_dim", str(actor.lora_rank)]
+    if critic.lora_rank:
+        argv += ["--critic_lora_dim", str(critic.lora_rank)]
+    if actor.lora_rank or critic.lora_rank:
+        argv.append("--only_optimize_lora")  # tunelab's LoRA (peft) freezes the base
+    argv.append("--disable_actor_dropout")
+    if ppo.temperature != 1.0:
+        notes.append(f"Sampling temperature {ppo.temperature:g}: DeepSpeed-Chat uses 1.0.")
+    return argv, notes
+
+
+def validate_ds_config(ds_config: dict, ranks: int, where: str) -> None:
+    """DeepSpeed's own parser accepts the config (raises InputError naming the file if not).
+
+    DeepSpeed reads the world size from a live process group, which an export has not; the
+    batch keys are checked against `ranks` here and parsed for one rank."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    batch = ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"]
+    if ds_config["train_batch_size"] != batch * ranks:
+        raise InputError(f"{where}: train_batch_size != micro x accumulation x {ranks} ranks")
+    single_rank = copy.deepcopy(ds_config)
+    single_rank["train_batch_size"] = batch
+    try:
+        DeepSpeedConfig(single_rank)
+    except Exception as exc:  # DeepSpeed raises assertion and value errors alike
+        raise InputError(f"{where}: DeepSpeed rejects it ({exc})") from None
+
+
+def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -> dict[str, str]:
+    """File name -> text of an export (pure)."""
+    config = config_from_dict(record.config, f"trial {record.number}:")
+    files = {
+        f"ds_config_{role}.json": json.dumps(ds, indent=2) + "\n"
+        for role, ds in dsconfig.engine_ds_configs(config).items()
+    }
+    files["trial.yaml"] = (
+        f"# tunelab trial trial.yaml --out runs/{study_name}-trial{record.number}\n"
+        + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    )
+    files["study.json"] = json.dumps(
+        {"study": study_name, "trial": record.number, "params": record.params,
+         "objectives": objectives, "values": list(record.values or ()),
+         "metrics": record.metrics},
+        indent=2,
+    ) + "\n"  # fmt: skip
+    argv, notes = dschat_step3_command(config)
+    start = argv.index("main.py") + 1
+    groups = [argv[:start]]  # the launcher, then one flag (and its value) per line
+    for item in argv[start:]:
+        if item.startswith("--"):
+            groups.append([item])
+        else:
+            groups[-1].append(item)
+    launch = " \\\n    ".join(shlex.join(group) for group in groups)
+    measured = ", ".join(
+        f"{o['metric']} = {v:.6g}" for o, v in zip(objectives, record.values or (), strict=False)
+    )
+    lines = [
+        f"# Trial {record.number} of study {study_name}",
+        "",
+        "Measured in the study: " + measured,
+        "",
+        "## Reproduce with tunelab",
+        "",
+        "```bash",
+        f"tunelab trial trial.yaml --out runs/{study_name}-trial{record.number}",
+        "tunelab reproduce . --repeats 3   # mean and spread next to the study's figures",
+        "```",
+        "",
+        "## DeepSpeed configs",
+        "",
+        "One per engine, each accepted by DeepSpeed's config parser: "
+        + ", ".join(f"`ds_config_{role}.json`" for role in dsconfig.ENGINE_ROLES)
+        + ". Pass them to `deepspeed.initialize(config=...)` for the supervised stages (sft, rm),"
+        " the PPO actor and critic (trained) and the reference and reward models (inference).",
+        "",
+        "## DeepSpeed-Chat step 3",
+        "",
+        "```bash",
+        "cd DeepSpeed-Chat/training/step3_rlhf_finetuning",
+        launch,
+        "```",
+        "",
+        *[f"- {note}" for note in notes],
+        "",
+    ]
+    files["README.md"] = "\n".join(lines)
+    return files
+
+
+def write_export(study, record: TrialRecord, out_dir: Path) -> Path:
+    """Validate a trial's DeepSpeed configs with DeepSpeed's parser, then write the files."""
+    objectives = study.user_attrs.get(OBJECTIVES_ATTR, [])
+    files = export_files(study.study_name, record, objectives)
+    ranks = record.config.get("ranks", 1)
+    for name, text in files.items():
+        if name.startswith("ds_config_"):
+            validate_ds_config(json.loads(text), ranks, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+    return out_dir
+
+
+def read_export(export_dir: Path) -> tuple[TrialConfig, dict[str, Any]]:
+    """The trial config and study figures of an export folder."""
+    for name in ("trial.yaml", "study.json"):
+        if not (export_dir / name).is_file():
+            raise InputError(f"{export_dir}: no {name} (is it a tunelab export?)")
+    from tunelab.config import load_config
+
+    config = load_config(export_dir / "trial.yaml")
+    return config, json.loads((export_dir / "study.json").read_text())
+
+
+def reproduce_table(figures: dict[str, Any], runs: list[dict[str, float]]) -> pd.DataFrame:
+    """Per objective: the study's figure next to the mean and spread of the reruns."""
+    rows = []
+    for objective, value in zip(figures["objectives"], figures["values"], strict=True):
+        measured = pd.Series([run.get(objective["metric"]) for run in runs], dtype=float)
+        rows.append({
+            "objective": objective["metric"], "direction": objective["direction"],
+            "study": value, "mean": measured.mean(), "std": measured.std(ddof=1),
+            "min": measured.min(), "max": measured.max(), "runs ok": int(measured.notna().sum()),
+            "mean / study": measured.mean() / value if value else float("nan"),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
