@@ -7,6 +7,7 @@ fp32 spot checks), on 1 rank in a subprocess and on 2 gloo ranks through torchru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from .conftest import ROOT
 from .helpers.measure_states import grid
 
 HELPER = ROOT / "tests" / "helpers" / "measure_states.py"
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,13 @@ def measured(tmp_path_factory):
         2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(HELPER)],
     }  # fmt: skip
+    # In-process trials of this pytest run set the rank variables; the helpers start clean.
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     records = {}
     for ranks, argv in runs.items():
         out = folder / f"ranks{ranks}.json"
-        run = subprocess.run([*argv, str(out)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([*argv, str(out)], capture_output=True, text=True, timeout=600,
+                             env=env)  # fmt: skip
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         for record in json.loads(out.read_text()):
             key = (ranks, *(record[k] for k in ("precision", "zero_stage", "lora_rank",

@@ -132,9 +132,10 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
     running = None
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        if not (out / "study.db").exists():
+        try:
+            trials = optuna.load_study(study_name=name, storage=url).trials
+        except KeyError:  # the file exists before the study is created in it
             continue
-        trials = optuna.load_study(study_name=name, storage=url).trials
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         running = [
             t for t in trials if t.state == TrialState.RUNNING and PGID_ATTR in t.user_attrs

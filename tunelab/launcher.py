@@ -231,7 +231,8 @@ def launch_trial(
             on_start(process.pid)
         try:
             while process.poll() is None:
-                time.sleep(poll_s)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=poll_s)  # returns as soon as the trial exits
                 for record in progress.new_records():
                     if on_progress is not None and on_progress(record) and stopped is None:
                         where = f"{record['stage']} step {record['step']}"

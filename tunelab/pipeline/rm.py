@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tunelab.flops import train_flops
 from tunelab.pipeline.batching import (
     Sequences,
-    batch_indices,
     eval_batches,
     last_token_index,
     position_ids,
@@ -25,6 +24,7 @@ from tunelab.pipeline.models import (
     prepare_for_training,
     train_engine,
 )
+from tunelab.pipeline.supervised import loss_metrics, train_steps
 from tunelab.pipeline.telemetry import throughput
 
 
@@ -77,29 +77,15 @@ def run_rm(ctx: TrialContext):
         engine = train_engine(model, ctx.ds_configs["rm"])
         engine.train()
         accuracy_start = pairwise_accuracy(ctx, engine)
-        losses = []
-        for step in range(config.rm.steps):
-            with ctx.timed_phase("rm", step):
-                step_loss = 0.0
-                for micro in range(accum):
-                    rows = batch_indices(
-                        len(data.chosen.ids),
-                        batch,
-                        step * accum + micro,
-                        runtime.rank,
-                        runtime.world_size,
-                        config.seed + 1,
-                    )
-                    chosen, rejected = _pair_scores(
-                        engine, data.chosen, data.rejected, rows, runtime.device
-                    )
-                    loss = -F.logsigmoid(chosen - rejected).mean()
-                    runtime.check_finite(loss, f"rm step {step}")
-                    engine.backward(loss)
-                    ctx.record_states("rm", engine)
-                    engine.step()
-                    step_loss += loss.item() / accum
-            losses.append(runtime.all_mean(step_loss))
+
+        def loss_of(rows: list[int]):
+            chosen, rejected = _pair_scores(
+                engine, data.chosen, data.rejected, rows, runtime.device
+            )
+            return -F.logsigmoid(chosen - rejected).mean()
+
+        losses = train_steps(ctx, engine, "rm", config.rm.steps, len(data.chosen.ids),
+                             config.seed + 1, loss_of)  # fmt: skip
         accuracy = pairwise_accuracy(ctx, engine)
         weights = consolidated_state_dict(engine)
         engine.destroy()
@@ -107,11 +93,9 @@ def run_rm(ctx: TrialContext):
     pairs = timed_steps * batch * accum * runtime.world_size
     # A pair is two sequences through the backbone (no LM head).
     flops = timed_steps * train_flops(ctx.critic_shape, 2 * batch * accum, ctx.sequence_len, False)
-    tail = losses[-min(5, len(losses)) :]
     metrics = {
         "rm/steps": config.rm.steps,
-        "rm/loss_first": losses[0],
-        "rm/loss_final": sum(tail) / len(tail),
+        **loss_metrics("rm", losses),
         "rm/eval_accuracy_start": accuracy_start,
         "rm/eval_accuracy": accuracy,
         "rm/eval_pairs": len(data.eval_chosen.ids),

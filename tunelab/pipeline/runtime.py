@@ -86,8 +86,9 @@ def start_runtime(config: TrialConfig) -> Runtime:
             )
 
     backend = accelerator.communication_backend_name()
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        # A lone process: an in-memory store, so no TCP port can be taken from under it.
+    if not dist.is_initialized() and "MASTER_ADDR" not in os.environ:
+        # A lone process (launchers set MASTER_ADDR): an in-memory store, so no TCP port can
+        # be taken from under it.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)

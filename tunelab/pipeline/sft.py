@@ -7,7 +7,7 @@ learning rate; returns the fine-tuned weights (LoRA merged) for the PPO actor an
 from __future__ import annotations
 
 from tunelab.flops import train_flops
-from tunelab.pipeline.batching import batch_indices, position_ids
+from tunelab.pipeline.batching import position_ids
 from tunelab.pipeline.context import TrialContext
 from tunelab.pipeline.models import (
     build_causal_lm,
@@ -15,6 +15,7 @@ from tunelab.pipeline.models import (
     prepare_for_training,
     train_engine,
 )
+from tunelab.pipeline.supervised import loss_metrics, train_steps
 from tunelab.pipeline.telemetry import throughput
 
 
@@ -23,47 +24,29 @@ def run_sft(ctx: TrialContext):
     config, runtime, data = ctx.config, ctx.runtime, ctx.data.sft
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     with ctx.memory.stage("sft"):
-        model = build_causal_lm(ctx.actor_source, ctx.tokenizer)
-        model = prepare_for_training(model, config.actor)
+        model = prepare_for_training(
+            build_causal_lm(ctx.actor_source, ctx.tokenizer), config.actor
+        )
         engine = train_engine(model, ctx.ds_configs["sft"])
         engine.train()
-        losses = []
-        for step in range(config.sft.steps):
-            with ctx.timed_phase("sft", step):
-                step_loss = 0.0
-                for micro in range(accum):
-                    rows = batch_indices(
-                        len(data.ids),
-                        batch,
-                        step * accum + micro,
-                        runtime.rank,
-                        runtime.world_size,
-                        config.seed,
-                    )
-                    ids, mask = data.rows(rows, runtime.device)
-                    labels = ids.masked_fill(mask == 0, -100)
-                    loss = engine(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        position_ids=position_ids(mask),
-                        labels=labels,
-                        use_cache=False,
-                    ).loss
-                    runtime.check_finite(loss, f"sft step {step}")
-                    engine.backward(loss)
-                    ctx.record_states("sft", engine)
-                    engine.step()
-                    step_loss += loss.item() / accum
-            losses.append(runtime.all_mean(step_loss))
+
+        def loss_of(rows: list[int]):
+            ids, mask = data.rows(rows, runtime.device)
+            labels = ids.masked_fill(mask == 0, -100)
+            return engine(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                labels=labels, use_cache=False,
+            ).loss  # fmt: skip
+
+        losses = train_steps(ctx, engine, "sft", config.sft.steps, len(data.ids), config.seed,
+                             loss_of)  # fmt: skip
         weights = consolidated_state_dict(engine)
         engine.destroy()
     timed_steps = config.sft.steps - config.warmup_steps
     samples = timed_steps * batch * accum * runtime.world_size
-    tail = losses[-min(5, len(losses)) :]
     metrics = {
         "sft/steps": config.sft.steps,
-        "sft/loss_first": losses[0],
-        "sft/loss_final": sum(tail) / len(tail),
+        **loss_metrics("sft", losses),
         **throughput(
             "sft",
             ctx.timer.seconds["sft"],

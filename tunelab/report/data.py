@@ -74,7 +74,10 @@ def baseline_of(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 def format_params(params: Mapping[str, Any]) -> str:
     """Knob values as one line, like "actor.zero_stage=2, precision=bf16" (spec order)."""
-    return ", ".join(f"{name}={value}" for name, value in params.items())
+    return ", ".join(
+        f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in params.items()
+    )
 
 
 def headline(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:

@@ -1,0 +1,47 @@
+"""The optimizer-step loop the supervised stages (SFT and reward model) share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tunelab.pipeline.batching import batch_indices
+from tunelab.pipeline.context import TrialContext
+
+
+def train_steps(
+    ctx: TrialContext,
+    engine,
+    stage: str,
+    steps: int,
+    num_rows: int,
+    seed: int,
+    loss_of: Callable[[list[int]], torch.Tensor],
+) -> list[float]:
+    """`steps` optimizer steps of grad_accum micro-batches each, timed as phase `stage`;
+    `loss_of(rows)` computes a micro-batch's loss. Returns the mean loss per step (all ranks)."""
+    runtime, batch = ctx.runtime, ctx.config.batch
+    losses = []
+    for step in range(steps):
+        with ctx.timed_phase(stage, step):
+            step_loss = 0.0
+            for micro in range(batch.grad_accum):
+                rows = batch_indices(
+                    num_rows, batch.train_micro, step * batch.grad_accum + micro, runtime.rank,
+                    runtime.world_size, seed,
+                )  # fmt: skip
+                loss = loss_of(rows)
+                runtime.check_finite(loss, f"{stage} step {step}")
+                engine.backward(loss)
+                ctx.record_states(stage, engine)
+                engine.step()
+                step_loss += loss.item() / batch.grad_accum
+        losses.append(runtime.all_mean(step_loss))
+    return losses
+
+
+def loss_metrics(stage: str, losses: list[float]) -> dict[str, float]:
+    """`<stage>/loss_first` and `<stage>/loss_final` (mean of the last five steps)."""
+    tail = losses[-min(5, len(losses)) :]
+    return {f"{stage}/loss_first": losses[0], f"{stage}/loss_final": sum(tail) / len(tail)}
