@@ -363,12 +363,13 @@ class Orchestrator:
         except InputError as exc:
             self._finish(trial, "invalid", str(exc))
             return
-        reason = unsupported_reason(config, self.gpus if gpus else [])
-        if reason:
-            self._finish(trial, "unsupported", f"{reason} (not launched)", config=config)
-            return
         prediction = self._predict(config)
         flat = prediction.flat_metrics() if prediction else {}
+        reason = unsupported_reason(config, self.gpus if gpus else [])
+        if reason:
+            self._finish(trial, "unsupported", f"{reason} (not launched)", config=config,
+                         predicted=flat)  # fmt: skip
+            return
         over = self._over_budget(prediction)
         if over:
             self._finish(trial, "pruned_memory", over, config=config, predicted=flat)

@@ -96,13 +96,14 @@ def pareto_figure(
     top.grid(alpha=0.3)
     colour_legend = top.legend(
         handles=[Line2D([], [], color=c, marker="o", ls="") for c in colours.values()],
-        labels=list(colours), title=colour_title, loc="upper left", fontsize=8,
+        labels=list(colours), title=colour_title, fontsize=8,
+        loc="upper left", bbox_to_anchor=(1.01, 1.0),  # outside: never over a point
     )  # fmt: skip
     top.add_artist(colour_legend)
     categories = list(dict.fromkeys(points["category"]))
     top.legend(
         handles=[Line2D([], [], color="grey", marker=MARKERS[c], ls="") for c in categories],
-        labels=categories, loc="lower right", fontsize=8,
+        labels=categories, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0),
     )  # fmt: skip
     _unmeasured_strip(strip, unmeasured, colour_by, colours)
     return figure
@@ -114,6 +115,8 @@ def _unmeasured_strip(axes, unmeasured: pd.DataFrame, colour_by: str, colours) -
     axes.set_title("Failed and pruned trials: predicted device peak (not measured)", fontsize=9)
     axes.set_yticks([])
     known = unmeasured[unmeasured["predicted_bytes"].notna()]
+    if known.empty:
+        axes.set_xticks([])  # nothing to place on a memory axis
     if not known.empty:
         scale, unit = _byte_scale(known["predicted_bytes"])
         statuses = list(dict.fromkeys(known["status"]))

@@ -1,0 +1,62 @@
+"""One contract over every storage backend: several worker processes on one study produce
+exactly the budget, with distinct trial numbers (budget lock + Optuna's storage).
+
+Trials here ask for fp16, which this CPU node classifies as unsupported without launching, so
+the test exercises the orchestrators and the storage, not the pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+import yaml
+
+from tunelab.spec import load_spec
+from tunelab.storage import open_storage
+from tunelab.study import create_or_resume
+
+from .conftest import ROOT, TINY
+
+BACKENDS = {
+    "sqlite": lambda folder: f"sqlite:///{folder / 'study.db'}",
+    "journal": lambda folder: str(folder / "study.log"),
+    "postgresql": lambda folder: "postgresql://postgres@127.0.0.1:5432/test",
+    "mariadb": lambda folder: "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_three_processes_share_one_study_exactly(tmp_path, backend):
+    url = BACKENDS[backend](tmp_path)
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    (tmp_path / "trials").mkdir()
+    (tmp_path / "trials" / "tiny.yaml").write_text(TINY.read_text())
+    spec = {"name": name, "base": "trials/tiny.yaml", "base_overrides": {"precision": "fp16"},
+            "objectives": [{"metric": "perf/ppo_e2e_tokens_per_s", "direction": "maximize"}],
+            "space": {"ppo.kl_coef": {"low": 0.01, "high": 0.5}},
+            "sampler": {"type": "random", "seed": 0}, "budget": {"trials": 30}}  # fmt: skip
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    create_or_resume(load_spec(path), url)
+    try:
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tunelab", "worker", "--storage", url, "--study", name,
+                 "--out", str(tmp_path / f"w{i}")],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i in range(3)
+        ]  # fmt: skip
+        for worker in workers:
+            _, err = worker.communicate(timeout=300)
+            assert worker.returncode == 0, err[-2000:]
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        assert sorted(t.number for t in study.trials) == list(range(30))
+        assert {t.user_attrs["status"] for t in study.trials} == {"unsupported"}
+    finally:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=open_storage(url))

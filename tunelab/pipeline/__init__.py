@@ -1,0 +1,1 @@
+"""Code that runs inside a trial process (imports torch, DeepSpeed, transformers, peft)."""
