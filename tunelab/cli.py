@@ -116,6 +116,7 @@ def _cmd_run(args) -> int:
     from tunelab.study import create_or_resume
 
     loaded = load_spec(args.spec)
+    _check_base(loaded)
     out = args.out or Path("runs") / loaded.spec.name
     url = args.storage or default_url(out)
     return _orchestrate(loaded, create_or_resume(loaded, url), url, out, args.workers)
@@ -125,8 +126,16 @@ def _cmd_worker(args) -> int:
     from tunelab.study import load_for_worker
 
     loaded, study = load_for_worker(args.storage, args.study)
+    _check_base(loaded)
     out = args.out or Path("runs") / args.study
     return _orchestrate(loaded, study, args.storage, out, args.workers)
+
+
+def _check_base(loaded) -> None:
+    """The base config's model sources and data file, before any study is created or joined."""
+    from tunelab.config import check_inputs, config_from_dict
+
+    check_inputs(config_from_dict(loaded.base_config, f"{loaded.source} base:"))
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
