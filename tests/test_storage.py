@@ -7,8 +7,6 @@ the test exercises the orchestrators and the storage, not the pipeline."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import uuid
 
 import optuna
@@ -19,7 +17,8 @@ from tunelab.spec import load_spec
 from tunelab.storage import open_storage
 from tunelab.study import create_or_resume
 
-from .conftest import ROOT, TINY
+from .conftest import TINY
+from .helpers.workers import run_workers
 
 BACKENDS = {
     "sqlite": lambda folder: f"sqlite:///{folder / 'study.db'}",
@@ -43,17 +42,7 @@ def test_three_processes_share_one_study_exactly(tmp_path, backend):
     path.write_text(yaml.safe_dump(spec))
     create_or_resume(load_spec(path), url)
     try:
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tunelab", "worker", "--storage", url, "--study", name,
-                 "--out", str(tmp_path / f"w{i}")],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
-            for i in range(3)
-        ]  # fmt: skip
-        for worker in workers:
-            _, err = worker.communicate(timeout=300)
-            assert worker.returncode == 0, err[-2000:]
+        run_workers(url, name, tmp_path)
         study = optuna.load_study(study_name=name, storage=open_storage(url))
         assert sorted(t.number for t in study.trials) == list(range(30))
         assert {t.user_attrs["status"] for t in study.trials} == {"unsupported"}

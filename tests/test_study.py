@@ -25,6 +25,7 @@ from tunelab.spec import load_spec
 from tunelab.study import PGID_ATTR, create_or_resume
 
 from .conftest import ROOT, TINY
+from .helpers.workers import run_workers
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 FAST = {"sft.steps": 4, "rm.steps": 4, "ppo.steps": 4, "warmup_steps": 1,
@@ -179,17 +180,7 @@ def test_three_workers_on_postgres_run_exactly_the_budget(tmp_path, postgres_stu
         space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}},
     )  # fmt: skip
     create_or_resume(load_spec(path), POSTGRES)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tunelab", "worker", "--storage", POSTGRES, "--study",
-             postgres_study_name, "--out", str(tmp_path / f"node{i}")],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(3)
-    ]  # fmt: skip
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
+    run_workers(POSTGRES, postgres_study_name, tmp_path)
     study = optuna.load_study(study_name=postgres_study_name, storage=POSTGRES)
     assert len(study.trials) == 6
     assert sorted(t.number for t in study.trials) == list(range(6))

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,12 +254,6 @@ def _thin(series: dict[str, list[float]]) -> dict[str, list[float]]:
     return {name: thin(values) for name, values in series.items()}
 
 
-@dataclass
-class _Running:
-    trial: optuna.Trial
-    prediction: dict[str, float]
-
-
 class Orchestrator:
     """Runs a study's remaining budget with `workers` trials at a time on this node."""
 
@@ -279,7 +272,7 @@ class Orchestrator:
         self.lock = threading.RLock()  # every storage call goes through it
         self.stop = threading.Event()
         self.worker = _worker_id()
-        self.running: dict[int, _Running] = {}
+        self.running: set[int] = set()  # trial ids whose heartbeat this process records
         self.walls: list[float] = []
         self.started = time.monotonic()
         self.errors: list[BaseException] = []
@@ -381,7 +374,7 @@ class Orchestrator:
             with self.lock:
                 trial.set_user_attr(PGID_ATTR, pgid)
 
-        self.running[trial._trial_id] = _Running(trial, flat)
+        self.running.add(trial._trial_id)
         try:
             outcome = launcher.launch_trial(
                 config, out, timeout_s=self.spec.resources.trial_timeout_s,
@@ -390,7 +383,7 @@ class Orchestrator:
                 on_start=remember_group, stop=self.stop,
             )  # fmt: skip
         finally:
-            self.running.pop(trial._trial_id, None)
+            self.running.discard(trial._trial_id)
         self.walls.append(outcome.wall_s)
         self._finish(trial, outcome.status, outcome.reason, config=config, predicted=flat,
                      outcome=outcome, intermediate=intermediate)  # fmt: skip
