@@ -299,10 +299,9 @@ def predict(config: TrialConfig, actor: ModelShape, critic: ModelShape) -> Memor
     seq = ppo.max_prompt_len + ppo.max_answer_len
     width = 4 if precision == "fp32" else 2
 
-    sft = _role_states(config, actor, config.actor, value_head=False)
-    rm = _role_states(config, critic, config.critic, value_head=True)
-    actor_states = sft
-    critic_states = rm
+    # SFT runs on the actor's engine settings and the RM on the critic's: the same states.
+    actor_states = _role_states(config, actor, config.actor, value_head=False)
+    critic_states = _role_states(config, critic, config.critic, value_head=True)
     reference = _frozen_states(config, actor, config.actor, config.offload_reference, False)
     reward = _frozen_states(config, critic, config.critic, config.offload_reward, True)
     ppo_engines = {
@@ -328,12 +327,12 @@ def predict(config: TrialConfig, actor: ModelShape, critic: ModelShape) -> Memor
         generation_gather = math.ceil(width * actor.num_params() * (1 - 1 / ranks))
     stages = {
         "sft": StageMemory(
-            {"actor": sft},
+            {"actor": actor_states},
             train_transient(actor, config.actor, batch.train_micro, seq, False),
             stepping=("actor",),
         ),
         "rm": StageMemory(
-            {"critic": rm},
+            {"critic": critic_states},
             train_transient(critic, config.critic, 2 * batch.train_micro, seq, True),
             {"sft_weights": sft_weights},
             stepping=("critic",),

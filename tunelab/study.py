@@ -334,7 +334,8 @@ class Orchestrator:
                         f"{limit:g} GiB budget; not launched")  # fmt: skip
         return None
 
-    def _on_progress(self, trial: optuna.Trial, intermediate: dict, prediction: dict, record):
+    def _on_progress(self, trial: optuna.Trial, intermediate: dict, prediction: dict,
+                     finished: list[dict[str, float]], record):  # fmt: skip
         pruner = self.spec.pruner
         value = record.get(pruner.metric)
         if value is None or pruner.type == "none":
@@ -342,8 +343,7 @@ class Orchestrator:
         intermediate[str(record["step"])] = value
         if pruner.type == "dominance":
             running = {**prediction, pruner.metric: value}
-            return dominated(running, self._finished_metrics(), self.spec.objectives,
-                             pruner.margin)  # fmt: skip
+            return dominated(running, finished, self.spec.objectives, pruner.margin)
         with self.lock:
             trial.report(value, record["step"])
             return trial.should_prune()
@@ -369,6 +369,9 @@ class Orchestrator:
             return
         out = self.out_dir / "trials" / f"{trial.number:04d}"
         intermediate: dict[str, float] = {}
+        # Read once per trial, not per progress record (trials finishing meanwhile are not
+        # used: less pruning, never wrong pruning).
+        finished = self._finished_metrics() if self.spec.pruner.type == "dominance" else []
 
         def remember_group(pgid: int) -> None:
             with self.lock:
@@ -379,7 +382,9 @@ class Orchestrator:
             outcome = launcher.launch_trial(
                 config, out, timeout_s=self.spec.resources.trial_timeout_s,
                 launcher=self.spec.resources.launcher, gpus=gpus,
-                on_progress=lambda record: self._on_progress(trial, intermediate, flat, record),
+                on_progress=lambda record: self._on_progress(
+                    trial, intermediate, flat, finished, record
+                ),
                 on_start=remember_group, stop=self.stop,
             )  # fmt: skip
         finally:
