@@ -68,9 +68,28 @@ def test_two_rank_zero2_trial(tmp_path):
 
 
 def test_unsupported_trial_exits_1_with_status(tmp_path):
-    run = tunelab("trial", TINY, "--out", tmp_path / "f", "precision=fp16")
+    run = tunelab("trial", TINY, "--out", tmp_path / "f", "hybrid_engine=true")
     assert run.returncode == 1
-    assert run.stdout.startswith("status unsupported: fp16 is not supported")
+    assert run.stdout.startswith("status unsupported: DeepSpeed 0.19's hybrid engine")
+
+
+def test_two_rank_zero3_trial_with_answers_of_any_length(tmp_path):
+    """Sampled answers of 1-10 tokens in batches of 2 rows: ranks finish generation at
+    different lengths (before ZeRO-3 generation was made rank-safe this trial hung)."""
+    out = tmp_path / "z3"
+    run = tunelab(
+        "trial", TINY, "--out", out, "ranks=2", "actor.zero_stage=3", "critic.zero_stage=3",
+        "batch.train_micro=2", "batch.generation_micro=2", "ppo.steps=8", "--timeout", "240",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + (out / "trial.log").read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["ppo/answer_tokens_mean"] < 9.5  # answers ended before the 10-token limit
+    # Partitioned from construction: each rank's engines hold half of each model.
+    for role in ("actor", "critic", "reference", "reward"):
+        assert metrics[f"model/{role}/parameters"] > 0
+    assert metrics["mem/actor/measured_model_states_bytes"] == pytest.approx(
+        metrics["mem/actor/predicted_model_states_bytes"], rel=0.1
+    )
 
 
 @pytest.mark.parametrize(

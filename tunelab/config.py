@@ -31,8 +31,13 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_modules: tuple[str, ...] = ("all-linear",)  # peft target_modules
-    lora_scaling: float = 1.0  # lora_alpha = scaling * rank, as DeepSpeed-Chat's --lora_scaling
+    lora_scaling: float = 1.0  # adapters scaled by lora_scaling / lora_rank (DeepSpeed-Chat's)
     learning_rate: float = 9.65e-6  # PPO learning rate (DeepSpeed-Chat actor default)
+    # LoRA adapters' learning rate in every stage on these settings (--*_lora_learning_rate)
+    lora_learning_rate: float = 5e-4
+    # Dropout set in the model config (DeepSpeed-Chat's --actor_dropout/--critic_dropout);
+    # None keeps the model's own (OPT: 0.1).
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -47,8 +52,10 @@ class EngineConfig:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank > 0 and not self.lora_modules:
             raise ValueError("lora_modules must name at least one module when lora_rank > 0")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.learning_rate <= 0 or self.lora_learning_rate <= 0:
+            raise ValueError("learning_rate and lora_learning_rate must be > 0")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,10 @@ class PPOConfig:
     max_answer_len: int = 256
     min_answer_len: int = 1  # = max_answer_len: fixed-length answers, DeepSpeed-Chat's benchmark
     temperature: float = 1.0
+    # How a ZeRO-3 actor's parameters reach every rank for generation: gathered once per
+    # generate call (DeepSpeed's unwrap_model_for_generation), or layer by layer for every token
+    # with synced_gpus (DeepSpeed-Chat's way; least memory).
+    zero3_generation: Literal["gather_once", "per_layer"] = "gather_once"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.epochs < 1 or self.generation_batches < 1:
@@ -146,12 +157,14 @@ class TrialConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
-    # SFT runs on the actor's engine settings, the reward model on the critic's.
-    actor: EngineConfig = field(default_factory=EngineConfig)
+    # SFT runs on the actor's engine settings, the reward model on the critic's. The actor's
+    # dropout is 0 as in DeepSpeed-Chat's scripts (--actor_dropout 0.0).
+    actor: EngineConfig = field(default_factory=lambda: EngineConfig(dropout=0.0))
     critic: EngineConfig = field(default_factory=lambda: EngineConfig(learning_rate=5e-6))
     offload_reference: bool = False
     offload_reward: bool = False
-    hybrid_engine: bool = False  # DeepSpeed's hybrid engine for generation (CUDA only)
+    # DeepSpeed's hybrid engine for generation: refused as unsupported (tunelab.devices).
+    hybrid_engine: bool = False
     sft: StageConfig = field(default_factory=StageConfig)
     rm: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=5e-6))
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from tunelab.config import TrialConfig
 from tunelab.errors import InputError
@@ -42,14 +43,44 @@ def gpu_inventory() -> list[Gpu]:
     return gpus
 
 
+# DeepSpeed 0.19's hybrid engine swaps decoder layers for its inference kernels, whose layers
+# return tuples where transformers 5 decoder loops expect a tensor, and it fuses only
+# DeepSpeed-Chat's own LoRA layers (lora_right_weight), not peft's: generation would fail, or use
+# the base weights while the adapters train. Refused everywhere until it supports both.
+HYBRID_ENGINE_REASON = (
+    "DeepSpeed 0.19's hybrid engine does not run transformers 5 models nor peft LoRA "
+    "adapters; set hybrid_engine: false"
+)
+
+
+def config_unsupported_reason(config: TrialConfig) -> str | None:
+    """Why no node can run this trial, whatever its devices (None when some can)."""
+    if config.hybrid_engine:
+        return HYBRID_ENGINE_REASON
+    return None
+
+
+def cpu_supports_fp16(cpuinfo: str | None = None) -> bool:
+    """Whether DeepSpeed's CPU accelerator runs fp16 here: it asks oneDNN, which needs
+    AVX512-FP16 or AMX-FP16 (torch's mkldnn_fp16 device check)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_fp16", "amx_fp16"})
+
+
 def unsupported_reason(config: TrialConfig, gpus: list[Gpu]) -> str | None:
     """Why this node cannot run the trial (None when it can): the same verdicts the trial
     process would reach, found without starting it."""
+    reason = config_unsupported_reason(config)
+    if reason:
+        return reason
     if not gpus:
-        if config.precision == "fp16":
-            return "fp16 is not supported on the cpu accelerator"
-        if config.hybrid_engine:
-            return "DeepSpeed's hybrid engine needs CUDA, accelerator is cpu"
+        if config.precision == "fp16" and not cpu_supports_fp16():
+            return "fp16 is not supported on the cpu accelerator (no AVX512-FP16 or AMX-FP16)"
         if config.device == "cuda":
             return "device=cuda requested on a node without GPUs"
         return None

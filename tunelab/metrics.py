@@ -17,10 +17,12 @@ _ENGINES = "sft|rm|actor|critic|reference|reward"
 PATTERNS = tuple(
     re.compile(pattern)
     for pattern in (
-        r"sft/(steps|loss_first|loss_final)",
-        r"rm/(steps|loss_first|loss_final|eval_accuracy|eval_accuracy_start|eval_pairs)",
-        r"ppo/(steps|score_start|score_end|score_gain|gold_start|gold_end|gold_gain|kl_final"
-        r"|clip_fraction|value_loss_final|policy_loss_final|answer_tokens_mean)",
+        r"sft/(steps|skipped_steps|loss_first|loss_final)",
+        r"rm/(steps|skipped_steps|loss_first|loss_final|eval_accuracy|eval_accuracy_start"
+        r"|eval_pairs)",
+        r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
+        r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"
+        r"|policy_loss_final|answer_tokens_mean)",
         rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         r"perf/(ppo_generate_latency_s|ppo_generate_per_token_latency_s|peak_tflops)",
@@ -30,6 +32,7 @@ PATTERNS = tuple(
         rf"mem/({_MEMORY_STAGES})/predicted_(device|host)_peak_bytes",
         rf"mem/({_ENGINES})/(predicted_model_states|measured_model_states|measured_buffers)_bytes",
         r"gpu/(name|memory_total_bytes|nvml_used_peak_bytes|util_mean_pct|power_mean_w)",
+        rf"model/({_ENGINES})/(parameters|trainable_parameters)",
         r"trial/ranks",
     )
 )

@@ -90,7 +90,8 @@ class ModelShape:
         return sum(self.param_tensors(lm_head))
 
     def hf_config(self) -> dict[str, Any]:
-        """Keyword arguments for transformers' AutoConfig.for_model (dropout off, as PPO needs)."""
+        """Keyword arguments for transformers' AutoConfig.for_model. Dropout is the published
+        model's (OPT: 0.1); the trial's `dropout` knobs set it per engine."""
         if self.family == "opt":
             return {
                 "model_type": "opt",
@@ -103,8 +104,6 @@ class ModelShape:
                 "word_embed_proj_dim": self.word_embed_proj_dim or self.hidden_size,
                 # OPT-350m is the one post-layer-norm OPT.
                 "do_layer_norm_before": self.word_embed_proj_dim is None,
-                "dropout": 0.0,
-                "attention_dropout": 0.0,
                 "pad_token_id": 1,
                 "bos_token_id": 2,
                 "eos_token_id": 2,

@@ -57,9 +57,10 @@ def main(out_path: str) -> None:
             zero_stage=case["zero_stage"], lora_rank=case["lora_rank"],
             offload_optimizer=case["offload_optimizer"], learning_rate=1e-3,
         )  # fmt: skip
+        ds_config = train_ds_config(config, engine_config, 1e-3)
         build = build_causal_lm if case["role"] == "actor" else build_value_model
-        model = prepare_for_training(build(source, tokenizer), engine_config)
-        engine = train_engine(model, train_ds_config(config, engine_config, 1e-3))
+        model = prepare_for_training(build(source, tokenizer, ds_config), engine_config)
+        engine = train_engine(model, ds_config, engine_config)
         torch.manual_seed(0)
         ids = torch.randint(4, len(tokenizer), (4, 12))
         for step in range(2):

@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 from tunelab.config import EngineConfig
-from tunelab.dsconfig import train_ds_config
+from tunelab.dsconfig import eval_ds_config, train_ds_config
+from tunelab.errors import TrialFailure
 from tunelab.pipeline.models import (
     build_causal_lm,
     build_value_model,
     consolidated_state_dict,
+    frozen_engine,
     gathered,
+    load_weights,
+    optimizer_groups,
     prepare_for_training,
     train_engine,
     train_tokenizer,
@@ -21,7 +26,18 @@ from tunelab.presets import resolve_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def runtime(in_process_trials):
+    """This process as a group of one (DeepSpeed's zero.Init needs a process group)."""
+    from tunelab.config import load_config
+    from tunelab.pipeline.runtime import start_runtime
+
+    from ..conftest import TINY
+
+    return start_runtime(load_config(TINY))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(runtime):
     return train_tokenizer(["review of the film : good bad fine"] * 4, vocab_size=128)
 
 
@@ -36,21 +52,15 @@ def _snapshot(engine, keyword):
 
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("role", ["actor", "critic"])
-def test_lora_trains_adapters_only(in_process_trials, tiny_config, tokenizer, stage, role):
-    from tunelab.pipeline.runtime import start_runtime
-
+def test_lora_trains_adapters_only(runtime, tiny_config, tokenizer, stage, role):
     config = tiny_config()
-    runtime = start_runtime(config)
     engine_config = EngineConfig(zero_stage=stage, lora_rank=4, learning_rate=1e-2)
+    ds_config = train_ds_config(config, engine_config, 1e-2)
     source = resolve_model("tiny")
-    model = (
-        build_causal_lm(source, tokenizer)
-        if role == "actor"
-        else build_value_model(source, tokenizer)
-    )
-    model = prepare_for_training(model, engine_config)
+    build = build_causal_lm if role == "actor" else build_value_model
+    model = prepare_for_training(build(source, tokenizer, ds_config), engine_config)
     assert isinstance(model if role == "actor" else model.backbone, PeftModel)
-    engine = train_engine(model, train_ds_config(config, engine_config, 1e-2))
+    engine = train_engine(model, ds_config, engine_config)
     base = _snapshot(engine, lambda n: "lora_" not in n and "v_head" not in n)
     adapters = _snapshot(engine, lambda n: "lora_B" in n)
     assert adapters and all(torch.count_nonzero(t) == 0 for t in adapters.values())  # peft init
@@ -71,25 +81,66 @@ def test_lora_trains_adapters_only(in_process_trials, tiny_config, tokenizer, st
     engine.destroy()
 
 
-def test_consolidated_weights_merge_lora_into_base_keys(in_process_trials, tiny_config, tokenizer):
+def test_consolidated_weights_merge_lora_into_base_keys(tiny_config, tokenizer):
     config = tiny_config()
     engine_config = EngineConfig(zero_stage=3, lora_rank=4, learning_rate=1e-2)
+    ds_config = train_ds_config(config, engine_config, 1e-2)
     source = resolve_model("tiny")
     engine = train_engine(
-        prepare_for_training(build_causal_lm(source, tokenizer), engine_config),
-        train_ds_config(config, engine_config, 1e-2),
+        prepare_for_training(build_causal_lm(source, tokenizer, ds_config), engine_config),
+        ds_config,
+        engine_config,
     )
     ids = torch.randint(4, len(tokenizer), (16, 12))
     loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
     engine.backward(loss)
     engine.step()
     merged = consolidated_state_dict(engine)
-    plain = build_causal_lm(source, tokenizer)
-    assert set(merged) == set(plain.state_dict())  # loads into a fresh model as is
-    plain.load_state_dict(merged)
-    with gathered(engine), torch.no_grad():
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())  # the engine's dtype
+    # A fresh model built for the next engine (ZeRO-3: partitioned) loads them as they are.
+    frozen_config = eval_ds_config(config, zero_stage=3, offload=False)
+    fresh = build_causal_lm(source, tokenizer, frozen_config)
+    load_weights(fresh, merged, "test")
+    frozen = frozen_engine(fresh, frozen_config)
+    with torch.no_grad():
         engine.module.eval()
-        expected = engine.module(input_ids=ids).logits.float()
-        got = plain.to(torch.bfloat16)(input_ids=ids).logits.float()
+        expected = engine(input_ids=ids).logits.float()
+        got = frozen(input_ids=ids).logits.float()
     assert torch.allclose(expected, got, atol=0.1)
     engine.destroy()
+    frozen.destroy()
+
+
+def test_loading_mismatched_weights_names_the_keys(tiny_config, tokenizer):
+    ds_config = eval_ds_config(tiny_config(), zero_stage=3, offload=False)
+    model = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
+    state = consolidated_state_dict(frozen_engine(model, ds_config))
+    state["v_head.weight"] = state.pop("lm_head.weight")
+    with pytest.raises(
+        TrialFailure,
+        match=r"missing 1 tensors \(lm_head.weight\); unexpected 1"
+        r" tensors \(v_head.weight\)",
+    ):
+        load_weights(build_causal_lm(resolve_model("tiny"), tokenizer, ds_config), state, "x")
+
+
+def test_lora_scale_and_learning_rate_follow_deepspeed_chat(tiny_config, tokenizer):
+    engine_config = EngineConfig(lora_rank=8, lora_scaling=1.0, lora_learning_rate=5e-4)
+    ds_config = train_ds_config(tiny_config(), engine_config, 1e-5)
+    model = prepare_for_training(
+        build_value_model(resolve_model("tiny"), tokenizer, ds_config), engine_config
+    )
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert layer.scaling["default"] == 1.0 / 8  # DeepSpeed-Chat: lora_scaling / lora_dim
+    groups = optimizer_groups(model, engine_config)
+    adapters = next(g for g in groups if "lr" in g)
+    assert adapters["lr"] == 5e-4 and len(adapters["params"]) == 2 * 6 * 2  # A, B x 6 x 2 layers
+    head = next(g for g in groups if "lr" not in g)
+    assert [p.shape[0] for p in head["params"]] == [1]  # the value head, at the config's rate
+
+
+def test_dropout_knob_sets_the_model_config(tiny_config, tokenizer):
+    ds_config = train_ds_config(tiny_config(), EngineConfig(), 1e-5)
+    kept = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
+    zeroed = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config, dropout=0.0)
+    assert kept.config.dropout == 0.1 and zeroed.config.dropout == 0.0

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from tunelab.devices import cpu_supports_fp16
+
 LOOP_CASES = {
     "zero0": ["actor.zero_stage=0", "critic.zero_stage=0"],
     "zero1": ["actor.zero_stage=1", "critic.zero_stage=1"],
@@ -111,12 +113,53 @@ def test_whole_loop_runs(in_process_trials, tiny_config, tmp_path, case):
     assert metrics["mem/ppo_train/peak_host_rss_bytes"] > 0
 
 
-def test_fp16_on_cpu_is_unsupported_at_once(in_process_trials, tiny_config, tmp_path):
-    result = in_process_trials(tiny_config("precision=fp16"), tmp_path)
+def test_hybrid_engine_is_unsupported_at_once(in_process_trials, tiny_config, tmp_path):
+    result = in_process_trials(tiny_config("hybrid_engine=true"), tmp_path)
     assert result["status"] == "unsupported"
-    assert "fp16" in result["reason"]
+    assert "hybrid engine" in result["reason"]
     assert "sft/loss_final" not in result["metrics"]  # ended before any stage
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "unsupported"
+
+
+FP16_CASE = ["precision=fp16", "sft.steps=8", "rm.steps=8", "ppo.steps=8"]
+
+
+@pytest.mark.skipif(not cpu_supports_fp16(), reason="this CPU has no AVX512-FP16/AMX-FP16")
+def test_fp16_overflow_steps_stay_out_of_throughput(in_process_trials, tiny_config, tmp_path):
+    """DeepSpeed's dynamic loss scaling starts at 2^16 and skips the optimizer steps that
+    overflow (DeepSpeed-Chat's OPT-1.3b log skips PPO steps 0-2); the tiny model's RM and critic
+    overflow too. Those steps do less work, so throughput leaves them out."""
+    result = in_process_trials(tiny_config(*FP16_CASE), tmp_path)
+    assert result["status"] == "ok", result["reason"]
+    metrics, series = result["metrics"], result["series"]
+    skipped = sum(
+        metrics[k]
+        for k in (
+            "sft/skipped_steps",
+            "rm/skipped_steps",
+            "ppo/actor_skipped_steps",
+            "ppo/critic_skipped_steps",
+        )
+    )
+    assert skipped > 0
+    for stage, phase in (("sft", "sft"), ("rm", "rm"), ("ppo", "ppo_step")):
+        flags, times = series[f"{stage}/skipped"], series[f"time/{phase}_s"]
+        assert sum(flags) == len([f for f in flags if f])  # one flag per step
+        timed = [t for step, (t, f) in enumerate(zip(times, flags, strict=True))
+                 if step >= 2 and not f]  # fmt: skip
+        e2e = "time/ppo_e2e_s" if stage == "ppo" else f"time/{stage}_s"
+        assert metrics[e2e] == pytest.approx(sum(timed))
+    assert metrics["ppo/timed_steps"] == 8 - 2 - sum(series["ppo/skipped"][2:])
+    assert metrics["rm/skipped_steps"] == sum(series["rm/skipped"])
+
+
+def test_a_stage_with_every_timed_step_skipped_fails_clearly():
+    from tunelab.errors import TrialFailure
+    from tunelab.pipeline.telemetry import timed_steps
+
+    assert timed_steps("ppo", 6, 2, {0, 1, 2, 4}) == [3, 5]
+    with pytest.raises(TrialFailure, match="every step after the 2 warm-up steps"):
+        timed_steps("rm", 4, 2, {2, 3})
 
 
 def test_absurd_learning_rate_diverges(in_process_trials, tiny_config, tmp_path):

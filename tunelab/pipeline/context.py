@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from tunelab.config import TrialConfig
@@ -12,8 +13,11 @@ from tunelab.pipeline.telemetry import (
     PhaseTimer,
     ProgressLog,
     engine_state_bytes,
+    timed_steps,
 )
 from tunelab.presets import ModelShape, ModelSource
+
+log = logging.getLogger("tunelab")
 
 
 @dataclass
@@ -31,6 +35,10 @@ class TrialContext:
     memory: MemoryTracker
     progress: ProgressLog
     engine_states: dict[str, dict] = field(default_factory=dict)  # measured, by engine role
+    # Steps of each stage ("sft", "rm", "ppo") in which fp16 dynamic loss scaling skipped an
+    # optimizer step (an overflow): they do less work, so they are kept out of throughput.
+    skipped: dict[str, set[int]] = field(default_factory=dict)
+    parameters: dict[str, dict[str, int]] = field(default_factory=dict)  # by engine role
 
     @property
     def sequence_len(self) -> int:
@@ -44,7 +52,35 @@ class TrialContext:
         if (frozen or engine.global_steps >= 1) and role not in self.engine_states:
             self.engine_states[role] = engine_state_bytes(engine, self.runtime.accelerator)
 
+    def record_engine(self, role: str, engine) -> None:
+        """Log and keep an engine's parameter counts (whole, also under ZeRO-3)."""
+        from tunelab.pipeline.models import parameter_counts
+
+        total, trainable = parameter_counts(engine.module)
+        self.parameters[role] = {"parameters": total, "trainable_parameters": trainable}
+        log.info(
+            "rank %d: %s engine: %d parameters, %d trained, ZeRO-%d",
+            self.runtime.rank,
+            role,
+            total,
+            trainable,
+            engine.zero_optimization_stage(),
+        )
+
     def timed_phase(self, name: str, step: int):
-        """Time a step into `name`, or into `name_warmup` during the warm-up steps."""
-        warm = step < self.config.warmup_steps
-        return self.timer.phase(f"{name}_warmup" if warm else name)
+        """Time step `step` of phase `name` (every step is kept; see timed_steps)."""
+        return self.timer.phase(name, step)
+
+    def note_skipped(self, stage: str, step: int, engine, skipped_before: int) -> None:
+        """Remember `step` of `stage` when `engine` skipped an optimizer step during it."""
+        if engine.skipped_steps > skipped_before:
+            self.skipped.setdefault(stage, set()).add(step)
+
+    def timed_steps(self, stage: str, steps: int) -> list[int]:
+        """Steps of a stage that count towards throughput (see telemetry.timed_steps)."""
+        return timed_steps(stage, steps, self.config.warmup_steps, self.skipped.get(stage, set()))
+
+    def skipped_series(self, stage: str, steps: int) -> list[int]:
+        """1 for each step of `stage` fp16 loss scaling skipped, else 0."""
+        skipped = self.skipped.get(stage, set())
+        return [int(step in skipped) for step in range(steps)]

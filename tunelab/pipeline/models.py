@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero import unwrap_model_for_generation
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -25,8 +28,10 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from tunelab.config import EngineConfig
+from tunelab.errors import TrialFailure
 from tunelab.presets import ModelSource
 
 log = logging.getLogger("tunelab")
@@ -69,30 +74,83 @@ def build_tokenizer(source: ModelSource, texts: list[str]) -> PreTrainedTokenize
     return train_tokenizer(texts, vocab_size=min(source.shape.vocab_size, 8192))
 
 
-def _preset_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase):
-    if len(tokenizer) > source.shape.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens, model {source.name} "
-            f"only {source.shape.vocab_size}"
-        )
-    kwargs = source.shape.hf_config()
-    kwargs.update(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The config keys DeepSpeed-Chat's configure_dropout sets (dschat/utils/model/model_utils.py).
+_DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout")
 
 
-def build_causal_lm(source: ModelSource, tokenizer, state_dict=None) -> nn.Module:
-    """A decoder with an LM head: random weights for presets, loaded ones for HF paths."""
+def engine_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype a DeepSpeed engine keeps its module in."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def is_zero3_config(ds_config: dict) -> bool:
+    return ds_config["zero_optimization"]["stage"] == 3
+
+
+@contextlib.contextmanager
+def construction(ds_config: dict) -> Iterator[None]:
+    """Models built inside are partitioned from the start under ZeRO-3.
+
+    transformers builds (and loads) a model under deepspeed.zero.Init while an HfDeepSpeedConfig
+    of a ZeRO-3 config is alive, as DeepSpeed-Chat's create_hf_model does; without it every rank
+    would build the whole model and DeepSpeed would move it to the device whole before
+    partitioning it. transformers keeps only a weak reference, hence the local variable.
+    """
+    if not is_zero3_config(ds_config):
+        yield
+        return
+    hf_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del hf_config
+        unset_hf_deepspeed_config()
+
+
+def _model_config(source: ModelSource, tokenizer, dropout: float | None):
     if source.hf_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(source.hf_path, torch_dtype=torch.float32)
+        config = AutoConfig.from_pretrained(source.hf_path)
     else:
-        model = AutoModelForCausalLM.from_config(_preset_config(source, tokenizer))
+        if len(tokenizer) > source.shape.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens, model {source.name} "
+                f"only {source.shape.vocab_size}"
+            )
+        kwargs = source.shape.hf_config()
+        kwargs.update(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    if dropout is not None:
+        for key in _DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    return config
+
+
+def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None):
+    """A backbone in the engine's dtype: random weights for presets, loaded for HF paths."""
+    config = _model_config(source, tokenizer, dropout)
+    dtype = engine_dtype(ds_config)
+    with construction(ds_config):
+        if source.hf_path is not None:
+            return auto_class.from_pretrained(source.hf_path, config=config, dtype=dtype)
+        return auto_class.from_config(config, dtype=dtype)
+
+
+def build_causal_lm(
+    source: ModelSource, tokenizer, ds_config: dict, dropout: float | None = None
+) -> nn.Module:
+    """A decoder with an LM head, built for the engine `ds_config` configures."""
+    model = _build(AutoModelForCausalLM, source, tokenizer, ds_config, dropout)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
     return model
 
 
@@ -102,10 +160,10 @@ class ValueModel(nn.Module):
     forward returns values [batch, seq]: one scalar per position.
     """
 
-    def __init__(self, backbone: nn.Module, width: int) -> None:
+    def __init__(self, backbone: nn.Module, width: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.backbone = backbone
-        self.v_head = nn.Linear(width, 1, bias=False)
+        self.v_head = nn.Linear(width, 1, bias=False, dtype=dtype)
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         hidden = self.backbone(
@@ -117,21 +175,68 @@ class ValueModel(nn.Module):
         return self.v_head(hidden).squeeze(-1)
 
 
-def build_value_model(source: ModelSource, tokenizer, state_dict=None) -> ValueModel:
-    if source.hf_path is not None:
-        backbone = AutoModel.from_pretrained(source.hf_path, torch_dtype=torch.float32)
-    else:
-        backbone = AutoModel.from_config(_preset_config(source, tokenizer))
+def build_value_model(
+    source: ModelSource, tokenizer, ds_config: dict, dropout: float | None = None
+) -> ValueModel:
+    """Backbone + value head, built for the engine `ds_config` configures."""
+    backbone = _build(AutoModel, source, tokenizer, ds_config, dropout)
     config = backbone.config
     width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-    model = ValueModel(backbone, width)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    return model
+    partitioned = (
+        deepspeed.zero.Init(config_dict_or_path=ds_config)
+        if is_zero3_config(ds_config)
+        else contextlib.nullcontext()
+    )
+    with partitioned:
+        return ValueModel(backbone, width, engine_dtype(ds_config))
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None, where: str) -> None:
+    """Load rank 0's `state` into `model` on every rank; missing or unexpected keys are an error
+    naming them, raised on every rank together.
+
+    Only rank 0 holds the weights. Under ZeRO-3 each module's parameters are gathered and
+    rank 0's copy is broadcast on exit (modifier_rank=0); otherwise DeepSpeed broadcasts rank
+    0's module when the engine is built (DeepSpeedEngine._broadcast_model).
+    """
+    rank = dist.get_rank()
+    problems = []
+    if rank == 0:
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing:
+            problems.append(f"missing {len(missing)} tensors ({_some(missing)})")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} tensors ({_some(unexpected)})")
+    verdict = [problems]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise TrialFailure(f"{where}: {'; '.join(verdict[0])}")
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    errors: list[str] = []
+    for prefix, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0, enabled=zero3 and own):
+            if rank == 0:
+                module._load_from_state_dict(
+                    state, f"{prefix}." if prefix else "", {}, True, [], [], errors
+                )
+    if errors:  # shapes that differ: only rank 0 sees them, after the others stopped waiting
+        raise TrialFailure(f"{where}: {errors[0].splitlines()[0]}")
+
+
+def _some(keys: list[str], count: int = 4) -> str:
+    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
 
 
 def prepare_for_training(model: nn.Module, engine: EngineConfig) -> nn.Module:
-    """Gradient checkpointing, then LoRA through peft (base frozen, adapters trained)."""
+    """Gradient checkpointing, then LoRA through peft (base frozen, adapters trained).
+
+    LoRA's output is scaled by lora_scaling / lora_rank, as DeepSpeed-Chat's LinearLayer_LoRA
+    (peft's scale is lora_alpha / r).
+    """
     target = model.backbone if isinstance(model, ValueModel) else model
     if engine.gradient_checkpointing:
         target.gradient_checkpointing_enable(
@@ -140,25 +245,39 @@ def prepare_for_training(model: nn.Module, engine: EngineConfig) -> nn.Module:
     if engine.lora_rank > 0:
         lora = LoraConfig(
             r=engine.lora_rank,
-            lora_alpha=engine.lora_scaling * engine.lora_rank,
+            lora_alpha=engine.lora_scaling,
             target_modules=list(engine.lora_modules)
             if engine.lora_modules != ("all-linear",)
             else "all-linear",
             lora_dropout=0.0,
             bias="none",
         )
-        if isinstance(model, ValueModel):
-            model.backbone = get_peft_model(model.backbone, lora)  # v_head stays trainable
+        # Adapters in the base layers' dtype (peft would upcast them to fp32): a ZeRO-3 engine
+        # takes its partitioned model as built, and needs one dtype for all trained tensors.
+        if isinstance(model, ValueModel):  # v_head stays trainable
+            model.backbone = get_peft_model(model.backbone, lora, autocast_adapter_dtype=False)
         else:
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora, autocast_adapter_dtype=False)
     return model
 
 
-def train_engine(model: nn.Module, ds_config: dict):
+def optimizer_groups(model: nn.Module, engine: EngineConfig) -> list[dict]:
+    """Trainable parameters; LoRA adapters at lora_learning_rate (DeepSpeed-Chat's
+    get_optimizer_grouped_parameters), the rest at the DeepSpeed config's learning rate."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    adapters = [p for name, p in trainable if ".lora_" in name]
+    others = [p for name, p in trainable if ".lora_" not in name]
+    groups = [{"params": others}] if others else []
+    if adapters:
+        groups.append({"params": adapters, "lr": engine.lora_learning_rate})
+    return groups
+
+
+def train_engine(model: nn.Module, ds_config: dict, engine: EngineConfig):
     """deepspeed.initialize with an optimizer over the trainable parameters."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
-    return engine
+    groups = optimizer_groups(model, engine)
+    trained, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return trained
 
 
 def frozen_engine(model: nn.Module, ds_config: dict):
@@ -174,32 +293,82 @@ def is_zero3(engine) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(engine):
-    """All of a ZeRO-3 engine's parameters, whole on every rank (for generation, export)."""
+def gathered(engine) -> Iterator[None]:
+    """All of a ZeRO-3 engine's parameters, whole on every rank (for tests and checks)."""
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=is_zero3(engine)):
         yield
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Whole weights of an engine's model on the CPU, LoRA adapters merged into the base.
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Whole weights of an engine's model in host memory on rank 0 (None elsewhere), LoRA
+    adapters merged into the base, in the engine's dtype.
 
     Keys are those of the model before peft wrapped it, so the next stage's fresh model loads
-    them. The adapters' delta comes from peft's own get_delta_weight; nothing is modified.
+    them. Under ZeRO-3 one module (one LoRA layer with its adapters) is gathered at a time, so
+    the device never holds the whole model. The adapters' delta is peft's get_delta_weight.
     """
-    module = engine.module
-    lora_layers = {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
-    state = {}
-    with gathered(engine), torch.no_grad():
-        # state_dict (not named_parameters) keeps tied keys such as lm_head.weight.
-        for name, param in module.state_dict(keep_vars=True).items():
-            if ".lora_" in name:
-                continue
-            value = param.detach()
-            owner, _, leaf = name.rpartition(".base_layer.")
-            if owner in lora_layers and leaf == "weight":
-                layer = lora_layers[owner]
-                value = value + layer.get_delta_weight(layer.active_adapters[0]).to(value.dtype)
-            key = name.replace("base_model.model.", "").replace(".base_layer.", ".")
-            state[key] = value.to("cpu", copy=True)
+    module, rank = engine.module, dist.get_rank()
+    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    copies: dict[int, torch.Tensor] = {}  # tied weights are stored once
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if state is not None:
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+            state[name.replace("base_model.model.", "")] = copies[id(tensor)]
+
+    lora_prefixes: list[str] = []
+    zero3 = is_zero3(engine)
+    for prefix, sub in module.named_modules():
+        if any(prefix.startswith(lora) for lora in lora_prefixes):
+            continue  # base layer and adapters of a LoRA layer, merged below
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(sub, LoraLayer):
+            lora_prefixes.append(dot)
+            base = sub.get_base_layer()
+            with deepspeed.zero.GatheredParameters(list(sub.parameters()), enabled=zero3):
+                if state is not None:
+                    with torch.no_grad():
+                        delta = sub.get_delta_weight(sub.active_adapters[0])
+                        merged = base.weight.detach() + delta.to(base.weight.dtype)
+                    state[f"{dot}weight".replace("base_model.model.", "")] = merged.cpu()
+                    if base.bias is not None:
+                        keep(f"{dot}bias", base.bias)
+            continue
+        own = list(sub.named_parameters(recurse=False))
+        buffers = [
+            (name, b) for name, b in sub.named_buffers(recurse=False)
+            if name not in sub._non_persistent_buffers_set
+        ]  # fmt: skip
+        with deepspeed.zero.GatheredParameters([p for _, p in own], enabled=zero3 and own):
+            for name, tensor in own + buffers:
+                keep(f"{dot}{name}", tensor)
     return state
+
+
+@contextlib.contextmanager
+def generation_weights(engine, mode: str) -> Iterator[None]:
+    """The actor's weights for one generate call.
+
+    ZeRO-3 `gather_once`: every parameter is gathered once and DeepSpeed's partitioning hooks
+    are lifted for the call (deepspeed.runtime.zero.unwrap_model_for_generation), so decoding
+    runs without collectives and ranks may finish at different lengths. `per_layer`:
+    DeepSpeed-Chat's way, the hooks gather each layer for every token, and generate must be
+    called with synced_gpus=True so ranks keep stepping together. Other stages: nothing to do.
+    """
+    if is_zero3(engine) and mode == "gather_once":
+        with unwrap_model_for_generation(engine):
+            yield
+    else:
+        yield
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters of a model, whole sizes also when ZeRO-3 partitioned it."""
+    total = trainable = 0
+    for param in model.parameters():
+        count = getattr(param, "ds_numel", param.numel())
+        total += count
+        trainable += count if param.requires_grad else 0
+    return total, trainable

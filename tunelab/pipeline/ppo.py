@@ -20,7 +20,9 @@ from tunelab.pipeline.models import (
     build_causal_lm,
     build_value_model,
     frozen_engine,
-    gathered,
+    generation_weights,
+    is_zero3,
+    load_weights,
     prepare_for_training,
     train_engine,
 )
@@ -77,39 +79,60 @@ class PPOTrainer:
         ctx.record_states("reward", self.reward)
 
     def _init_actor(self, weights):
-        model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
+        ctx, ds_config = self.ctx, self.ctx.ds_configs["actor"]
+        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config,
+                                ctx.config.actor.dropout)  # fmt: skip
+        load_weights(model, weights, "actor from the SFT weights")
         engine = train_engine(
-            prepare_for_training(model, self.ctx.config.actor), self.ctx.ds_configs["actor"]
+            prepare_for_training(model, ctx.config.actor), ds_config, ctx.config.actor
         )
-        engine.train()
+        ctx.record_engine("actor", engine)
         return engine
 
     def _init_reference(self, weights):
-        model = build_causal_lm(self.ctx.actor_source, self.ctx.tokenizer, weights)
-        return frozen_engine(model, self.ctx.ds_configs["reference"])
+        ctx, ds_config = self.ctx, self.ctx.ds_configs["reference"]
+        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config)
+        load_weights(model, weights, "reference from the SFT weights")
+        engine = frozen_engine(model, ds_config)
+        ctx.record_engine("reference", engine)
+        return engine
 
     def _init_critic(self, weights):
-        model = build_value_model(self.ctx.critic_source, self.ctx.tokenizer, weights)
+        ctx, ds_config = self.ctx, self.ctx.ds_configs["critic"]
+        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
+                                  ctx.config.critic.dropout)  # fmt: skip
+        load_weights(model, weights, "critic from the reward-model weights")
         engine = train_engine(
-            prepare_for_training(model, self.ctx.config.critic), self.ctx.ds_configs["critic"]
+            prepare_for_training(model, ctx.config.critic), ds_config, ctx.config.critic
         )
-        engine.train()
+        ctx.record_engine("critic", engine)
         return engine
 
     def _init_reward(self, weights):
-        model = build_value_model(self.ctx.critic_source, self.ctx.tokenizer, weights)
-        return frozen_engine(model, self.ctx.ds_configs["reward"])
+        ctx, ds_config = self.ctx, self.ctx.ds_configs["reward"]
+        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config)
+        load_weights(model, weights, "reward model from the reward-model weights")
+        engine = frozen_engine(model, ds_config)
+        ctx.record_engine("reward", engine)
+        return engine
 
     def close(self) -> None:
         for engine in (self.actor, self.reference, self.critic, self.reward):
             engine.destroy()
 
+    def set_training(self, training: bool) -> None:
+        """Actor and critic in train mode for PPO updates, eval mode (no dropout) while
+        making experience, as DeepSpeed-Chat's trainer switches them."""
+        for engine in (self.actor, self.critic):
+            engine.train(training)
+
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, prompt_ids, prompt_mask):
         """Sample answers; returns (seq [B, T], attention_mask [B, T], answer_mask [B, A], new
-        tokens per row). Under ZeRO-3 the actor's parameters are gathered once for the whole
-        generation (without the hybrid engine)."""
+        tokens per row). Under ZeRO-3 see models.generation_weights for how the actor's
+        parameters reach every rank (ppo.zero3_generation)."""
+        mode = self.ctx.config.ppo.zero3_generation
         kwargs = {
             "input_ids": prompt_ids,
             "attention_mask": prompt_mask,
@@ -121,15 +144,10 @@ class PPOTrainer:
             "top_p": 1.0,
             "pad_token_id": self.pad_id,
             "eos_token_id": self.eos_id,
+            "synced_gpus": is_zero3(self.actor) and mode == "per_layer",
         }
-        self.actor.eval()
-        with torch.no_grad():
-            if self.ctx.config.hybrid_engine:
-                output = self.actor.generate(**kwargs)
-            else:
-                with gathered(self.actor):
-                    output = self.actor.module.generate(**kwargs)
-        self.actor.train()
+        with torch.no_grad(), generation_weights(self.actor, mode):
+            output = self.actor.module.generate(**kwargs)
         new_tokens = output.shape[1] - self.prompt_len
         answers = output[:, self.prompt_len :]
         if new_tokens < self.answer_len:
@@ -197,8 +215,10 @@ class PPOTrainer:
     # -- training -----------------------------------------------------------------------------
 
     def train(self, experience: Experience, step: int) -> dict[str, float]:
-        """ppo.epochs passes over the experience in training micro-batches (actor, then critic)."""
+        """ppo.epochs passes over the experience in training micro-batches (actor, then critic).
+        A step in which either optimizer skipped (fp16 overflow) is noted in ctx.skipped."""
         ppo, runtime = self.ctx.config.ppo, self.ctx.runtime
+        skipped_before = (self.actor.skipped_steps, self.critic.skipped_steps)
         micro = self.ctx.config.batch.train_micro
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
         count = 0
@@ -225,6 +245,11 @@ class PPOTrainer:
                 stats["value_loss"] += critic_loss.item()
                 stats["clip_fraction"] += clip_fraction.item()
                 count += 1
+        self.ctx.note_skipped("ppo_actor", step, self.actor, skipped_before[0])
+        self.ctx.note_skipped("ppo_critic", step, self.critic, skipped_before[1])
+        for role in ("actor", "critic"):
+            if step in self.ctx.skipped.get(f"ppo_{role}", ()):
+                self.ctx.skipped.setdefault("ppo", set()).add(step)
         return {name: value / count for name, value in stats.items()}
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -232,6 +257,7 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """Mean reward-model score and gold reward of answers to the held-out prompts."""
         ctx = self.ctx
+        self.set_training(False)
         prompts, runtime = ctx.data.eval_prompts, ctx.runtime
         totals = {"score": 0.0, "gold": 0.0, "count": 0.0}
         for rows, counted in eval_batches(
@@ -264,11 +290,12 @@ def run_ppo(ctx: TrialContext, handoff: dict):
         start = trainer.evaluate()
     prompts = ctx.data.prompts
     series: dict[str, list[float]] = {}
-    generated_tokens = 0
+    generated: list[int] = []  # new tokens (answer width x rows) per step, this rank
     for step in range(config.ppo.steps):
-        warm = step < config.warmup_steps
         with ctx.timed_phase("ppo_step", step):
+            trainer.set_training(False)
             experiences = []
+            generated.append(0)
             for gen_batch in range(ppo.generation_batches):
                 rows = batch_indices(
                     len(prompts.ids),
@@ -284,9 +311,9 @@ def run_ppo(ctx: TrialContext, handoff: dict):
                     )
                 with ctx.timed_phase("ppo_experience", step), ctx.memory.stage("ppo_experience"):
                     experiences.append(trainer.make_experience(seq, mask, answer_mask))
-                if not warm:
-                    generated_tokens += new_tokens * len(rows)
+                generated[-1] += new_tokens * len(rows)
             experience = _concat(experiences)
+            trainer.set_training(True)
             with ctx.timed_phase("ppo_train", step), ctx.memory.stage("ppo_train"):
                 stats = trainer.train(experience, step)
         record = {
@@ -305,30 +332,33 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             record["ppo/gold"] = runtime.all_mean(experience.gold.mean().item())
         for name, value in record.items():
             series.setdefault(name, []).append(value)
-        if not warm and timer.seconds["ppo_step"] > 0:
-            timed = step + 1 - config.warmup_steps
-            rows_done = (
-                timed * batch.generation_micro * ppo.generation_batches * runtime.world_size
+        timed = [s for s in range(config.warmup_steps, step + 1)
+                 if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
+        if timed:
+            rows_done = len(timed) * batch.generation_micro * ppo.generation_batches
+            tokens_per_s = (
+                rows_done
+                * runtime.world_size
+                * ctx.sequence_len
+                / timer.seconds("ppo_step", timed)
             )
-            ctx.progress.write(
-                "ppo",
-                step,
-                {
-                    "perf/ppo_e2e_tokens_per_s": rows_done
-                    * ctx.sequence_len
-                    / timer.seconds["ppo_step"]
-                },
-            )
+            ctx.progress.write("ppo", step, {"perf/ppo_e2e_tokens_per_s": tokens_per_s})
     with ctx.memory.stage("ppo_eval"):
         end = trainer.evaluate()
     trainer.close()
-    return _ppo_metrics(ctx, start, end, series, generated_tokens), series
+    for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step"):
+        series[f"time/{phase}_s"] = timer.series(phase)
+    timed = ctx.timed_steps("ppo", ppo.steps)
+    generated_tokens = sum(generated[s] for s in timed)
+    return _ppo_metrics(ctx, timed, start, end, series, generated_tokens), series
 
 
-def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -> dict:
+def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,
+                 generated_tokens: int) -> dict:  # fmt: skip
+    """Figures over the `timed` steps (after warm-up, none skipped by fp16 loss scaling)."""
     config, timer, world = ctx.config, ctx.timer, ctx.runtime.world_size
     ppo, batch = config.ppo, config.batch
-    steps = ppo.steps - config.warmup_steps
+    steps = len(timed)
     rows_per_rank = batch.generation_micro * ppo.generation_batches  # per rank per step
     seq_len, prompt_len = ctx.sequence_len, ppo.max_prompt_len
     gen_calls = steps * ppo.generation_batches
@@ -350,10 +380,10 @@ def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -
         )
     )
     samples = steps * rows_per_rank * world
-    gen_s, exp_s, train_s = (
-        timer.seconds[n] for n in ("ppo_generate", "ppo_experience", "ppo_train")
+    gen_s, exp_s, train_s, step_s = (
+        timer.seconds(n, timed)
+        for n in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step")
     )
-    step_s = timer.seconds["ppo_step"]
     tail = max(1, len(series["ppo/kl"]) // 4)  # "final" = mean over the last quarter of steps
 
     def final(name):
@@ -361,6 +391,9 @@ def _ppo_metrics(ctx: TrialContext, start, end, series, generated_tokens: int) -
 
     metrics = {
         "ppo/steps": ppo.steps,
+        "ppo/timed_steps": steps,
+        "ppo/actor_skipped_steps": len(ctx.skipped.get("ppo_actor", ())),
+        "ppo/critic_skipped_steps": len(ctx.skipped.get("ppo_critic", ())),
         "ppo/score_start": start["score"],
         "ppo/score_end": end["score"],
         "ppo/score_gain": end["score"] - start["score"],

@@ -1,8 +1,8 @@
 """Step 2, reward model: decoder backbone + scalar head, pairwise loss -log sigma(r_c - r_r).
 
-Runs on the critic's engine settings with the RM learning rate. The score of a sequence is the
-head's value at its last real token. Held-out pairwise accuracy = share of pairs scored
-chosen > rejected. Returns the weights for the PPO critic and reward model.
+Runs on the critic's engine settings (dropout included) with the RM learning rate. The score
+of a sequence is the head's value at its last real token. Held-out pairwise accuracy = share
+of pairs scored chosen > rejected. Returns the weights for the PPO critic and reward model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tunelab.pipeline.models import (
     prepare_for_training,
     train_engine,
 )
-from tunelab.pipeline.supervised import loss_metrics, train_steps
+from tunelab.pipeline.supervised import stage_metrics, train_steps
 from tunelab.pipeline.telemetry import throughput
 
 
@@ -67,14 +67,16 @@ def pairwise_accuracy(ctx: TrialContext, engine) -> float:
 
 
 def run_rm(ctx: TrialContext):
-    """Train for rm.steps optimizer steps; returns (metrics, state_dict, loss per step)."""
+    """Train for rm.steps optimizer steps; returns (metrics, state_dict on rank 0 / None,
+    loss per step)."""
     config, runtime, data = ctx.config, ctx.runtime, ctx.data
     batch, accum = config.batch.train_micro, config.batch.grad_accum
+    ds_config = ctx.ds_configs["rm"]
     with ctx.memory.stage("rm"):
-        model = prepare_for_training(
-            build_value_model(ctx.critic_source, ctx.tokenizer), config.critic
-        )
-        engine = train_engine(model, ctx.ds_configs["rm"])
+        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
+                                  config.critic.dropout)  # fmt: skip
+        engine = train_engine(prepare_for_training(model, config.critic), ds_config, config.critic)
+        ctx.record_engine("rm", engine)
         engine.train()
         accuracy_start = pairwise_accuracy(ctx, engine)
 
@@ -89,16 +91,17 @@ def run_rm(ctx: TrialContext):
         accuracy = pairwise_accuracy(ctx, engine)
         weights = consolidated_state_dict(engine)
         engine.destroy()
-    timed_steps = config.rm.steps - config.warmup_steps
-    pairs = timed_steps * batch * accum * runtime.world_size
+    timed = ctx.timed_steps("rm", config.rm.steps)
+    pairs = len(timed) * batch * accum * runtime.world_size
     # A pair is two sequences through the backbone (no LM head).
-    flops = timed_steps * train_flops(ctx.critic_shape, 2 * batch * accum, ctx.sequence_len, False)
+    flops = len(timed) * train_flops(ctx.critic_shape, 2 * batch * accum, ctx.sequence_len, False)
     metrics = {
-        "rm/steps": config.rm.steps,
-        **loss_metrics("rm", losses),
+        **stage_metrics(ctx, "rm", losses),
         "rm/eval_accuracy_start": accuracy_start,
         "rm/eval_accuracy": accuracy,
         "rm/eval_pairs": len(data.eval_chosen.ids),
-        **throughput("rm", ctx.timer.seconds["rm"], pairs, 2 * pairs * ctx.sequence_len, flops),
+        **throughput(
+            "rm", ctx.timer.seconds("rm", timed), pairs, 2 * pairs * ctx.sequence_len, flops
+        ),
     }
     return metrics, weights, losses

@@ -137,7 +137,14 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     ppo_metrics, series = run_ppo(ctx, handoff)
     _release_memory()
     result["metrics"].update({**sft_metrics, **rm_metrics, **ppo_metrics})
-    result["series"] = {"sft/loss": sft_losses, "rm/loss": rm_losses, **series}
+    for role, counts in ctx.parameters.items():
+        result["metrics"].update({f"model/{role}/{name}": n for name, n in counts.items()})
+    result["series"] = {
+        "sft/loss": sft_losses, "rm/loss": rm_losses, "time/sft_s": ctx.timer.series("sft"),
+        "time/rm_s": ctx.timer.series("rm"), **series,
+        **{f"{stage}/skipped": ctx.skipped_series(stage, getattr(config, stage).steps)
+           for stage in ("sft", "rm", "ppo")},
+    }  # fmt: skip
     gpu_name = (
         torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
     )

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from tunelab.config import TrialConfig
+from tunelab.devices import config_unsupported_reason
 from tunelab.errors import DivergedError, UnsupportedError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,9 +35,11 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def all_mean(self, value: float) -> float:
+        """Mean over ranks. Collectives take tensors on the rank's device: NCCL has no CPU
+        backend ("No backend type associated with device type cpu")."""
         if self.world_size == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
 
@@ -49,7 +52,7 @@ class Runtime:
 
     def check_finite(self, loss: torch.Tensor, where: str) -> None:
         """Raise DivergedError on every rank together when any rank's loss is NaN or inf."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(bad)
         if bad.item() > 0:
@@ -63,6 +66,9 @@ def start_runtime(config: TrialConfig) -> Runtime:
     single-rank trials) becomes a group of one. Unsupported choices fail here, before any model
     is built, with UnsupportedError.
     """
+    reason = config_unsupported_reason(config)
+    if reason:
+        raise UnsupportedError(reason)
     accelerator = get_accelerator()
     name = accelerator.device_name()
     if config.device == "cuda" and name != "cuda":
@@ -75,8 +81,6 @@ def start_runtime(config: TrialConfig) -> Runtime:
         raise UnsupportedError(f"fp16 is not supported on the {name} accelerator")
     if config.precision == "bf16" and not accelerator.is_bf16_supported():
         raise UnsupportedError(f"bf16 is not supported on the {name} accelerator")
-    if config.hybrid_engine and name != "cuda":
-        raise UnsupportedError(f"DeepSpeed's hybrid engine needs CUDA, accelerator is {name}")
     if "cpu" in (config.actor.offload_optimizer, config.critic.offload_optimizer):
         from deepspeed.ops.op_builder import CPUAdamBuilder
 

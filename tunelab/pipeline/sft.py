@@ -1,7 +1,8 @@
 """Step 1, supervised fine-tuning: causal-LM loss on prompt + chosen response.
 
-Runs on the actor's engine settings (ZeRO stage, offload, LoRA, checkpointing) with the SFT
-learning rate; returns the fine-tuned weights (LoRA merged) for the PPO actor and reference.
+Runs on the actor's engine settings (ZeRO stage, offload, LoRA, checkpointing, dropout) with
+the SFT learning rate; returns the fine-tuned weights (LoRA merged, on rank 0) for the PPO
+actor and reference.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from tunelab.pipeline.models import (
     prepare_for_training,
     train_engine,
 )
-from tunelab.pipeline.supervised import loss_metrics, train_steps
+from tunelab.pipeline.supervised import stage_metrics, train_steps
 from tunelab.pipeline.telemetry import throughput
 
 
 def run_sft(ctx: TrialContext):
-    """Train for sft.steps optimizer steps; returns (metrics, state_dict, loss per step)."""
+    """Train for sft.steps optimizer steps; returns (metrics, state_dict on rank 0 / None,
+    loss per step)."""
     config, runtime, data = ctx.config, ctx.runtime, ctx.data.sft
     batch, accum = config.batch.train_micro, config.batch.grad_accum
+    ds_config = ctx.ds_configs["sft"]
     with ctx.memory.stage("sft"):
-        model = prepare_for_training(
-            build_causal_lm(ctx.actor_source, ctx.tokenizer), config.actor
-        )
-        engine = train_engine(model, ctx.ds_configs["sft"])
+        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config, config.actor.dropout)
+        engine = train_engine(prepare_for_training(model, config.actor), ds_config, config.actor)
+        ctx.record_engine("sft", engine)
         engine.train()
 
         def loss_of(rows: list[int]):
@@ -42,17 +44,16 @@ def run_sft(ctx: TrialContext):
                              loss_of)  # fmt: skip
         weights = consolidated_state_dict(engine)
         engine.destroy()
-    timed_steps = config.sft.steps - config.warmup_steps
-    samples = timed_steps * batch * accum * runtime.world_size
+    timed = ctx.timed_steps("sft", config.sft.steps)
+    samples = len(timed) * batch * accum * runtime.world_size
     metrics = {
-        "sft/steps": config.sft.steps,
-        **loss_metrics("sft", losses),
+        **stage_metrics(ctx, "sft", losses),
         **throughput(
             "sft",
-            ctx.timer.seconds["sft"],
+            ctx.timer.seconds("sft", timed),
             samples,
             samples * ctx.sequence_len,
-            timed_steps * train_flops(ctx.actor_shape, batch * accum, ctx.sequence_len),
+            len(timed) * train_flops(ctx.actor_shape, batch * accum, ctx.sequence_len),
         ),
     }
     return metrics, weights, losses

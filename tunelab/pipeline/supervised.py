@@ -20,10 +20,12 @@ def train_steps(
     loss_of: Callable[[list[int]], torch.Tensor],
 ) -> list[float]:
     """`steps` optimizer steps of grad_accum micro-batches each, timed as phase `stage`;
-    `loss_of(rows)` computes a micro-batch's loss. Returns the mean loss per step (all ranks)."""
+    `loss_of(rows)` computes a micro-batch's loss. Returns the mean loss per step (all ranks).
+    Steps whose optimizer step fp16 loss scaling skipped are noted in ctx.skipped."""
     runtime, batch = ctx.runtime, ctx.config.batch
     losses = []
     for step in range(steps):
+        skipped_before = engine.skipped_steps
         with ctx.timed_phase(stage, step):
             step_loss = 0.0
             for micro in range(batch.grad_accum):
@@ -37,11 +39,18 @@ def train_steps(
                 ctx.record_states(stage, engine)
                 engine.step()
                 step_loss += loss.item() / batch.grad_accum
+        ctx.note_skipped(stage, step, engine, skipped_before)
         losses.append(runtime.all_mean(step_loss))
     return losses
 
 
-def loss_metrics(stage: str, losses: list[float]) -> dict[str, float]:
-    """`<stage>/loss_first` and `<stage>/loss_final` (mean of the last five steps)."""
+def stage_metrics(ctx: TrialContext, stage: str, losses: list[float]) -> dict[str, float]:
+    """`<stage>/loss_first`, `<stage>/loss_final` (mean of the last five steps), the steps
+    run, and those fp16 loss scaling skipped (kept out of throughput)."""
     tail = losses[-min(5, len(losses)) :]
-    return {f"{stage}/loss_first": losses[0], f"{stage}/loss_final": sum(tail) / len(tail)}
+    return {
+        f"{stage}/steps": len(losses),
+        f"{stage}/skipped_steps": len(ctx.skipped.get(stage, ())),
+        f"{stage}/loss_first": losses[0],
+        f"{stage}/loss_final": sum(tail) / len(tail),
+    }

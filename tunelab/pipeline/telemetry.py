@@ -15,10 +15,12 @@ import resource
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+
+from tunelab.errors import TrialFailure
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -29,26 +31,50 @@ def _rss_bytes() -> int:
 
 
 class PhaseTimer:
-    """Wall time per named phase, with the device synchronised at both ends.
+    """Wall time of every step of every named phase, the device synchronised at both ends.
 
-    Steps below `warmup` are timed into `<phase>_warmup` so they never count in throughput.
+    A phase may be entered several times within one step (PPO's generation batches): its
+    times add up. Which steps count towards throughput is the caller's choice (warm-up steps
+    and steps whose optimizer step fp16 loss scaling skipped do not).
     """
 
     def __init__(self, synchronize) -> None:
         self._synchronize = synchronize
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.steps: dict[str, dict[int, float]] = defaultdict(dict)
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, step: int) -> Iterator[None]:
         self._synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
             self._synchronize()
-            self.seconds[name] += time.perf_counter() - start
-            self.counts[name] += 1
+            elapsed = time.perf_counter() - start
+            self.steps[name][step] = self.steps[name].get(step, 0.0) + elapsed
+
+    def seconds(self, name: str, steps: Iterable[int]) -> float:
+        """Total time of `name` over `steps`."""
+        times = self.steps[name]
+        return sum(times.get(step, 0.0) for step in steps)
+
+    def series(self, name: str) -> list[float]:
+        """Seconds per step of `name`, in step order (warm-up and skipped steps included)."""
+        return [seconds for _, seconds in sorted(self.steps[name].items())]
+
+
+def timed_steps(stage: str, steps: int, warmup: int, skipped: set[int]) -> list[int]:
+    """Steps of a stage that count towards throughput: after the warm-up steps, and none in
+    which fp16 dynamic loss scaling skipped an optimizer step (such a step does less work).
+
+    Raises TrialFailure when none is left, since no figure could be measured."""
+    timed = [step for step in range(warmup, steps) if step not in skipped]
+    if not timed:
+        raise TrialFailure(
+            f"{stage}: every step after the {warmup} warm-up steps had an optimizer step "
+            f"skipped by fp16 loss scaling ({len(skipped)} skipped); give the stage more steps"
+        )
+    return timed
 
 
 class _NvmlSampler:
