@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunelab.launcher import TRIAL_ENV
+
 # In-process trials of a pytest run set the rank variables; a helper must start clean.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -16,5 +18,6 @@ def run_on_ranks(script: Path, *args: str, ranks: int = 2, timeout: float = 600)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(ranks), str(script), *args]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(TRIAL_ENV)  # as the launcher starts a trial
     run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

@@ -25,7 +25,7 @@ from tunelab.errors import TrialFailure
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * _PAGE
 
@@ -141,7 +141,7 @@ class MemoryTracker:
         while not self._stop.wait(self._interval):
             stage = self._stage
             if stage is not None:
-                self.host_peak[stage] = max(self.host_peak[stage], _rss_bytes())
+                self.host_peak[stage] = max(self.host_peak[stage], rss_bytes())
             ticks += 1
             if self._nvml is not None and ticks % 20 == 0:
                 with contextlib.suppress(Exception):
@@ -152,13 +152,13 @@ class MemoryTracker:
         """Attribute memory peaks inside the block to `name` (re-entry keeps the maximum)."""
         previous = self._stage
         self._stage = name
-        self.host_peak[name] = max(self.host_peak[name], _rss_bytes())
+        self.host_peak[name] = max(self.host_peak[name], rss_bytes())
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         try:
             yield
         finally:
-            self.host_peak[name] = max(self.host_peak[name], _rss_bytes())
+            self.host_peak[name] = max(self.host_peak[name], rss_bytes())
             if self._device.type == "cuda":
                 self.device_allocated[name] = max(
                     self.device_allocated[name], torch.cuda.max_memory_allocated(self._device)
