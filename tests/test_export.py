@@ -3,7 +3,6 @@ flags; the reproduce table."""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import optuna
@@ -11,10 +10,11 @@ import pytest
 import torch
 
 from tunelab.config import load_config
+from tunelab.dschat import step3_command, step3_parser
 from tunelab.dsconfig import ENGINE_ROLES
+from tunelab.errors import InputError
 from tunelab.export import (
     choose_trial,
-    dschat_step3_command,
     export_files,
     reproduce_table,
     write_export,
@@ -44,18 +44,41 @@ def test_dschat_flags_follow_the_trial():
         "ranks=2", "batch.train_micro=8", "batch.generation_micro=8", "actor.zero_stage=3",
         "critic.zero_stage=2", "actor.lora_rank=64", "actor.offload_params=cpu",
         "offload_reference=true", "hybrid_engine=true", "ppo.kl_coef=0.05", "precision=fp16",
+        "critic.dropout=0.1",
     ])  # fmt: skip
-    argv, notes = dschat_step3_command(config)
-    pairs = dict(itertools.pairwise(argv))  # each flag -> the word after it
+    argv, notes = step3_command(config)
     assert argv[:4] == ["deepspeed", "--num_gpus", "2", "main.py"]
-    assert pairs["--actor_zero_stage"] == "3" and pairs["--critic_zero_stage"] == "2"
-    assert pairs["--per_device_training_batch_size"] == "8"
-    assert pairs["--actor_lora_dim"] == "64" and pairs["--dtype"] == "fp16"
-    for flag in ("--offload", "--offload_reference_model", "--enable_hybrid_engine",
-                 "--only_optimize_lora"):  # fmt: skip
-        assert flag in argv
-    assert "--offload_reward_model" not in argv
+    # DeepSpeed-Chat's own flag set (strict parse_args: an unknown flag ends its run).
+    args = step3_parser().parse_args(argv[4:])
+    assert (args.actor_zero_stage, args.critic_zero_stage) == (3, 2)
+    assert args.per_device_training_batch_size == 8 and args.dtype == "fp16"
+    assert args.actor_lora_dim == 64 and args.actor_lora_learning_rate == 2e-2
+    assert args.only_optimize_lora and args.offload and args.offload_reference_model
+    assert args.enable_hybrid_engine and not args.offload_reward_model
+    assert (args.actor_dropout, args.critic_dropout) == (0.0, 0.1)
+    assert args.critic_lora_dim == 0
     assert any("kl_ctl=0.05" in note for note in notes)  # hard-coded in DeepSpeed-Chat
+    assert any("gathered it once per generate call" in note for note in notes)
+
+
+@pytest.mark.parametrize("overrides", [[], ["actor.lora_rank=8", "critic.lora_rank=8",
+                                            "actor.lora_modules=q_proj,v_proj", "precision=fp32",
+                                            "actor.offload_optimizer=cpu"]])  # fmt: skip
+def test_every_exported_command_parses_with_dschat_flags(overrides):
+    argv, _ = step3_command(load_config(TINY, overrides))
+    step3_parser().parse_args(argv[4:])  # raises on any flag DeepSpeed-Chat does not define
+
+
+def test_dschat_parser_refuses_unknown_flags():
+    models = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    with pytest.raises(InputError, match="unrecognized arguments: --disable_actor_dropout"):
+        step3_parser().parse_args([*models, "--disable_actor_dropout"])
+
+
+def test_llama_lora_scope_is_dschat_scripts():
+    config = load_config(TINY, ["models.actor=llama-2-7b", "actor.lora_rank=8"])
+    args = step3_parser().parse_args(step3_command(config)[0][4:])
+    assert args.actor_lora_module_name == "layers."  # run_llama2_7b_lora.sh
 
 
 def test_export_files_are_complete_and_round_trip(tmp_path):
@@ -109,8 +132,9 @@ def test_engines_from_exported_json_run_a_ppo_step(in_process_trials, tmp_path):
     runtime = start_runtime(config)
     memory = MemoryTracker(runtime.device)
     ctx = build_context(config, runtime, memory, ds_configs=ds_configs)
-    sft = build_causal_lm(ctx.actor_source, ctx.tokenizer).state_dict()
-    rm = build_value_model(ctx.critic_source, ctx.tokenizer).state_dict()
+    whole = ds_configs["reward"]  # ZeRO-0: the hand-off weights are whole tensors
+    sft = build_causal_lm(ctx.actor_source, ctx.tokenizer, whole).state_dict()
+    rm = build_value_model(ctx.critic_source, ctx.tokenizer, whole).state_dict()
     trainer = PPOTrainer(ctx, sft, rm)
     try:
         assert trainer.actor.zero_optimization_stage() == 3

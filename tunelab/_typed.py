@@ -122,6 +122,11 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any], where: str) -> T:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise InputError(f"{_join(where, key)}: unknown key{hint}")
+        factory = fields[key].default_factory
+        if isinstance(value, Mapping) and factory is not dataclasses.MISSING:
+            # A section given in part keeps the field's own defaults (the critic's learning
+            # rate, the actor's dropout), not those of its class.
+            value = {**to_mapping(factory()), **value}
         kwargs[key] = convert(hints[key], value, _join(where, key))
     missing = [
         name

@@ -23,16 +23,9 @@ import yaml
 
 from tunelab import dsconfig
 from tunelab.config import TrialConfig, config_from_dict
+from tunelab.dschat import step3_command
 from tunelab.errors import InputError
 from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, ranked
-
-# Hub names of the presets' real models, for DeepSpeed-Chat's --*_model_name_or_path.
-HUB_NAMES = {
-    "opt-125m": "facebook/opt-125m",
-    "opt-350m": "facebook/opt-350m",
-    "opt-1.3b": "facebook/opt-1.3b",
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-}
 
 
 def choose_trial(study, objective: str | None = None, number: int | None = None) -> TrialRecord:
@@ -59,68 +52,6 @@ def choose_trial(study, objective: str | None = None, number: int | None = None)
     if not best:
         raise InputError(f"study {study.study_name}: no complete feasible trial to export")
     return best[0]
-
-
-def dschat_step3_command(config: TrialConfig) -> tuple[list[str], list[str]]:
-    """DeepSpeed-Chat step-3 argv (dschat main.py flags) for a trial, and notes on what its flags
-    cannot say (it hard-codes the PPO coefficients and shares one --offload flag)."""
-    actor, critic, batch, ppo = config.actor, config.critic, config.batch, config.ppo
-
-    def model(name: str, role: str) -> str:
-        hub = HUB_NAMES.get(name, name)
-        return f"<{role} checkpoint trained from {hub}>"
-
-    argv = [
-        "deepspeed", "--num_gpus", str(config.ranks), "main.py",
-        "--actor_model_name_or_path", model(config.models.actor, "step-1 SFT"),
-        "--critic_model_name_or_path", model(config.models.critic, "step-2 reward"),
-        "--actor_zero_stage", str(actor.zero_stage), "--critic_zero_stage", str(critic.zero_stage),
-        "--per_device_generation_batch_size", str(batch.generation_micro),
-        "--per_device_training_batch_size", str(batch.train_micro),
-        "--gradient_accumulation_steps", str(batch.grad_accum),
-        "--generation_batches", str(ppo.generation_batches), "--ppo_epochs", str(ppo.epochs),
-        "--max_prompt_seq_len", str(ppo.max_prompt_len),
-        "--max_answer_seq_len", str(ppo.max_answer_len),
-        "--actor_learning_rate", f"{actor.learning_rate:g}",
-        "--critic_learning_rate", f"{critic.learning_rate:g}",
-        "--seed", str(config.seed), "--deepspeed",
-    ]  # fmt: skip
-    notes = [
-        "DeepSpeed-Chat hard-codes the PPO coefficients in dschat/rlhf/ppo_trainer.py "
-        f"(DeepSpeedPPOTrainer.__init__); set kl_ctl={ppo.kl_coef:g}, "
-        f"clip_reward_value={ppo.reward_clip:g}, cliprange={ppo.clip_range:g}, "
-        f"cliprange_value={ppo.value_clip_range:g}, gamma={ppo.gamma:g}, lam={ppo.lam:g} there.",
-    ]
-    if config.precision == "fp32":
-        notes.append("DeepSpeed-Chat's --dtype takes fp16 or bf16 only; this trial ran in fp32.")
-    else:
-        argv += ["--dtype", config.precision]
-    offloaded = {actor.offload_optimizer, critic.offload_optimizer, actor.offload_params,
-                 critic.offload_params} - {"none"}  # fmt: skip
-    if offloaded:
-        argv.append("--offload")
-        notes.append(
-            "DeepSpeed-Chat's --offload moves optimizer (and under ZeRO-3 parameter) state of "
-            "both actor and critic to the CPU; the JSON files here set each engine separately."
-        )
-    flags = {
-        "--offload_reference_model": config.offload_reference,
-        "--offload_reward_model": config.offload_reward,
-        "--enable_hybrid_engine": config.hybrid_engine,
-        "--actor_gradient_checkpointing": actor.gradient_checkpointing,
-        "--critic_gradient_checkpointing": critic.gradient_checkpointing,
-    }
-    argv += [flag for flag, on in flags.items() if on]
-    if actor.lora_rank:
-        argv += ["--actor_lora_dim", str(actor.lora_rank)]
-    if critic.lora_rank:
-        argv += ["--critic_lora_dim", str(critic.lora_rank)]
-    if actor.lora_rank or critic.lora_rank:
-        argv.append("--only_optimize_lora")  # tunelab's LoRA (peft) freezes the base
-    argv.append("--disable_actor_dropout")
-    if ppo.temperature != 1.0:
-        notes.append(f"Sampling temperature {ppo.temperature:g}: DeepSpeed-Chat uses 1.0.")
-    return argv, notes
 
 
 def validate_ds_config(ds_config: dict, ranks: int, where: str) -> None:
@@ -158,7 +89,7 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
          "metrics": record.metrics},
         indent=2,
     ) + "\n"  # fmt: skip
-    argv, notes = dschat_step3_command(config)
+    argv, notes = step3_command(config)
     start = argv.index("main.py") + 1
     groups = [argv[:start]]  # the launcher, then one flag (and its value) per line
     for item in argv[start:]:
