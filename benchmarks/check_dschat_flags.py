@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from pathlib import Path
 
 from tunelab.dschat import STEP3_FLAGS, Flag
 
@@ -45,7 +46,7 @@ def flags_of(source: str) -> dict[str, Flag]:
 
 
 def main(path: str) -> int:
-    theirs = flags_of(open(path).read())
+    theirs = flags_of(Path(path).read_text())
     ours = {f.name: f for f in STEP3_FLAGS if f.name not in DEEPSPEED_FLAGS}
     problems = [f"only in main.py: {name}" for name in theirs.keys() - ours.keys()]
     problems += [f"only in tunelab: {name}" for name in ours.keys() - theirs.keys()]

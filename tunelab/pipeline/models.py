@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import unwrap_model_for_generation
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -136,12 +137,24 @@ def _model_config(source: ModelSource, tokenizer, dropout: float | None):
 
 
 def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None):
-    """A backbone in the engine's dtype: random weights for presets, loaded for HF paths."""
+    """A backbone in the engine's dtype: random weights for presets, loaded for HF paths.
+
+    Without ZeRO-3 it is built (or loaded) straight on this rank's device, where DeepSpeed
+    would move it anyway: no whole copy in host memory, and random init runs on the GPU.
+    """
     config = _model_config(source, tokenizer, dropout)
     dtype = engine_dtype(ds_config)
-    with construction(ds_config):
-        if source.hf_path is not None:
-            return auto_class.from_pretrained(source.hf_path, config=config, dtype=dtype)
+    if is_zero3_config(ds_config):
+        with construction(ds_config):
+            if source.hf_path is not None:
+                return auto_class.from_pretrained(source.hf_path, config=config, dtype=dtype)
+            return auto_class.from_config(config, dtype=dtype)
+    device = torch.device(get_accelerator().current_device_name())
+    if source.hf_path is not None:
+        return auto_class.from_pretrained(
+            source.hf_path, config=config, dtype=dtype, device_map={"": device}
+        )
+    with device:
         return auto_class.from_config(config, dtype=dtype)
 
 
@@ -182,12 +195,11 @@ def build_value_model(
     backbone = _build(AutoModel, source, tokenizer, ds_config, dropout)
     config = backbone.config
     width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-    partitioned = (
-        deepspeed.zero.Init(config_dict_or_path=ds_config)
-        if is_zero3_config(ds_config)
-        else contextlib.nullcontext()
-    )
-    with partitioned:
+    if is_zero3_config(ds_config):
+        placed = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    else:
+        placed = torch.device(get_accelerator().current_device_name())
+    with placed:
         return ValueModel(backbone, width, engine_dtype(ds_config))
 
 
