@@ -305,7 +305,8 @@ def run_study(results: Results, spec: Path, work: Path) -> None:
     records = [from_frozen_trial(t) for t in load_study(folder).get_trials(deepcopy=False)]
     statuses = [r.status for r in records]
     results.trials["study"] = {"returncode": run.returncode, "statuses": statuses,
-                               "values": [r.values for r in records]}  # fmt: skip
+                               "values": [r.values for r in records],
+                               "stderr_tail": run.stderr[-3000:]}  # fmt: skip
     results.check(run.returncode == 0 and statuses == ["ok"] * 3,
                   f"study {spec.name}: 3 trials, statuses {statuses}")  # fmt: skip
 

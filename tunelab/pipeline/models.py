@@ -94,17 +94,10 @@ def is_zero3_config(ds_config: dict) -> bool:
 
 
 @contextlib.contextmanager
-def construction(ds_config: dict) -> Iterator[None]:
-    """Models built inside are partitioned from the start under ZeRO-3.
-
-    transformers builds (and loads) a model under deepspeed.zero.Init while an HfDeepSpeedConfig
-    of a ZeRO-3 config is alive, as DeepSpeed-Chat's create_hf_model does; without it every rank
-    would build the whole model and DeepSpeed would move it to the device whole before
-    partitioning it. transformers keeps only a weak reference, hence the local variable.
-    """
-    if not is_zero3_config(ds_config):
-        yield
-        return
+def _partitioned(ds_config: dict) -> Iterator[None]:
+    """transformers builds (and loads) models under deepspeed.zero.Init while an
+    HfDeepSpeedConfig of a ZeRO-3 config is alive, as DeepSpeed-Chat's create_hf_model has it;
+    it keeps only a weak reference, hence the local variable."""
     hf_config = HfDeepSpeedConfig(ds_config)
     try:
         yield
@@ -139,13 +132,16 @@ def _model_config(source: ModelSource, tokenizer, dropout: float | None):
 def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None):
     """A backbone in the engine's dtype: random weights for presets, loaded for HF paths.
 
-    Without ZeRO-3 it is built (or loaded) straight on this rank's device, where DeepSpeed
-    would move it anyway: no whole copy in host memory, and random init runs on the GPU.
+    Under ZeRO-3 it is partitioned from the start: without that every rank would build the
+    whole model and DeepSpeed would move it to the device whole before partitioning it (the
+    load-time OOM DeepSpeed-Chat users meet most). Otherwise it is built (or loaded) straight
+    on this rank's device, where DeepSpeed would move it anyway: no copy in host memory, and
+    random init runs on the GPU.
     """
     config = _model_config(source, tokenizer, dropout)
     dtype = engine_dtype(ds_config)
     if is_zero3_config(ds_config):
-        with construction(ds_config):
+        with _partitioned(ds_config):
             if source.hf_path is not None:
                 return auto_class.from_pretrained(source.hf_path, config=config, dtype=dtype)
             return auto_class.from_config(config, dtype=dtype)
