@@ -538,8 +538,13 @@ def device_headroom(ranks: int) -> int:
     return CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if ranks > 1 else 0)
 
 
-def predict(config: TrialConfig, actor: ModelShape, critic: ModelShape) -> MemoryPrediction:
-    """Per-rank memory of each stage of the trial (see the module docstring for sources)."""
+def predict(
+    config: TrialConfig, actor: ModelShape, critic: ModelShape, headroom: int | None = None
+) -> MemoryPrediction:
+    """Per-rank memory of each stage of the trial (see the module docstring for sources).
+
+    `headroom`: device bytes outside PyTorch's allocator; default `device_headroom(ranks)`
+    (a CUDA GPU), 0 for a node whose accelerator is the CPU."""
     precision, ranks = config.precision, config.ranks
     batch, ppo = config.batch, config.ppo
     seq = ppo.max_prompt_len + ppo.max_answer_len
@@ -622,4 +627,6 @@ def predict(config: TrialConfig, actor: ModelShape, critic: ModelShape) -> Memor
             },
         ),
     }
-    return MemoryPrediction(ranks, stages, device_headroom(ranks))
+    return MemoryPrediction(
+        ranks, stages, device_headroom(ranks) if headroom is None else headroom
+    )
