@@ -23,6 +23,7 @@ from tunelab.memory import (
     logits_bytes,
     predict,
 )
+from tunelab.metrics import is_metric_name
 from tunelab.presets import PRESETS
 
 from .conftest import ROOT
@@ -281,3 +282,11 @@ def test_hybrid_engine_is_not_modelled():
     trainable, frozen = engine_tensors(OPT13, config.actor, False)
     assert gather == 2 * sum(t for t in trainable + frozen if t > 10_000)
     assert gather > 2 * partitioned  # the LoRA adapters too
+
+
+def test_every_predicted_and_telemetry_metric_name_is_registered():
+    prediction = predict(load_config(DSCHAT, []), OPT13, OPT350)
+    names = [*prediction.flat_metrics(), "mem/peak_device_non_torch_bytes", "gpu/nvml_status",
+             "mem/setup/peak_host_rss_bytes", "mem/setup/peak_device_allocated_bytes"]  # fmt: skip
+    assert "mem/setup/predicted_device_peak_bytes" in names
+    assert [name for name in names if not is_metric_name(name)] == []
