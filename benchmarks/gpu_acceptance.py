@@ -8,11 +8,13 @@ a pure-Python wheel whose ops compile at run time, optuna, transformers 5.24, py
                                                      # on CPU stand-ins (tiny models)
 
 On the GPU node, from the repository root with .whl/ beside it (the device tool: carry .whl),
-run DEVICE_COMMAND below, then copy OUT to reports/gpu/<date>/. Steps: the OPT-1.3b + OPT-350m trial at DeepSpeed-Chat's
-single-GPU settings (fp16), a bf16 ZeRO-2 and a bf16 ZeRO-3 + optimizer offload variant, and the
-3-trial studies/gpu-smoke.yaml. OUT gets summary.md (PASS/FAIL lines: every trial ok, predicted
-device peak within 10% of measured per stage, MFU and NVML figures reported, fp16 skipped steps),
-results.json (every metric) and the tail of each trial's log.
+run DEVICE_COMMAND below, then copy OUT to reports/gpu/<date>/.
+
+Steps: the OPT-1.3b + OPT-350m trial at DeepSpeed-Chat's single-GPU settings (fp16), a bf16
+ZeRO-2 and a bf16 ZeRO-3 + optimizer offload variant, and the 3-trial studies/gpu-smoke.yaml.
+OUT gets summary.md (PASS/FAIL lines: every trial ok, predicted device peak within 10% of
+measured per stage, MFU and NVML figures reported, fp16 skipped steps), results.json (every
+metric) and the tail of each trial's log.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def _wheel(folder, name, version, *requires):
 def test_wheel_closure_finds_what_the_device_lacks(tmp_path):
     wheels = [
         _wheel(tmp_path, "app", "1.0", "lib>=2", "torch>=2.0", "missing",
-               "winonly; sys_platform == 'win32'", "extra-only; extra == 'x'"),  # fmt: skip
+               "winonly; sys_platform == 'win32'", "extra-only; extra == 'x'"),
         _wheel(tmp_path, "lib", "1.5"),
     ]
     problems = acceptance.unmet_requirements(wheels, {"torch": "2.11.0"})

@@ -1,26 +1,109 @@
 """This node's GPUs as NVML sees them (no torch): partitioning among workers, and whether a
-precision can run here, so a trial the device cannot do is never launched."""
+precision can run here, so a trial the device cannot do is never launched.
+
+A GPU's `index` is its position in PCI bus order, which is CUDA's order under
+CUDA_DEVICE_ORDER=PCI_BUS_ID. CUDA's default order (FASTEST_FIRST) may differ on a node with
+mixed GPUs, so trial processes get CUDA_DEVICE_ORDER=PCI_BUS_ID with their CUDA_VISIBLE_DEVICES
+slice (`trial_cuda_env`): the indices then name the GPUs the inventory meant.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config import TrialConfig
 from tunelab.errors import InputError
 
+PCI_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
 
 @dataclass(frozen=True)
 class Gpu:
-    index: int
+    index: int  # CUDA's index under CUDA_DEVICE_ORDER=PCI_BUS_ID
     name: str
     memory_bytes: int
     compute_capability: tuple[int, int]
+    uuid: str = ""  # NVML's "GPU-..." identifier
+    pci_bus_id: str = ""
+
+
+def pci_sort_key(bus_id: str) -> tuple[int, ...]:
+    """Numeric (domain, bus, device, function) of a PCI bus id such as "00000000:3B:00.0"."""
+    domain, bus, rest = bus_id.strip().split(":")
+    device, function = rest.split(".")
+    return tuple(int(part, 16) for part in (domain, bus, device, function))
+
+
+def in_pci_order(gpus: list[Gpu]) -> list[Gpu]:
+    """The GPUs renumbered by PCI bus id, as CUDA numbers them under PCI_BUS_ID."""
+    ordered = sorted(gpus, key=lambda g: pci_sort_key(g.pci_bus_id))
+    return [
+        Gpu(i, g.name, g.memory_bytes, g.compute_capability, g.uuid, g.pci_bus_id)
+        for i, g in enumerate(ordered)
+    ]
+
+
+def visible_gpus(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
+    """The GPUs an inherited CUDA_VISIBLE_DEVICES allows (indices in PCI bus order, or GPU
+    UUIDs or their unique prefixes), in its order; all of them when it is unset."""
+    if visible is None or not visible.strip():
+        return gpus
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            matches = [g for g in gpus if g.index == int(entry)]
+        elif entry.startswith("GPU-"):
+            matches = [g for g in gpus if g.uuid.startswith(entry)]
+        else:
+            matches = []
+        if len(matches) != 1:
+            raise InputError(
+                f"CUDA_VISIBLE_DEVICES={visible}: entry {entry!r} names no single GPU of this "
+                "node (tunelab splits whole GPUs among workers by index in PCI bus order or by "
+                "GPU UUID)"
+            )
+        chosen.append(matches[0])
+    return chosen
+
+
+def trial_cuda_env(gpus: list[int] | None) -> dict[str, str]:
+    """Environment of a trial process: CUDA's order set to NVML's (PCI bus), and the worker's
+    GPU slice when it has one."""
+    if gpus is None:
+        return dict(PCI_ORDER)
+    return {**PCI_ORDER, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+
+
+def nvml_uuid_candidates(cuda_uuid: str) -> list[str]:
+    """The identifiers NVML may know a CUDA device by, most likely first.
+
+    torch reports a device's UUID without NVML's prefix: "GPU-" for a whole GPU, "MIG-" for a
+    MIG slice (nvmlDeviceGetHandleByUUID accepts both). A UUID that already has one is tried
+    as given first.
+    """
+    uuid = cuda_uuid.strip()
+    bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+    candidates = [uuid, f"GPU-{bare}", f"MIG-{bare}"]
+    return list(dict.fromkeys(candidates))  # in order, each once
+
+
+def non_torch_bytes(nvml_used: int, reserved_before: int, reserved_after: int) -> int:
+    """Device memory outside PyTorch's allocator (CUDA context, NCCL buffers, other libraries):
+    NVML's used bytes minus torch's reserved bytes, read just before and after NVML. The larger
+    of the two is subtracted, so a change in between can only make the figure smaller."""
+    return max(0, nvml_used - max(reserved_before, reserved_after))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def gpu_inventory() -> list[Gpu]:
-    """Every GPU NVML reports; empty without NVML or a GPU."""
+    """Every GPU NVML reports that CUDA_VISIBLE_DEVICES allows, numbered in PCI bus order;
+    empty without NVML or a GPU."""
     try:
         import pynvml
 
@@ -31,16 +114,17 @@ def gpu_inventory() -> list[Gpu]:
     with contextlib.suppress(Exception):
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
             gpus.append(
                 Gpu(
                     index,
-                    name.decode() if isinstance(name, bytes) else name,
+                    _text(pynvml.nvmlDeviceGetName(handle)),
                     pynvml.nvmlDeviceGetMemoryInfo(handle).total,
                     tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
+                    _text(pynvml.nvmlDeviceGetUUID(handle)),
+                    _text(pynvml.nvmlDeviceGetPciInfo(handle).busId),
                 )
             )
-    return gpus
+    return visible_gpus(in_pci_order(gpus), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 # DeepSpeed 0.19's hybrid engine swaps decoder layers for its inference kernels, whose layers

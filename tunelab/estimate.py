@@ -10,7 +10,7 @@ from dataclasses import replace
 import pandas as pd
 
 from tunelab.config import EngineConfig, TrialConfig
-from tunelab.memory import MemoryPrediction, predict
+from tunelab.memory import MemoryPrediction, SetupMemory, StageMemory, predict
 from tunelab.presets import ModelShape
 
 GIB = 1024**3
@@ -28,31 +28,50 @@ SETTINGS = (
 )
 
 
-def breakdown(prediction: MemoryPrediction) -> pd.DataFrame:
-    """One row per (stage, engine) plus the stage's transients and peak, in GiB per rank."""
+def _stage_rows(name: str, stage: StageMemory) -> list[dict]:
     rows = []
-    for stage_name, stage in prediction.stages.items():
-        for role, states in stage.engines.items():
-            rows.append({
-                "stage": stage_name, "item": role,
-                "params": states.params.device, "grads": states.grads.device,
-                "optimizer": states.optimizer.device, "buffers": states.buffers.device,
-                "step": states.step_transient.device if role in stage.stepping else 0,
-                "device": states.resident.device, "host": states.resident.host,
-            })  # fmt: skip
-        for name, value in stage.transient.items():
-            if value:
-                rows.append({"stage": stage_name, "item": name, "device": value})
-        for name, value in stage.host_transient.items():
-            rows.append({"stage": stage_name, "item": name, "host": value})
+    for role, states in stage.engines.items():
+        trains = role in stage.training
         rows.append({
-            "stage": stage_name, "item": "PEAK", "device": stage.device_peak,
-            "host": stage.host_peak,
+            "stage": name, "item": role,
+            "params": states.params.total, "grads": states.grads.total,
+            "optimizer": states.optimizer.total, "buffers": states.buffers.total,
+            "backward": (states.backward_grads + states.buckets).total if trains else 0,
+            "step": states.step_transient.total if trains else 0,
+            "device": states.resident.device, "host": states.resident.host,
+        })  # fmt: skip
+    for role, items in stage.training.items():
+        for item, value in items.items():
+            if value:
+                rows.append({"stage": name, "item": f"{role}: {item}", "device": value})
+    for item, value in stage.transient.items():
+        if value:
+            rows.append({"stage": name, "item": item, "device": value})
+    for item, value in stage.host_transient.items():
+        rows.append({"stage": name, "item": item, "host": value})
+    return rows
+
+
+def breakdown(prediction: MemoryPrediction) -> pd.DataFrame:
+    """One row per (stage, engine) plus the stage's transients and peak, in GiB per rank; the
+    setup stage as one row per engine built (its moment's peaks)."""
+    rows = []
+    for name, stage in prediction.stages.items():
+        if isinstance(stage, SetupMemory):
+            for moment, memory in stage.moments.items():
+                rows.append({
+                    "stage": name, "item": f"building {moment}", "device": memory.device_peak,
+                    "host": memory.host_peak,
+                })  # fmt: skip
+        else:
+            rows += _stage_rows(name, stage)
+        rows.append({
+            "stage": name, "item": "PEAK", "device": stage.device_peak, "host": stage.host_peak,
         })  # fmt: skip
     frame = pd.DataFrame(rows).fillna(0)
-    columns = ["params", "grads", "optimizer", "buffers", "step", "device", "host"]
+    columns = ["params", "grads", "optimizer", "buffers", "backward", "step", "device", "host"]
     frame[columns] = frame[columns] / GIB
-    return frame
+    return frame[["stage", "item", *columns]]
 
 
 def _with_setting(config: TrialConfig, stage: int, optimizer: str, params: str) -> TrialConfig:
@@ -107,21 +126,30 @@ def render(config: TrialConfig, actor: ModelShape, critic: ModelShape, names, gp
     """The text `tunelab estimate` prints."""
     prediction = predict(config, actor, critic)
     budget = int(gpu_mem_gib * GIB)
+    fits = "fits" if prediction.device_peak <= budget else "does NOT fit"
     lines = [
         f"Predicted memory per rank: actor {names[0]} ({actor.num_params() / 1e6:,.1f} M params), "
         f"critic {names[1]} ({critic.num_params(lm_head=False) / 1e6:,.1f} M), "
         f"{config.precision}, {config.ranks} rank(s), micro-batch {config.batch.train_micro}, "
         f"sequence {config.ppo.max_prompt_len}+{config.ppo.max_answer_len}",
-        "GiB per rank; 'step' = fp32 gradients alive inside optimizer.step; device = on the GPU, "
-        "host = CPU memory (offload, hand-off weights)",
+        "GiB per rank (rank 0, which also holds the hand-off weights). Engines: params, grads "
+        "(between backward and step), optimizer (fp32 master + Adam), buffers; while training,",
+        "backward (gradients + reduce buckets at its peak) and step (extra inside "
+        "optimizer.step); device/host = held while idle. Trained engines take turns: a PEAK",
+        "counts the largest one's backward (with its activations and logits) or step. setup: "
+        "each engine as it is built, one at a time, the earlier ones built.",
         "",
-        breakdown(prediction).to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+        breakdown(prediction).to_string(
+            index=False, float_format=lambda v: f"{v:.3f}" if v else ""
+        ),
         "",
         f"Whole loop: device peak {prediction.device_peak / GIB:.2f} GiB per rank "
-        f"({'fits' if prediction.device_peak <= budget else 'does NOT fit'} in "
+        f"(PyTorch {prediction.device_peak_allocated / GIB:.2f} + "
+        f"{prediction.headroom / GIB:.2f} CUDA context/NCCL headroom; {fits} in "
         f"{gpu_mem_gib:g} GiB), host peak {prediction.host_peak / GIB:.2f} GiB per rank",
         "",
-        f"Largest micro-batch that fits in {gpu_mem_gib:g} GiB per GPU (actor and critic alike):",
+        f"Largest micro-batch that fits in {gpu_mem_gib:g} GiB per GPU (actor and critic alike, "
+        "headroom included):",
         largest_micro_batch(config, actor, critic, budget)
         .replace({"max micro-batch": {0: "does not fit"}})
         .to_string(index=False, float_format=lambda v: f"{v:.2f}"),

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import psutil
 
 from tunelab.config import TrialConfig
+from tunelab.devices import trial_cuda_env
 
 Launcher = Literal["torchrun", "deepspeed"]
 
@@ -224,8 +225,7 @@ def launch_trial(
     child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
     child_env.update(TRIAL_ENV, PYTHONUNBUFFERED="1")
     child_env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
-    if gpus is not None:
-        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    child_env.update(trial_cuda_env(gpus))
     progress = ProgressReader(out_dir / "progress.jsonl")
     started = time.monotonic()
     stopped: tuple[str, str] | None = None

@@ -3,15 +3,34 @@
 Model states follow the ZeRO paper (Rajbhandari et al. 2020): with Psi parameters in 16-bit
 and Adam, 2Psi params + 2Psi grads + K*Psi optimizer states (K = 12: fp32 master, momentum,
 variance); stage 1 partitions the optimizer states over N ranks, stage 2 also the gradients,
-stage 3 also the parameters. The terms are laid out as DeepSpeed 0.19 allocates them, checked
-against live engines (tests/test_memory_measured.py):
+stage 3 also the parameters. The terms are laid out as DeepSpeed 0.19 allocates them
+(deepspeed/runtime/zero/stage_1_and_2.py, stage3.py, partition_parameters.py,
+runtime/fp16/fused_optimizer.py), with the bucket sizes and thresholds of each engine's own
+DeepSpeed config (tunelab.dsconfig), and checked against live engines
+(tests/test_memory_measured.py):
 
-- stages 1-2 keep only this rank's gradient partition between backward and step; stage 3 keeps
-  parameters below `stage3_param_persistence_threshold` elements whole on every rank;
+- gradients: ZeRO-0 and ZeRO-1 hold every 16-bit gradient during backward (ZeRO-1 reduces them
+  only after backward, so the paper's 2Psi + 2Psi + 12Psi/N holds at its peak); ZeRO-2 keeps
+  this rank's partition; all three free them after the step. ZeRO-3 keeps a persistent 16-bit
+  partition buffer. ZeRO-1/2 allocate their reduce buckets (`reduce_bucket_size` elements each,
+  two with overlap_comm, not capped by the model size) at the first gradient hook and release
+  them after backward; ZeRO-3 allocates its one bucket at initialisation and keeps it.
+  `allgather_bucket_size` allocates nothing in 0.19 (the all-gather writes the flat parameters
+  in place);
 - optimizer offload moves the fp32 master, its fp32 gradient and the moments to the host,
-  parameter offload (ZeRO-3) the parameter partitions;
-- the fp32 gradient of the master weights lives only inside optimizer.step (`step_transient`);
-  with it, ZeRO-2 matches DeepSpeed's estimate_zero2_model_states_mem_needs (2P + 18P/N).
+  parameter offload (ZeRO-3) the parameter partitions; Adam's moments appear at the first step
+  (FP16_Optimizer, ZeRO-0 in 16-bit, makes them at initialisation);
+- inside optimizer.step the flattened 16-bit gradient partition and its fp32 cast are alive
+  together (`step_transient`); without the flattened copy, ZeRO-2 matches DeepSpeed's
+  estimate_zero2_model_states_mem_needs (2P + 18P/N).
+
+Construction (the `setup` stage, tunelab's design for building models): under ZeRO-3 every model
+is built partitioned (deepspeed.zero.Init, or from_pretrained under HfDeepSpeedConfig) in the
+engine's dtype, so a rank holds its partition, the persistent small tensors and one whole tensor
+at a time; otherwise a model is built whole on the host in the engine's dtype and
+deepspeed.initialize moves it to the device. Models are built one at a time. A trained model's
+weights are handed on (SFT -> actor and reference, RM -> critic and reward) as a state dict in
+the engine's dtype in rank 0's host memory; the figures are rank 0's, the largest.
 
 Activations per decoder layer follow Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes in 16-bit
@@ -19,22 +38,34 @@ without recomputation. transformers runs attention through SDPA, whose fused ker
 store the a*s*s score matrices, so the 5*a*s/h term is dropped (as in the paper's selective
 recomputation, 34*s*b*h); `eager_attention=True` keeps it. Full recomputation keeps 2*s*b*h per
 layer (the layer inputs). The generation KV cache is 2 * layers * batch * tokens * kv_width *
-bytes.
+bytes. Logits are counted at the bytes per element their copies really take (`logits_bytes`).
+
+The device peak used for "fits" verdicts adds `headroom`: memory the GPU holds outside
+PyTorch's allocator (CUDA context, NCCL buffers), which torch's peak-allocated figure misses.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tunelab.config import EngineConfig, TrialConfig
+from tunelab.dsconfig import engine_ds_configs
 from tunelab.presets import ModelShape
 
-PERSISTENCE_THRESHOLD = 10_000  # stage3_param_persistence_threshold in dsconfig (DS-Chat's)
-STAGE3_MAX_LIVE = 30_000_000  # stage3_max_live_parameters / prefetch bucket (DS-Chat's)
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
-STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
+GIB = 2**30
+# DeepSpeed 0.19's defaults for what a config leaves out (deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET = 500_000_000
+DS_PERSISTENCE_THRESHOLD = 100_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+# Device memory outside PyTorch's caching allocator, per rank. An estimate, not a measurement
+# here: the CUDA context with lazily loaded kernels takes several hundred MiB, and NCCL keeps
+# send/receive buffers of NCCL_BUFFSIZE (4 MiB by default) per channel and peer. A GPU trial
+# measures the real figure as mem/peak_device_non_torch_bytes (NVML used - torch reserved).
+CUDA_CONTEXT_BYTES = GIB
+NCCL_BUFFER_BYTES = GIB // 2
+STAGES = ("setup", "sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,9 @@ class Split:
     def __add__(self, other: Split) -> Split:
         return Split(self.device + other.device, self.host + other.host)
 
+    def __sub__(self, other: Split) -> Split:
+        return Split(self.device - other.device, self.host - other.host)
+
     @property
     def total(self) -> int:
         return self.device + self.host
@@ -55,16 +89,70 @@ class Split:
     def at(nbytes: float, host: bool) -> Split:
         return Split(0, math.ceil(nbytes)) if host else Split(math.ceil(nbytes), 0)
 
+    @staticmethod
+    def peak(*splits: Split) -> Split:
+        """The larger of each place over moments that do not overlap in time."""
+        return Split(max(s.device for s in splits), max(s.host for s in splits))
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What of one engine's DeepSpeed config decides its memory."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket: int = DS_REDUCE_BUCKET  # elements
+    contiguous_gradients: bool = True
+    overlap_comm: bool = False
+    persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
+    max_live_parameters: int = DS_MAX_LIVE_PARAMETERS
+
+    @classmethod
+    def from_ds_config(cls, ds_config: dict[str, Any]) -> ZeroSettings:
+        """Read a DeepSpeed config dict, DeepSpeed's defaults for the keys it leaves out."""
+        zero = ds_config.get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+
+        def offloaded(key: str) -> bool:
+            return (zero.get(key) or {}).get("device", "none") != "none"
+
+        return cls(
+            stage=stage,
+            offload_optimizer=offloaded("offload_optimizer"),
+            offload_params=offloaded("offload_param"),
+            reduce_bucket=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)),
+            contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+            # DeepSpeed turns overlap_comm on by default for ZeRO-3 only.
+            overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
+            persistence_threshold=int(
+                zero.get("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD)
+            ),
+            max_live_parameters=int(
+                zero.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)
+            ),
+        )
+
 
 @dataclass(frozen=True)
 class EngineStates:
-    """Model states of one DeepSpeed engine on one rank."""
+    """One DeepSpeed engine on one rank: its model states and the transients of its steps."""
 
     params: Split = Split()
-    grads: Split = Split()
-    optimizer: Split = Split()  # fp32 master weights + Adam moments
-    buffers: Split = Split()  # ZeRO-3 reduce bucket, offload staging buffers
-    step_transient: Split = Split()  # fp32 gradients alive only inside optimizer.step
+    grads: Split = Split()  # this rank's gradients between backward and step
+    master: Split = Split()  # fp32 master weights
+    moments: Split = Split()  # Adam's momentum and variance
+    buffers: Split = Split()  # kept for the engine's life: ZeRO-3 bucket, offload staging
+    backward_grads: Split = Split()  # gradients at the peak of backward
+    buckets: Split = Split()  # ZeRO-1/2 reduce buckets, alive only during backward
+    step_transient: Split = Split()  # alive only inside optimizer.step, besides `grads`
+    persistent_grads: bool = False  # gradients stay allocated between steps
+    moments_at_init: bool = False  # the moments exist once deepspeed.initialize returns
+    load_peak: Split = Split()  # everything of this engine at the peak of building it
+
+    @property
+    def optimizer(self) -> Split:
+        return self.master + self.moments
 
     @property
     def model_states(self) -> Split:
@@ -73,12 +161,31 @@ class EngineStates:
 
     @property
     def resident(self) -> Split:
-        return self.model_states + self.buffers
+        """What the engine holds while it does not train (generation, experience)."""
+        kept = self.params + self.optimizer + self.buffers
+        return kept + self.grads if self.persistent_grads else kept
+
+    @property
+    def loaded(self) -> Split:
+        """What the engine holds once deepspeed.initialize returns (no step taken yet)."""
+        kept = self.params + self.master + self.buffers
+        if self.moments_at_init:
+            kept += self.moments
+        return kept + self.grads if self.persistent_grads else kept
+
+    def training_extra(self, activations: int) -> Split:
+        """Bytes above `resident` while this engine trains: the larger of backward (gradients,
+        buckets and `activations`, device bytes of the forward kept for backward) and step."""
+        backward = self.backward_grads + self.buckets + Split(activations, 0)
+        step = self.grads + self.step_transient
+        kept = self.grads if self.persistent_grads else Split()
+        return Split.peak(backward, step) - kept
 
     def to_dict(self) -> dict[str, Any]:
-        result = {f.name: vars(getattr(self, f.name)) for f in fields(self)}
-        result["model_states"] = vars(self.model_states)
-        return result
+        splits = ("params", "grads", "master", "moments", "buffers", "backward_grads",
+                  "buckets", "step_transient", "load_peak", "optimizer", "model_states",
+                  "resident")  # fmt: skip
+        return {name: vars(getattr(self, name)) for name in splits}
 
 
 def _lora_targets(shape: ModelShape, modules: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -111,75 +218,119 @@ def engine_tensors(shape: ModelShape, engine: EngineConfig | None, value_head: b
     return base + head, []
 
 
+def _bytes_per_element(precision: str) -> int:
+    """Parameters, gradients and activations: 16-bit unless the trial runs fp32."""
+    return 4 if precision == "fp32" else 2
+
+
 def engine_states(
-    trainable: list[int],
-    frozen: list[int],
-    *,
-    zero_stage: int,
-    ranks: int,
-    precision: str,
-    offload_optimizer: bool = False,
-    offload_params: bool = False,
-    reduce_bucket: int = REDUCE_BUCKET,
+    trainable: list[int], frozen: list[int], zero: ZeroSettings, *, ranks: int, precision: str
 ) -> EngineStates:
     """Model states per rank of one engine (no optimizer when `trainable` is empty)."""
-    width = 4 if precision == "fp32" else 2  # bytes per parameter and gradient element
-    n = ranks
-    t_count = sum(trainable)
-    p_count = t_count + sum(frozen)
-    if zero_stage == 3:
+    w, n = _bytes_per_element(precision), ranks
+    tensors = trainable + frozen
+    t_count, p_count = sum(trainable), sum(tensors)
+    if zero.stage == 3:
         # Small tensors stay whole on every rank besides their partition (one rank: the same).
-        persistent = sum(t for t in trainable + frozen if t <= PERSISTENCE_THRESHOLD)
-        whole = width * persistent if n > 1 else 0
-        params = Split.at(width * p_count / n, offload_params) + Split.at(whole, False)
+        persistent = sum(t for t in tensors if t <= zero.persistence_threshold)
+        whole = w * persistent if n > 1 else 0
+        params = Split.at(w * p_count / n, zero.offload_params) + Split.at(whole, False)
+        # zero.Init makes each tensor whole on the device before partitioning it.
+        built = params + Split(w * max(tensors), 0)
     else:
-        params = Split.at(width * p_count, False)
+        params = Split(w * p_count, 0)
+        # Built whole on the host, then moved to the device by deepspeed.initialize.
+        built = Split.peak(Split(0, w * p_count), params)
     if not trainable:
-        return EngineStates(params=params)
-
-    # fp32 master copy (4 bytes) + Adam momentum and variance (8); plain fp32 at stage 0 trains
-    # the module's own parameters and keeps no copy.
-    optimizer_width = 8 if precision == "fp32" and zero_stage == 0 else 12
-    if zero_stage == 0:
-        grads = Split.at(width * t_count, False)
-        optimizer = Split.at(optimizer_width * t_count, False)
-        transient = Split.at(4 * t_count if precision != "fp32" else 0, False)
-        return EngineStates(params, grads, optimizer, Split(), transient)
-
-    share = t_count / n
-    optimizer = Split.at(optimizer_width * share, offload_optimizer)
-    if offload_optimizer:
-        # Gradients are copied into the host's fp32 partition during backward.
-        grads = Split.at(4 * share, True)
-        if zero_stage == 3:
-            grads += Split.at(width * share, False)  # 16-bit partition kept on the device
-            buffers = Split.at(width * reduce_bucket, False)
-        else:
-            largest = max(trainable)
-            # bf16 copy of the partition and two staging buffers of the largest tensor.
-            buffers = Split.at(width * share + 2 * width * largest, False)
-        return EngineStates(params, grads, optimizer, buffers, Split())
-    grads = Split.at(width * share, False)
-    buffers = Split.at(width * reduce_bucket, False) if zero_stage == 3 else Split()
-    return EngineStates(params, grads, optimizer, buffers, Split.at(4 * share, False))
+        return EngineStates(params=params, load_peak=built)
+    if zero.stage == 0:
+        return _zero0_states(params, t_count, w, built)
+    if zero.stage == 3:
+        return _zero3_states(params, zero, t_count / n, w, max(trainable), max(tensors), built)
+    return _zero12_states(params, zero, t_count, t_count / n, w, max(trainable), built)
 
 
-def _role_states(config: TrialConfig, shape: ModelShape, engine: EngineConfig, value_head: bool):
-    trainable, frozen = engine_tensors(shape, engine, value_head)
-    return engine_states(
-        trainable, frozen, zero_stage=engine.zero_stage, ranks=config.ranks,
-        precision=config.precision, offload_optimizer=engine.offload_optimizer == "cpu",
-        offload_params=engine.offload_params == "cpu",
+def _zero0_states(params: Split, t_count: int, w: int, built: Split) -> EngineStates:
+    if w == 4:
+        # fp32: the torch optimizer trains the module's own parameters, no master copy.
+        grads = Split(4 * t_count, 0)
+        return EngineStates(
+            params, grads, moments=Split(8 * t_count, 0), backward_grads=grads, load_peak=built
+        )
+    # FP16_Optimizer: flattens clones of the 16-bit weights, keeps an fp32 flat master, and
+    # steps once at initialisation (zero fp32 gradient), which makes Adam's moments. Its step
+    # casts every gradient to fp32 and flattens the list: both alive together.
+    grads = Split(w * t_count, 0)
+    master, moments = Split(4 * t_count, 0), Split(8 * t_count, 0)
+    flatten = params + Split(2 * w * t_count, 0)
+    initial_step = params + master + moments + Split(4 * t_count, 0)
+    return EngineStates(
+        params, grads, master, moments, backward_grads=grads,
+        step_transient=Split(8 * t_count, 0), moments_at_init=True,
+        load_peak=Split.peak(built, flatten, initial_step),
     )  # fmt: skip
 
 
-def _frozen_states(config: TrialConfig, shape: ModelShape, follows: EngineConfig, offload: bool,
-                   value_head: bool) -> EngineStates:  # fmt: skip
-    _, frozen = engine_tensors(shape, None, value_head)
-    return engine_states(
-        [], frozen, zero_stage=3 if follows.zero_stage == 3 else 0, ranks=config.ranks,
-        precision=config.precision, offload_params=offload,
+def _zero12_states(params, zero, t_count, share, w, largest, built) -> EngineStates:
+    """ZeRO-1 (gradients reduced after backward) and ZeRO-2 (reduced in backward hooks)."""
+    offload = zero.offload_optimizer
+    contiguous = zero.contiguous_gradients or offload  # DeepSpeed forces it under offload
+    count = (2 if zero.overlap_comm else 1) if contiguous else 0
+    buckets = Split(w * zero.reduce_bucket * count, 0)
+    if zero.stage == 1:
+        backward = Split(w * t_count, 0)  # every 16-bit gradient, reduced after backward
+    else:
+        # This rank's partition plus the one gradient autograd just made, before the hook
+        # copies it into a bucket.
+        backward = (
+            Split(w * largest, 0) if offload else Split(math.ceil(w * share) + w * largest, 0)
+        )
+    flatten = params + Split(w * t_count, 0)  # the 16-bit weights flattened beside the originals
+    master = Split.at(4 * share, offload)
+    moments = Split.at(8 * share, offload)
+    if offload:
+        # fp32 gradient partition (pinned, kept), a 16-bit copy of the partition and one staging
+        # buffer of the largest tensor on each side.
+        grads = Split(0, math.ceil(4 * share))
+        buffers = Split(w * largest, math.ceil(w * share) + w * largest)
+        states = EngineStates(
+            params, grads, master, moments, buffers, backward_grads=backward + grads,
+            buckets=buckets, persistent_grads=True,
+        )  # fmt: skip
+        return replace(states, load_peak=Split.peak(built, flatten, states.loaded))
+    grads = Split(math.ceil(w * share), 0)
+    # step flattens the 16-bit partition, then casts it to fp32 (a no-op when fp32).
+    step = Split(math.ceil((w + 4 if w == 2 else 4) * share), 0)
+    states = EngineStates(
+        params, grads, master, moments, backward_grads=backward, buckets=buckets,
+        step_transient=step,
     )  # fmt: skip
+    initial_gradient = Split(math.ceil(4 * share), 0)  # initialize_optimizer_states, then freed
+    return replace(states, load_peak=Split.peak(built, flatten, states.loaded + initial_gradient))
+
+
+def _zero3_states(params, zero, share, w, largest, largest_any, built) -> EngineStates:
+    offload = zero.offload_optimizer
+    # The 16-bit gradient partition buffer (kept), the fp32 gradients under offload (kept).
+    grads = Split.at(w * share, offload) + Split.at(4 * share if offload else 0, True)
+    master = Split.at(4 * share, offload)
+    moments = Split.at(8 * share, offload)
+    buffers = Split(w * zero.reduce_bucket if zero.contiguous_gradients else 0, 0)
+    # A whole gradient of the largest tensor before its reduce-scatter.
+    backward = grads + Split(w * largest, 0)
+    step = Split(0 if offload else math.ceil((w + 4 if w == 2 else 4) * share), 0)
+    states = EngineStates(
+        params, grads, master, moments, buffers, backward_grads=backward, step_transient=step,
+        persistent_grads=True,
+    )  # fmt: skip
+    # After initialize: the trainable partitions made contiguous (a copy), the initial fp32
+    # gradient buffer, or one tensor gathered to take rank 0's hand-off weights.
+    extra = Split.peak(
+        Split.at(w * share, zero.offload_params),
+        Split(0 if offload else math.ceil(4 * share), 0),
+        Split(w * largest_any, 0),
+    )
+    return replace(states, load_peak=Split.peak(built, states.loaded + extra))
 
 
 def activation_bytes(
@@ -205,68 +356,152 @@ def activation_bytes(
     return math.ceil(total * (2 if precision == "fp32" else 1))
 
 
-def logits_bytes(shape: ModelShape, batch: int, positions: int, backward: bool) -> int:
-    """fp32 logits over the vocabulary (loss and log-probabilities), and their gradient."""
-    return batch * positions * shape.vocab_size * 4 * (2 if backward else 1)
+# Bytes per logit element at the peak of each way the pipeline uses logits. 16-bit model:
+# - "loss" (SFT; transformers' ForCausalLMLoss): forward holds the logits (2), their fp32 upcast
+#   (4) and log-softmax (4); backward holds the saved log-softmax, its gradient and the input's
+#   gradient, all fp32 (12), the logits already freed. fp32 model: upcast is the tensor itself.
+# - "logprobs" (PPO; ppo_math.token_logprobs, with or without grad): the logits (2), the fp32
+#   logits / temperature (4), CUDA's contiguous copy of that transposed input (4, aten's
+#   host_softmax) and the log-softmax (4); backward as above (12).
+_LOGIT_BYTES = {
+    ("loss", 2): 12, ("loss", 4): 12, ("logprobs", 2): 14, ("logprobs", 4): 16,
+}  # fmt: skip
+
+
+def logits_bytes(shape: ModelShape, rows: int, positions: int, precision: str, use: str) -> int:
+    """Logits over the vocabulary with their fp32 copies: rows * positions * V * bytes."""
+    return rows * positions * shape.vocab_size * _LOGIT_BYTES[use, _bytes_per_element(precision)]
 
 
 def kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, precision: str) -> int:
     """Keys and values of every layer for `tokens` positions: 2 * L * b * t * kv_width * bytes."""
-    width = 4 if precision == "fp32" else 2
-    return 2 * shape.num_layers * batch * tokens * shape.kv_dim * width
+    return 2 * shape.num_layers * batch * tokens * shape.kv_dim * _bytes_per_element(precision)
 
 
-def gather_bytes(shape: ModelShape, engine: EngineConfig, precision: str, ranks: int) -> int:
-    """ZeRO-3 parameters gathered while computing: up to stage3_max_live_parameters at once."""
-    if engine.zero_stage != 3:
+def _partitioned(tensors: list[int], zero: ZeroSettings) -> int:
+    return sum(t for t in tensors if t > zero.persistence_threshold)
+
+
+def gather_bytes(tensors: list[int], zero: ZeroSettings, precision: str) -> int:
+    """ZeRO-3 parameters gathered while computing: whole tensors (each a new buffer beside the
+    partition), up to stage3_max_live_parameters elements at once."""
+    if zero.stage != 3:
         return 0
-    width = 4 if precision == "fp32" else 2
-    total = shape.num_params()
-    return math.ceil(width * min(total, STAGE3_MAX_LIVE) * (1 - 1 / ranks))
+    live = min(_partitioned(tensors, zero), zero.max_live_parameters)
+    return _bytes_per_element(precision) * live
+
+
+def whole_model_gather_bytes(tensors: list[int], zero: ZeroSettings, precision: str) -> int:
+    """Every partitioned tensor gathered at once (GatheredParameters over the whole model)."""
+    return _bytes_per_element(precision) * _partitioned(tensors, zero) if zero.stage == 3 else 0
 
 
 @dataclass(frozen=True)
 class StageMemory:
-    """Everything one rank holds at the peak of one stage."""
+    """Everything one rank holds at the peak of one stage.
 
-    engines: dict[str, EngineStates]
+    `training` maps each engine that trains in the stage to its forward/backward device
+    transients (activations, logits, gathered parameters). Engines train one after the other
+    (PPO: actor, then critic), so only the largest of them counts at the peak.
+    """
+
+    engines: dict[str, EngineStates] = field(default_factory=dict)
     transient: dict[str, int] = field(default_factory=dict)  # device bytes at the peak
     host_transient: dict[str, int] = field(default_factory=dict)
-    stepping: tuple[str, ...] = ()  # engines whose optimizer steps here (one at a time)
+    training: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def _step(self, place: str) -> int:
-        return max(
-            (getattr(self.engines[r].step_transient, place) for r in self.stepping), default=0
-        )
+    def training_extra(self) -> Split:
+        extras = [self.engines[role].training_extra(sum(items.values()))
+                  for role, items in self.training.items()]  # fmt: skip
+        return Split.peak(Split(), *extras)
 
     @property
     def device_peak(self) -> int:
         resident = sum(e.resident.device for e in self.engines.values())
-        return resident + self._step("device") + sum(self.transient.values())
+        return resident + sum(self.transient.values()) + self.training_extra().device
 
     @property
     def host_peak(self) -> int:
         resident = sum(e.resident.host for e in self.engines.values())
-        return resident + self._step("host") + sum(self.host_transient.values())
+        return resident + sum(self.host_transient.values()) + self.training_extra().host
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "engines": {role: states.to_dict() for role, states in self.engines.items()},
             "transient": dict(self.transient),
             "host_transient": dict(self.host_transient),
+            "training": {role: dict(items) for role, items in self.training.items()},
             "device_peak": self.device_peak,
             "host_peak": self.host_peak,
         }
 
 
 @dataclass(frozen=True)
-class MemoryPrediction:
-    ranks: int
-    stages: dict[str, StageMemory]
+class SetupMemory:
+    """Building the engines, one at a time: the peak is the worst of these moments."""
+
+    moments: dict[str, StageMemory]
 
     @property
     def device_peak(self) -> int:
+        return max(moment.device_peak for moment in self.moments.values())
+
+    @property
+    def host_peak(self) -> int:
+        return max(moment.host_peak for moment in self.moments.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "moments": {name: moment.to_dict() for name, moment in self.moments.items()},
+            "device_peak": self.device_peak,
+            "host_peak": self.host_peak,
+        }
+
+
+def _building(built: dict[str, EngineStates], role: str, states: EngineStates,
+              waiting: dict[str, int]) -> StageMemory:  # fmt: skip
+    """The moment `role` is built while the engines in `built` hold their loaded states and
+    the hand-off weights in `waiting` sit in rank 0's host memory."""
+    return StageMemory(
+        transient={**{f"{r} (built)": s.loaded.device for r, s in built.items()},
+                   f"{role} (building)": states.load_peak.device},
+        host_transient={**{f"{r} (built)": s.loaded.host for r, s in built.items()},
+                        f"{role} (building)": states.load_peak.host, **waiting},
+    )  # fmt: skip
+
+
+def setup_memory(engines: dict[str, EngineStates], sft_weights: int, rm_weights: int):
+    """Load-time moments: the SFT engine, the RM engine (the SFT weights waiting on rank 0), and
+    PPO's actor, reference, critic, reward in turn (both state dicts waiting on rank 0)."""
+    moments = {
+        "sft": _building({}, "sft", engines["sft"], {}),
+        "rm": _building({}, "rm", engines["rm"], {"sft weights (rank 0)": sft_weights}),
+    }
+    waiting = {"sft weights (rank 0)": sft_weights, "rm weights (rank 0)": rm_weights}
+    built: dict[str, EngineStates] = {}
+    for role in ("actor", "reference", "critic", "reward"):
+        moments[f"ppo {role}"] = _building(built, role, engines[role], waiting)
+        built[role] = engines[role]
+    return SetupMemory(moments)
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Per-rank peaks of every stage; `device_peak` adds the headroom a GPU needs besides
+    PyTorch's allocations (use it for budgets), `device_peak_allocated` is what torch's
+    max_memory_allocated would show (compare it with measurements)."""
+
+    ranks: int
+    stages: dict[str, StageMemory | SetupMemory]
+    headroom: int = 0
+
+    @property
+    def device_peak_allocated(self) -> int:
         return max(stage.device_peak for stage in self.stages.values())
+
+    @property
+    def device_peak(self) -> int:
+        return self.device_peak_allocated + self.headroom
 
     @property
     def host_peak(self) -> int:
@@ -276,14 +511,20 @@ class MemoryPrediction:
         return {
             "ranks": self.ranks,
             "device_peak": self.device_peak,
+            "device_peak_allocated": self.device_peak_allocated,
+            "headroom": self.headroom,
             "host_peak": self.host_peak,
             "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
         }
 
     def flat_metrics(self) -> dict[str, int]:
-        """`mem/<stage>/predicted_*` next to the measured `mem/<stage>/peak_*` of a trial."""
+        """`mem/<stage>/predicted_*` next to the measured `mem/<stage>/peak_*` of a trial.
+
+        Device figures are torch allocations (no headroom), comparable with
+        peak_device_allocated; the headroom is its own metric."""
         metrics = {
-            "mem/predicted_device_peak_bytes": self.device_peak,
+            "mem/predicted_device_peak_bytes": self.device_peak_allocated,
+            "mem/predicted_device_headroom_bytes": self.headroom,
             "mem/predicted_host_peak_bytes": self.host_peak,
         }
         for name, stage in self.stages.items():
@@ -292,79 +533,102 @@ class MemoryPrediction:
         return metrics
 
 
-def predict(config: TrialConfig, actor: ModelShape, critic: ModelShape) -> MemoryPrediction:
-    """Per-rank memory of each stage of the trial (see the module docstring for sources)."""
+def device_headroom(ranks: int) -> int:
+    """CUDA context per rank, plus NCCL's buffers when ranks communicate."""
+    return CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if ranks > 1 else 0)
+
+
+def predict(
+    config: TrialConfig, actor: ModelShape, critic: ModelShape, headroom: int | None = None
+) -> MemoryPrediction:
+    """Per-rank memory of each stage of the trial (see the module docstring for sources).
+
+    `headroom`: device bytes outside PyTorch's allocator; default `device_headroom(ranks)`
+    (a CUDA GPU), 0 for a node whose accelerator is the CPU."""
     precision, ranks = config.precision, config.ranks
     batch, ppo = config.batch, config.ppo
     seq = ppo.max_prompt_len + ppo.max_answer_len
-    width = 4 if precision == "fp32" else 2
+    answer_positions = ppo.max_answer_len + 1  # logits_to_keep in the PPO forward passes
+    ds_configs = engine_ds_configs(config)
+    zero = {role: ZeroSettings.from_ds_config(ds) for role, ds in ds_configs.items()}
+    shapes = {"sft": actor, "actor": actor, "reference": actor,
+              "rm": critic, "critic": critic, "reward": critic}  # fmt: skip
+    trained = {"sft": config.actor, "actor": config.actor,
+               "rm": config.critic, "critic": config.critic}  # fmt: skip
+    value_heads = ("rm", "critic", "reward")
+    tensors = {
+        role: engine_tensors(shapes[role], trained.get(role), role in value_heads)
+        for role in shapes
+    }
+    engines = {
+        role: engine_states(*tensors[role], zero[role], ranks=ranks, precision=precision)
+        for role in shapes
+    }
 
-    # SFT runs on the actor's engine settings and the RM on the critic's: the same states.
-    actor_states = _role_states(config, actor, config.actor, value_head=False)
-    critic_states = _role_states(config, critic, config.critic, value_head=True)
-    reference = _frozen_states(config, actor, config.actor, config.offload_reference, False)
-    reward = _frozen_states(config, critic, config.critic, config.offload_reward, True)
-    ppo_engines = {
-        "actor": actor_states, "reference": reference, "critic": critic_states, "reward": reward,
-    }  # fmt: skip
-    # The SFT weights wait in host memory (16-bit) while the reward model trains.
-    sft_weights = width * actor.num_params()
+    def gather(role: str) -> int:
+        return gather_bytes(tensors[role][0] + tensors[role][1], zero[role], precision)
 
-    def train_transient(shape, engine, rows, positions, value_head):
-        result = {
-            "activations": activation_bytes(
-                shape, rows, seq, engine.gradient_checkpointing, precision
-            ),
-            "zero3_gather": gather_bytes(shape, engine, precision, ranks),
+    def training(role: str, rows: int, logits: int = 0) -> dict[str, int]:
+        checkpointing = trained[role].gradient_checkpointing
+        items = {
+            "activations": activation_bytes(shapes[role], rows, seq, checkpointing, precision),
+            "zero3_gather": gather(role),
         }
-        if not value_head:
-            result["logits"] = logits_bytes(shape, rows, positions, backward=True)
-        return result
+        return {**items, "logits": logits} if logits else items
 
-    generation_gather = 0
-    if config.actor.zero_stage == 3 and not config.hybrid_engine:
-        # tunelab gathers the whole actor once per generation call.
-        generation_gather = math.ceil(width * actor.num_params() * (1 - 1 / ranks))
-    stages = {
+    micro, generation_micro = batch.train_micro, batch.generation_micro
+    sft_logits = logits_bytes(actor, micro, seq, precision, "loss")
+    train_logits = logits_bytes(actor, micro, answer_positions, precision, "logprobs")
+    experience_logits = logits_bytes(
+        actor, generation_micro, answer_positions, precision, "logprobs"
+    )
+    actor_tensors = tensors["actor"][0] + tensors["actor"][1]
+    # Hand-off state dicts in the engine's dtype, one copy per parameter (tied weights once).
+    width = _bytes_per_element(precision)
+    sft_weights = width * actor.num_params()
+    rm_weights = width * (critic.num_params(lm_head=False) + critic.output_dim)
+    ppo_engines = {role: engines[role] for role in ("actor", "reference", "critic", "reward")}
+    stages: dict[str, StageMemory | SetupMemory] = {
+        "setup": setup_memory(engines, sft_weights, rm_weights),
         "sft": StageMemory(
-            {"actor": actor_states},
-            train_transient(actor, config.actor, batch.train_micro, seq, False),
-            stepping=("actor",),
+            {"actor": engines["sft"]},  # SFT trains on the actor's engine settings
+            host_transient={"sft weights (rank 0, hand-off)": sft_weights},
+            training={"actor": training("sft", micro, sft_logits)},
         ),
         "rm": StageMemory(
-            {"critic": critic_states},
-            train_transient(critic, config.critic, 2 * batch.train_micro, seq, True),
-            {"sft_weights": sft_weights},
-            stepping=("critic",),
+            {"critic": engines["rm"]},  # the reward model on the critic's
+            host_transient={
+                "sft weights (rank 0)": sft_weights,
+                "rm weights (rank 0, hand-off)": rm_weights,
+            },
+            training={"critic": training("rm", 2 * micro)},  # chosen and rejected at once
         ),
         "ppo_generate": StageMemory(
             ppo_engines,
             {
-                "kv_cache": kv_cache_bytes(actor, batch.generation_micro, seq, precision),
-                "generation_gather": generation_gather,
-                "logits": logits_bytes(actor, batch.generation_micro, 1, backward=False),
+                "kv_cache": kv_cache_bytes(actor, generation_micro, seq, precision),
+                # ppo.zero3_generation: the whole ZeRO-3 actor once per generation call, or
+                # up to stage3_max_live_parameters at a time (DeepSpeed-Chat's per_layer).
+                "generation_gather": (
+                    whole_model_gather_bytes if ppo.zero3_generation == "gather_once"
+                    else gather_bytes
+                )(actor_tensors, zero["actor"], precision),
+                "logits": logits_bytes(actor, generation_micro, 1, precision, "logprobs"),
             },
         ),
         "ppo_experience": StageMemory(
             ppo_engines,
-            {
-                "logits": logits_bytes(
-                    actor, batch.generation_micro, ppo.max_answer_len + 1, backward=False
-                ),
-                "zero3_gather": gather_bytes(actor, config.actor, precision, ranks),
-            },
+            # The four forward passes run one after another: the largest gather counts.
+            {"logits": experience_logits, "zero3_gather": max(map(gather, ppo_engines))},
         ),
         "ppo_train": StageMemory(
             ppo_engines,
-            {
-                **train_transient(
-                    actor, config.actor, batch.train_micro, ppo.max_answer_len + 1, False
-                ),
-                "critic_activations": activation_bytes(
-                    critic, batch.train_micro, seq, config.critic.gradient_checkpointing, precision
-                ),
+            training={
+                "actor": training("actor", micro, train_logits),
+                "critic": training("critic", micro),
             },
-            stepping=("actor", "critic"),
         ),
     }
-    return MemoryPrediction(ranks, stages)
+    return MemoryPrediction(
+        ranks, stages, device_headroom(ranks) if headroom is None else headroom
+    )

@@ -11,7 +11,7 @@ import re
 from tunelab.errors import InputError
 
 _PHASES = "sft|rm|ppo_generate|ppo_experience|ppo_train|ppo_e2e"
-_MEMORY_STAGES = "sft|rm|ppo_setup|ppo_generate|ppo_experience|ppo_train|ppo_eval"
+_MEMORY_STAGES = "setup|sft|rm|ppo_generate|ppo_experience|ppo_train|ppo_eval"
 _ENGINES = "sft|rm|actor|critic|reference|reward"
 
 PATTERNS = tuple(
@@ -27,12 +27,16 @@ PATTERNS = tuple(
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         r"perf/(ppo_generate_latency_s|ppo_generate_per_token_latency_s|peak_tflops)",
         r"mem/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",
+        # NVML's device memory used minus torch's reserved: CUDA context, NCCL, other libraries
+        r"mem/peak_device_non_torch_bytes",
         r"mem/predicted_(device|host)_peak_bytes",
+        r"mem/predicted_device_headroom_bytes",
         rf"mem/({_MEMORY_STAGES})/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",
         rf"mem/({_MEMORY_STAGES})/predicted_(device|host)_peak_bytes",
         rf"mem/({_ENGINES})/(predicted_model_states|measured_model_states|measured_buffers)_bytes",
         r"gpu/(name|memory_total_bytes|nvml_used_peak_bytes|util_mean_pct|power_mean_w)",
         rf"model/({_ENGINES})/(parameters|trainable_parameters)",
+        r"gpu/nvml_status",  # "on (<uuid>)" or "off: <why>" on a GPU
         r"trial/ranks",
     )
 )

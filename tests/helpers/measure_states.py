@@ -5,7 +5,10 @@
 
 Each engine takes one optimizer step (so Adam's moments exist) and one more backward, then
 rank 0 records engine_state_bytes: the moment between backward and step, when parameters,
-gradients and optimizer states all exist.
+gradients and optimizer states all exist. During that second backward a hook after each
+gradient (registered after DeepSpeed's own) reads the engine again, and the largest gradient
+plus buffer bytes seen (ZeRO-1/2 allocate their reduce buckets there) are kept as
+`backward`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,32 @@ def grid():
                                "offload_optimizer": offload, "role": role}  # fmt: skip
 
 
+class BackwardPeak:
+    """Largest grads + buffers of a live engine seen after each gradient of one backward."""
+
+    def __init__(self, engine, accelerator: str) -> None:
+        self.peak: dict[str, dict[str, int]] | None = None
+        self._engine, self._accelerator = engine, accelerator
+        self._hooks = [
+            param.register_post_accumulate_grad_hook(self._measure)
+            for param in engine.module.parameters()
+            if param.requires_grad
+        ]
+
+    def _measure(self, _param) -> None:
+        states = engine_state_bytes(self._engine, self._accelerator)
+        if self.peak is None or _sum(states) > _sum(self.peak):
+            self.peak = {name: states[name] for name in ("grads", "buffers")}
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _sum(states: dict[str, dict[str, int]]) -> int:
+    return sum(states[name]["device"] + states[name]["host"] for name in ("grads", "buffers"))
+
+
 def main(out_path: str) -> None:
     _quiet_libraries()
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,11 +95,13 @@ def main(out_path: str) -> None:
         for step in range(2):
             out = engine(input_ids=ids, attention_mask=torch.ones_like(ids))
             loss = out.logits.float().mean() if case["role"] == "actor" else out.float().mean()
+            backward = BackwardPeak(engine, runtime.accelerator) if step == 1 else None
             engine.backward(loss)
             if step == 0:
                 engine.step()
+        backward.remove()
         measured = engine_state_bytes(engine, runtime.accelerator)
-        records.append({**case, "ranks": ranks, "measured": measured})
+        records.append({**case, "ranks": ranks, "measured": measured, "backward": backward.peak})
         engine.destroy()
     if runtime.is_main:
         with open(out_path, "w") as handle:

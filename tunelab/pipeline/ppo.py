@@ -284,7 +284,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
     engines are built, so host memory is freed); returns (metrics, per-step series)."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
-    with ctx.memory.stage("ppo_setup"):
+    with ctx.memory.stage("setup"):
         trainer = PPOTrainer(ctx, handoff.pop("sft"), handoff.pop("rm"))
     with ctx.memory.stage("ppo_eval"):
         start = trainer.evaluate()

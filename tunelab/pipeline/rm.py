@@ -73,9 +73,12 @@ def run_rm(ctx: TrialContext):
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     ds_config = ctx.ds_configs["rm"]
     with ctx.memory.stage("rm"):
-        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
-                                  config.critic.dropout)  # fmt: skip
-        engine = train_engine(prepare_for_training(model, config.critic), ds_config, config.critic)
+        with ctx.memory.stage("setup"):
+            model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
+                                      config.critic.dropout)  # fmt: skip
+            engine = train_engine(
+                prepare_for_training(model, config.critic), ds_config, config.critic
+            )
         ctx.record_engine("rm", engine)
         engine.train()
         accuracy_start = pairwise_accuracy(ctx, engine)

@@ -27,8 +27,12 @@ def run_sft(ctx: TrialContext):
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     ds_config = ctx.ds_configs["sft"]
     with ctx.memory.stage("sft"):
-        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config, config.actor.dropout)
-        engine = train_engine(prepare_for_training(model, config.actor), ds_config, config.actor)
+        with ctx.memory.stage("setup"):
+            model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config,
+                                    config.actor.dropout)  # fmt: skip
+            engine = train_engine(
+                prepare_for_training(model, config.actor), ds_config, config.actor
+            )
         ctx.record_engine("sft", engine)
         engine.train()
 

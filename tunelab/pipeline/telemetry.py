@@ -3,13 +3,15 @@
 Host memory: a sampler thread reads this process's resident set (/proc/self/statm) every few
 milliseconds and keeps the peak per stage; ru_maxrss gives the exact lifetime peak. Device
 memory: torch.cuda peak allocated/reserved, reset at each stage entry. NVML (device memory used,
-utilisation, power) when a GPU and the library are present; absent quietly otherwise.
+the part of it outside PyTorch's allocator, utilisation, power) on a GPU; when NVML cannot be
+used, `gpu/nvml_status` says why (and the log).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import threading
@@ -20,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from tunelab.devices import non_torch_bytes, nvml_uuid_candidates
 from tunelab.errors import TrialFailure
 
+log = logging.getLogger("tunelab")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -77,31 +81,49 @@ def timed_steps(stage: str, steps: int, warmup: int, skipped: set[int]) -> list[
     return timed
 
 
+def _nvml_handle(nvml, cuda_uuid: str):
+    """(handle, the identifier that found it) of the NVML device torch calls `cuda_uuid`."""
+    tried = nvml_uuid_candidates(cuda_uuid)
+    for candidate in tried:
+        with contextlib.suppress(nvml.NVMLError):
+            return nvml.nvmlDeviceGetHandleByUUID(candidate), candidate
+    raise RuntimeError(f"no NVML device has the CUDA device's UUID (tried {', '.join(tried)})")
+
+
 class _NvmlSampler:
-    """Device memory used, utilisation and power of this rank's GPU, sampled by NVML."""
+    """Device memory used (and the part outside PyTorch's allocator), utilisation and power of
+    this rank's GPU or MIG slice, sampled by NVML. The device is matched by UUID, never by
+    index: NVML's indices ignore CUDA_VISIBLE_DEVICES and may follow another order."""
 
     def __init__(self, device: torch.device) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        index = device.index or 0
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        if uuid is not None:
-            self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        else:
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._device = device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        self._handle, self.uuid = _nvml_handle(pynvml, uuid)
         name = pynvml.nvmlDeviceGetName(self._handle)
         self.name = name.decode() if isinstance(name, bytes) else name
         self.memory_total = pynvml.nvmlDeviceGetMemoryInfo(self._handle).total
         self.used_peak = 0
+        self.non_torch_peak = 0
         self._util: list[float] = []
         self._power: list[float] = []
 
     def sample(self) -> None:
         nvml = self._nvml
-        self.used_peak = max(self.used_peak, nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-        self._util.append(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+        reserved_before = torch.cuda.memory_reserved(self._device)
+        used = nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        reserved_after = torch.cuda.memory_reserved(self._device)
+        self.used_peak = max(self.used_peak, used)
+        self.non_torch_peak = max(
+            self.non_torch_peak, non_torch_bytes(used, reserved_before, reserved_after)
+        )
+        # MIG slices report no utilisation or power: NVML_ERROR_NOT_SUPPORTED.
+        with contextlib.suppress(nvml.NVMLError):
+            self._util.append(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
         with contextlib.suppress(nvml.NVMLError):
             self._power.append(nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0)
 
@@ -110,6 +132,7 @@ class _NvmlSampler:
             "gpu/name": self.name,
             "gpu/memory_total_bytes": self.memory_total,
             "gpu/nvml_used_peak_bytes": self.used_peak,
+            "mem/peak_device_non_torch_bytes": self.non_torch_peak,
         }
         if self._util:
             result["gpu/util_mean_pct"] = sum(self._util) / len(self._util)
@@ -129,9 +152,16 @@ class MemoryTracker:
         self.device_allocated: dict[str, int] = defaultdict(int)
         self.device_reserved: dict[str, int] = defaultdict(int)
         self._nvml: _NvmlSampler | None = None
+        self._nvml_sampling = False
+        self.nvml_status = ""  # "on (<uuid>)" or "off: <why>", on a CUDA device only
         if device.type == "cuda":
-            with contextlib.suppress(Exception):  # no NVML library or driver: skip it
+            try:
                 self._nvml = _NvmlSampler(device)
+                self._nvml_sampling = True
+                self.nvml_status = f"on ({self._nvml.uuid})"
+            except Exception as exc:  # no library, no driver, no matching device: say so
+                self.nvml_status = f"off: {type(exc).__name__}: {exc}"
+                log.warning("NVML telemetry %s", self.nvml_status)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunelab-memory", daemon=True)
         self._thread.start()
@@ -143,9 +173,13 @@ class MemoryTracker:
             if stage is not None:
                 self.host_peak[stage] = max(self.host_peak[stage], rss_bytes())
             ticks += 1
-            if self._nvml is not None and ticks % 20 == 0:
-                with contextlib.suppress(Exception):
+            if self._nvml_sampling and ticks % 20 == 0:
+                try:
                     self._nvml.sample()
+                except Exception as exc:  # stop sampling, keep what was read, say why
+                    self.nvml_status = f"off after sampling failed: {type(exc).__name__}: {exc}"
+                    log.warning("NVML telemetry %s", self.nvml_status)
+                    self._nvml_sampling = False
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -189,6 +223,8 @@ class MemoryTracker:
             result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
         if self._nvml is not None:
             result.update(self._nvml.metrics())
+        if self.nvml_status:
+            result["gpu/nvml_status"] = self.nvml_status
         return result
 
 

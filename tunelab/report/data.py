@@ -20,7 +20,8 @@ from tunelab.spec import Objective
 if TYPE_CHECKING:
     import optuna
 
-STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
+STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")  # timed phases
+MEMORY_STAGES = ("setup", *STAGES)  # predicted and measured peaks (tunelab.memory.STAGES)
 ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
 THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
 DEVICE_PEAK = "mem/peak_device_allocated_bytes"
@@ -295,7 +296,7 @@ def stage_memory(records: Sequence[TrialRecord]) -> pd.DataFrame:
     """
     rows = []
     for r in records:
-        for stage in STAGES:
+        for stage in MEMORY_STAGES:
             predicted = r.metrics.get(f"mem/{stage}/predicted_device_peak_bytes")
             device = r.metrics.get(f"mem/{stage}/peak_device_allocated_bytes")
             host = r.metrics.get(f"mem/{stage}/peak_host_rss_bytes")
