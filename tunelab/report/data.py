@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pandas as pd
 from optuna.importance import get_param_importances
 
+from tunelab.memory import STAGES as MEMORY_STAGES
 from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite, ranked
 from tunelab.spec import Objective
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     import optuna
 
 STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")  # timed phases
-MEMORY_STAGES = ("setup", *STAGES)  # predicted and measured peaks (tunelab.memory.STAGES)
 ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
 THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
 DEVICE_PEAK = "mem/peak_device_allocated_bytes"
@@ -296,7 +296,7 @@ def stage_memory(records: Sequence[TrialRecord]) -> pd.DataFrame:
     """
     rows = []
     for r in records:
-        for stage in MEMORY_STAGES:
+        for stage in MEMORY_STAGES:  # predicted and measured peaks
             predicted = r.metrics.get(f"mem/{stage}/predicted_device_peak_bytes")
             device = r.metrics.get(f"mem/{stage}/peak_device_allocated_bytes")
             host = r.metrics.get(f"mem/{stage}/peak_host_rss_bytes")
