@@ -37,11 +37,16 @@ def trial_summary(outcome) -> str:
             f"{m['perf/sft_samples_per_s']:.0f} samples/s, "
             f"{m['perf/sft_tokens_per_s']:.0f} tokens/s"
         )
-    if "rm/eval_accuracy" in m:
+    if "rm/eval_accuracy_start" in m:
         lines.append(
             f"  RM   held-out accuracy {m['rm/eval_accuracy_start']:.2f} -> "
             f"{m['rm/eval_accuracy']:.2f} ({m['rm/eval_pairs']} pairs)   "
             f"{m['perf/rm_samples_per_s']:.0f} pairs/s"
+        )
+    elif "rm/eval_accuracy" in m:  # a given reward model, evaluated only
+        lines.append(
+            f"  RM   given, held-out accuracy {m['rm/eval_accuracy']:.2f} "
+            f"({m['rm/eval_pairs']} pairs)"
         )
     if "ppo/score_end" in m:
         gold = (

@@ -64,6 +64,9 @@ class ModelsConfig:
 
     actor: str = "tiny"
     critic: str = "tiny"
+    # A critic checkpoint given as the reward model (rm.steps: 0) must carry a value head;
+    # true accepts one without, its head freshly initialised (scores are then meaningless).
+    fresh_value_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,16 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Step budget and learning rate of a supervised stage (SFT or reward model)."""
+    """Step budget and learning rate of a supervised stage (SFT or reward model). 0 steps:
+    the stage is given, not trained (models.actor is the SFT model, models.critic the reward
+    model)."""
 
     steps: int = 20
     learning_rate: float = 9.65e-6
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -193,7 +198,8 @@ class TrialConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for stage in ("sft", "rm", "ppo"):
-            if self.warmup_steps >= getattr(self, stage).steps:
+            steps = getattr(self, stage).steps
+            if steps and self.warmup_steps >= steps:  # 0: a given stage, nothing timed
                 raise ValueError(
                     f"warmup_steps={self.warmup_steps} leaves no timed step in {stage} "
                     f"({stage}.steps={getattr(self, stage).steps})"

@@ -38,7 +38,7 @@ class TrialContext:
     # Steps of each stage ("sft", "rm", "ppo") in which fp16 dynamic loss scaling skipped an
     # optimizer step (an overflow): they do less work, so they are kept out of throughput.
     skipped: dict[str, set[int]] = field(default_factory=dict)
-    parameters: dict[str, dict[str, int]] = field(default_factory=dict)  # by engine role
+    engines: dict[str, dict] = field(default_factory=dict)  # what each engine holds, by role
 
     @property
     def sequence_len(self) -> int:
@@ -52,20 +52,23 @@ class TrialContext:
         if (frozen or engine.global_steps >= 1) and role not in self.engine_states:
             self.engine_states[role] = engine_state_bytes(engine, self.runtime.accelerator)
 
-    def record_engine(self, role: str, engine) -> None:
-        """Log and keep an engine's parameter counts (whole, also under ZeRO-3)."""
+    def record_engine(self, role: str, engine, weights: str) -> None:
+        """Log and keep what an engine holds: where its weights came from, its parameter counts
+        (whole, also under ZeRO-3) and ZeRO stage."""
         from tunelab.pipeline.models import parameter_counts
 
         total, trainable = parameter_counts(engine.module)
-        self.parameters[role] = {"parameters": total, "trainable_parameters": trainable}
-        log.info(
-            "rank %d: %s engine: %d parameters, %d trained, ZeRO-%d",
-            self.runtime.rank,
-            role,
-            total,
-            trainable,
-            engine.zero_optimization_stage(),
-        )
+        stage = engine.zero_optimization_stage()
+        self.engines[role] = {"weights": weights, "parameters": total,
+                              "trainable_parameters": trainable, "zero_stage": stage}  # fmt: skip
+        log.info("rank %d: %s engine, ZeRO-%d, %d parameters (%d trained), weights: %s",
+                 self.runtime.rank, role, stage, total, trainable, weights)  # fmt: skip
+
+    def source_weights(self, source: ModelSource) -> str:
+        """How a model built straight from a source gets its weights, in words."""
+        if source.hf_path is None:
+            return f"random ({source.name} preset)"
+        return f"checkpoint {source.hf_path}"
 
     def timed_phase(self, name: str, step: int):
         """Time step `step` of phase `name` (every step is kept; see timed_steps)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -30,9 +31,18 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from tunelab.config import EngineConfig
 from tunelab.errors import TrialFailure
+from tunelab.pipeline.checkpoints import (
+    backbone_state,
+    checkpoint_keys,
+    read_state,
+    read_tensor,
+    strays,
+    value_layout,
+)
 from tunelab.presets import ModelSource
 
 log = logging.getLogger("tunelab")
@@ -75,7 +85,6 @@ def build_tokenizer(source: ModelSource, texts: list[str]) -> PreTrainedTokenize
     return train_tokenizer(texts, vocab_size=min(source.shape.vocab_size, 8192))
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The config keys DeepSpeed-Chat's configure_dropout sets (dschat/utils/model/model_utils.py).
 _DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout")
 
@@ -129,36 +138,61 @@ def _model_config(source: ModelSource, tokenizer, dropout: float | None):
     return config
 
 
-def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None):
-    """A backbone in the engine's dtype: random weights for presets, loaded for HF paths.
+def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None,
+           with_weights: bool, state_dict: dict | None = None) -> nn.Module:  # fmt: skip
+    """A model in the engine's dtype: a preset's random weights, or a checkpoint's weights
+    (`state_dict` stands for the folder's files when its names need mapping first).
+    `with_weights=False` builds an HF model from its config alone, for weights loaded next.
 
     Under ZeRO-3 it is partitioned from the start: without that every rank would build the
     whole model and DeepSpeed would move it to the device whole before partitioning it (the
     load-time OOM DeepSpeed-Chat users meet most). Otherwise it is built (or loaded) straight
     on this rank's device, where DeepSpeed would move it anyway: no copy in host memory, and
-    random init runs on the GPU.
+    random init runs on the GPU. A checkpoint tensor the model lacks, or a model tensor the
+    checkpoint lacks, is an error naming them (transformers would initialise it silently).
     """
     config = _model_config(source, tokenizer, dropout)
     dtype = engine_dtype(ds_config)
-    if is_zero3_config(ds_config):
-        with _partitioned(ds_config):
-            if source.hf_path is not None:
-                return auto_class.from_pretrained(source.hf_path, config=config, dtype=dtype)
+    zero3 = is_zero3_config(ds_config)
+    device = None if zero3 else torch.device(get_accelerator().current_device_name())
+    if source.hf_path is None or not with_weights:
+        with _partitioned(ds_config) if zero3 else device:
             return auto_class.from_config(config, dtype=dtype)
-    device = torch.device(get_accelerator().current_device_name())
-    if source.hf_path is not None:
-        return auto_class.from_pretrained(
-            source.hf_path, config=config, dtype=dtype, device_map={"": device}
-        )
-    with device:
-        return auto_class.from_config(config, dtype=dtype)
+    kwargs = {"config": config, "dtype": dtype, "output_loading_info": True}
+    if device is not None:
+        kwargs["device_map"] = {"": device}
+    with _partitioned(ds_config) if zero3 else contextlib.nullcontext():
+        if state_dict is not None:  # loaded by the concrete class: no folder to read
+            loader = MODEL_MAPPING[type(config)]
+            model, info = loader.from_pretrained(None, state_dict=state_dict, **kwargs)
+        else:
+            model, info = auto_class.from_pretrained(source.hf_path, **kwargs)
+    _check_loaded(source.hf_path, info)
+    log.info("loaded %s from %s", type(model).__name__, source.hf_path)
+    return model
+
+
+def _check_loaded(folder: str, info: dict) -> None:
+    problems = [
+        f"{what} {len(keys)} tensors ({_some(sorted(map(str, keys)))})"
+        for what, keys in (("missing", info["missing_keys"]),
+                           ("unexpected", info["unexpected_keys"]),
+                           ("shape-mismatched", info["mismatched_keys"]))
+        if keys
+    ]  # fmt: skip
+    if problems:
+        raise TrialFailure(f"{folder}: {'; '.join(problems)}")
 
 
 def build_causal_lm(
-    source: ModelSource, tokenizer, ds_config: dict, dropout: float | None = None
+    source: ModelSource,
+    tokenizer,
+    ds_config: dict,
+    dropout: float | None = None,
+    with_weights: bool = True,
 ) -> nn.Module:
     """A decoder with an LM head, built for the engine `ds_config` configures."""
-    model = _build(AutoModelForCausalLM, source, tokenizer, ds_config, dropout)
+    model = _build(AutoModelForCausalLM, source, tokenizer, ds_config, dropout, with_weights)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -184,11 +218,31 @@ class ValueModel(nn.Module):
         return self.v_head(hidden).squeeze(-1)
 
 
-def build_value_model(
-    source: ModelSource, tokenizer, ds_config: dict, dropout: float | None = None
-) -> ValueModel:
-    """Backbone + value head, built for the engine `ds_config` configures."""
-    backbone = _build(AutoModel, source, tokenizer, ds_config, dropout)
+def build_value_model(source: ModelSource, tokenizer, ds_config: dict,
+                      dropout: float | None = None, with_weights: bool = True,
+                      fresh_head: bool = False) -> ValueModel:  # fmt: skip
+    """Backbone + value head, built for the engine `ds_config` configures.
+
+    From a checkpoint folder (see tunelab.pipeline.checkpoints for the layouts) the backbone
+    and the head are loaded; a checkpoint without a value head is refused unless `fresh_head`
+    (a reward model to train, or a study that accepts a random head).
+    """
+    layout = state = None
+    if source.hf_path is not None and with_weights:
+        folder = Path(source.hf_path)
+        layout = value_layout(checkpoint_keys(folder))
+        if layout.prefix is not None:
+            full = read_state(folder)
+            stray = strays(list(full), layout)
+            if stray:
+                raise TrialFailure(f"{folder}: unexpected {len(stray)} tensors ({_some(stray)})")
+            state = backbone_state(full, layout)
+        if layout.head is None and not fresh_head:
+            raise TrialFailure(
+                f"{folder}: a {layout.name}, no value head (v_head.weight or score.weight); "
+                "set models.fresh_value_head: true to accept a freshly initialised one"
+            )
+    backbone = _build(AutoModel, source, tokenizer, ds_config, dropout, with_weights, state)
     config = backbone.config
     width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
     if is_zero3_config(ds_config):
@@ -196,7 +250,25 @@ def build_value_model(
     else:
         placed = torch.device(get_accelerator().current_device_name())
     with placed:
-        return ValueModel(backbone, width, engine_dtype(ds_config))
+        model = ValueModel(backbone, width, engine_dtype(ds_config))
+    if layout is not None and layout.head is not None:
+        head = read_tensor(Path(source.hf_path), layout.head)
+        if head.shape != (1, width):
+            raise TrialFailure(
+                f"{source.hf_path}: {layout.head} has shape {tuple(head.shape)}, a value head "
+                f"is (1, {width})"
+            )
+        with (
+            deepspeed.zero.GatheredParameters(
+                [model.v_head.weight], modifier_rank=0, enabled=is_zero3_config(ds_config)
+            ),
+            torch.no_grad(),
+        ):
+            model.v_head.weight.copy_(head)
+    elif source.hf_path is not None and with_weights:
+        log.warning("%s: value head freshly initialised (no head in the checkpoint)",
+                    source.hf_path)  # fmt: skip
+    return model
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None, where: str) -> None:

@@ -26,7 +26,7 @@ from tunelab.pipeline.models import (
     prepare_for_training,
     train_engine,
 )
-from tunelab.pipeline.rm import sequence_scores
+from tunelab.pipeline.rm import pairwise_accuracy, sequence_scores
 from tunelab.pipeline.telemetry import throughput
 
 
@@ -78,42 +78,61 @@ class PPOTrainer:
         ctx.record_states("reference", self.reference)
         ctx.record_states("reward", self.reward)
 
+    def _actor_model(self, ds_config: dict, weights, dropout: float | None, role: str):
+        """The SFT weights (trained here: rank 0's hand-off), or models.actor as given."""
+        ctx = self.ctx
+        trained = ctx.config.sft.steps > 0
+        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config, dropout,
+                                with_weights=not trained)  # fmt: skip
+        if trained:
+            load_weights(model, weights, f"{role} from the SFT weights")
+            return model, "SFT hand-off (trained in this trial)"
+        return model, ctx.source_weights(ctx.actor_source)
+
+    def _value_model(self, ds_config: dict, weights, dropout: float | None, role: str):
+        """The reward model's weights (trained here: rank 0's hand-off), or models.critic as
+        given, which must carry a value head unless models.fresh_value_head."""
+        ctx = self.ctx
+        trained = ctx.config.rm.steps > 0
+        model = build_value_model(
+            ctx.critic_source, ctx.tokenizer, ds_config, dropout, with_weights=not trained,
+            fresh_head=ctx.config.models.fresh_value_head,
+        )  # fmt: skip
+        if trained:
+            load_weights(model, weights, f"{role} from the reward-model weights")
+            return model, "reward-model hand-off (trained in this trial)"
+        return model, ctx.source_weights(ctx.critic_source)
+
     def _init_actor(self, weights):
         ctx, ds_config = self.ctx, self.ctx.ds_configs["actor"]
-        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config,
-                                ctx.config.actor.dropout)  # fmt: skip
-        load_weights(model, weights, "actor from the SFT weights")
+        model, source = self._actor_model(ds_config, weights, ctx.config.actor.dropout, "actor")
         engine = train_engine(
             prepare_for_training(model, ctx.config.actor), ds_config, ctx.config.actor
         )
-        ctx.record_engine("actor", engine)
+        ctx.record_engine("actor", engine, source)
         return engine
 
     def _init_reference(self, weights):
-        ctx, ds_config = self.ctx, self.ctx.ds_configs["reference"]
-        model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config)
-        load_weights(model, weights, "reference from the SFT weights")
+        ds_config = self.ctx.ds_configs["reference"]
+        model, source = self._actor_model(ds_config, weights, None, "reference")
         engine = frozen_engine(model, ds_config)
-        ctx.record_engine("reference", engine)
+        self.ctx.record_engine("reference", engine, source)
         return engine
 
     def _init_critic(self, weights):
         ctx, ds_config = self.ctx, self.ctx.ds_configs["critic"]
-        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
-                                  ctx.config.critic.dropout)  # fmt: skip
-        load_weights(model, weights, "critic from the reward-model weights")
+        model, source = self._value_model(ds_config, weights, ctx.config.critic.dropout, "critic")
         engine = train_engine(
             prepare_for_training(model, ctx.config.critic), ds_config, ctx.config.critic
         )
-        ctx.record_engine("critic", engine)
+        ctx.record_engine("critic", engine, source)
         return engine
 
     def _init_reward(self, weights):
-        ctx, ds_config = self.ctx, self.ctx.ds_configs["reward"]
-        model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config)
-        load_weights(model, weights, "reward model from the reward-model weights")
+        ds_config = self.ctx.ds_configs["reward"]
+        model, source = self._value_model(ds_config, weights, None, "reward model")
         engine = frozen_engine(model, ds_config)
-        ctx.record_engine("reward", engine)
+        self.ctx.record_engine("reward", engine, source)
         return engine
 
     def close(self) -> None:
@@ -285,7 +304,13 @@ def run_ppo(ctx: TrialContext, handoff: dict):
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
     with ctx.memory.stage("setup"):
-        trainer = PPOTrainer(ctx, handoff.pop("sft"), handoff.pop("rm"))
+        trainer = PPOTrainer(ctx, handoff.pop("sft", None), handoff.pop("rm", None))
+    given_rm = {}
+    if config.rm.steps == 0:  # a given reward model: does it tell held-out pairs apart?
+        given_rm = {
+            "rm/eval_accuracy": pairwise_accuracy(ctx, trainer.reward),
+            "rm/eval_pairs": len(ctx.data.eval_chosen.ids),
+        }
     with ctx.memory.stage("ppo_eval"):
         start = trainer.evaluate()
     prompts = ctx.data.prompts
@@ -350,7 +375,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
         series[f"time/{phase}_s"] = timer.series(phase)
     timed = ctx.timed_steps("ppo", ppo.steps)
     generated_tokens = sum(generated[s] for s in timed)
-    return _ppo_metrics(ctx, timed, start, end, series, generated_tokens), series
+    return {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, generated_tokens)}, series
 
 
 def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,

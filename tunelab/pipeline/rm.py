@@ -48,6 +48,7 @@ def pairwise_accuracy(ctx: TrialContext, engine) -> float:
     """Share of held-out pairs with score(chosen) > score(rejected), over all ranks."""
     runtime, data = ctx.runtime, ctx.data
     correct = counted_total = 0.0
+    training = engine.training
     engine.eval()
     with torch.no_grad():
         for rows, counted in eval_batches(
@@ -62,7 +63,7 @@ def pairwise_accuracy(ctx: TrialContext, engine) -> float:
             weight = torch.tensor(counted, dtype=torch.float32, device=chosen.device)
             correct += ((chosen > rejected).float() * weight).sum().item()
             counted_total += weight.sum().item()
-    engine.train()
+    engine.train(training)
     return runtime.all_mean(correct) / max(runtime.all_mean(counted_total), 1e-9)
 
 
@@ -74,12 +75,13 @@ def run_rm(ctx: TrialContext):
     ds_config = ctx.ds_configs["rm"]
     with ctx.memory.stage("rm"):
         with ctx.memory.stage("setup"):
+            # A new value head on a language model is where step 2 starts.
             model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
-                                      config.critic.dropout)  # fmt: skip
+                                      config.critic.dropout, fresh_head=True)  # fmt: skip
             engine = train_engine(
                 prepare_for_training(model, config.critic), ds_config, config.critic
             )
-        ctx.record_engine("rm", engine)
+        ctx.record_engine("rm", engine, ctx.source_weights(ctx.critic_source))
         engine.train()
         accuracy_start = pairwise_accuracy(ctx, engine)
 

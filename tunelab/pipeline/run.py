@@ -124,27 +124,34 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     for role, stage, engine in _ENGINE_STAGES:
         states = prediction.stages[stage].engines[engine]
         result["metrics"][f"mem/{role}/predicted_model_states_bytes"] = states.model_states.total
-    log.info("rank %d: SFT (%d steps)", runtime.rank, config.sft.steps)
-    sft_metrics, sft_weights, sft_losses = run_sft(ctx)
-    _release_memory()
-    log.info("rank %d: reward model (%d steps)", runtime.rank, config.rm.steps)
-    rm_metrics, rm_weights, rm_losses = run_rm(ctx)
-    _release_memory()
+    series: dict[str, list[float]] = {}
+    result["stages"] = {}
+    handoff = {}  # trained weights for PPO (rank 0's; the others hold None)
+    for stage, run, source in (("sft", run_sft, config.models.actor),
+                               ("rm", run_rm, config.models.critic)):  # fmt: skip
+        steps = getattr(config, stage).steps
+        if steps == 0:
+            result["stages"][stage] = {"source": "given", "model": source}
+            log.info("rank %d: %s given (%s), not trained", runtime.rank, stage, source)
+            continue
+        log.info("rank %d: %s (%d steps)", runtime.rank, stage, steps)
+        metrics, handoff[stage], losses = run(ctx)
+        _release_memory()
+        result["stages"][stage] = {"source": "trained", "steps": steps}
+        result["metrics"].update(metrics)
+        series.update({f"{stage}/loss": losses, f"time/{stage}_s": ctx.timer.series(stage),
+                       f"{stage}/skipped": ctx.skipped_series(stage, steps)})  # fmt: skip
     log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
-    # run_ppo drops the hand-off weights once its engines hold them.
-    handoff = {"sft": sft_weights, "rm": rm_weights}
-    del sft_weights, rm_weights
-    ppo_metrics, series = run_ppo(ctx, handoff)
+    ppo_metrics, ppo_series = run_ppo(ctx, handoff)  # drops the hand-off once engines hold it
     _release_memory()
-    result["metrics"].update({**sft_metrics, **rm_metrics, **ppo_metrics})
-    for role, counts in ctx.parameters.items():
-        result["metrics"].update({f"model/{role}/{name}": n for name, n in counts.items()})
+    result["metrics"].update(ppo_metrics)
+    for role, engine in ctx.engines.items():
+        for name in ("parameters", "trainable_parameters"):
+            result["metrics"][f"model/{role}/{name}"] = engine[name]
+    result["engines"] = ctx.engines
     result["series"] = {
-        "sft/loss": sft_losses, "rm/loss": rm_losses, "time/sft_s": ctx.timer.series("sft"),
-        "time/rm_s": ctx.timer.series("rm"), **series,
-        **{f"{stage}/skipped": ctx.skipped_series(stage, getattr(config, stage).steps)
-           for stage in ("sft", "rm", "ppo")},
-    }  # fmt: skip
+        **series, **ppo_series, "ppo/skipped": ctx.skipped_series("ppo", config.ppo.steps),
+    }
     gpu_name = (
         torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
     )

@@ -33,7 +33,7 @@ def run_sft(ctx: TrialContext):
             engine = train_engine(
                 prepare_for_training(model, config.actor), ds_config, config.actor
             )
-        ctx.record_engine("sft", engine)
+        ctx.record_engine("sft", engine, ctx.source_weights(ctx.actor_source))
         engine.train()
 
         def loss_of(rows: list[int]):
