@@ -139,9 +139,11 @@ def _model_config(source: ModelSource, tokenizer, dropout: float | None):
 
 
 def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout: float | None,
-           with_weights: bool, state_dict: dict | None = None) -> nn.Module:  # fmt: skip
+           with_weights: bool, state_dict: dict | None = None,
+           ignored: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
     """A model in the engine's dtype: a preset's random weights, or a checkpoint's weights
-    (`state_dict` stands for the folder's files when its names need mapping first).
+    (`state_dict` stands for the folder's files when its names need mapping first; `ignored`
+    names checkpoint tensors the model leaves out on purpose).
     `with_weights=False` builds an HF model from its config alone, for weights loaded next.
 
     Under ZeRO-3 it is partitioned from the start: without that every rank would build the
@@ -167,6 +169,7 @@ def _build(auto_class, source: ModelSource, tokenizer, ds_config: dict, dropout:
             model, info = loader.from_pretrained(None, state_dict=state_dict, **kwargs)
         else:
             model, info = auto_class.from_pretrained(source.hf_path, **kwargs)
+    info["unexpected_keys"] = set(info["unexpected_keys"]) - set(ignored)
     _check_loaded(source.hf_path, info)
     log.info("loaded %s from %s", type(model).__name__, source.hf_path)
     return model
@@ -242,7 +245,10 @@ def build_value_model(source: ModelSource, tokenizer, ds_config: dict,
                 f"{folder}: a {layout.name}, no value head (v_head.weight or score.weight); "
                 "set models.fresh_value_head: true to accept a freshly initialised one"
             )
-    backbone = _build(AutoModel, source, tokenizer, ds_config, dropout, with_weights, state)
+    # The head is read below; a causal LM's output layer has no use in a value model.
+    ignored = ("lm_head.weight", *([layout.head] if layout and layout.head else []))
+    backbone = _build(AutoModel, source, tokenizer, ds_config, dropout, with_weights, state,
+                      ignored)  # fmt: skip
     config = backbone.config
     width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
     if is_zero3_config(ds_config):

@@ -150,7 +150,9 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
             result["metrics"][f"model/{role}/{name}"] = engine[name]
     result["engines"] = ctx.engines
     result["series"] = {
-        **series, **ppo_series, "ppo/skipped": ctx.skipped_series("ppo", config.ppo.steps),
+        **series,
+        **ppo_series,
+        "ppo/skipped": ctx.skipped_series("ppo", config.ppo.steps),
     }
     gpu_name = (
         torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
