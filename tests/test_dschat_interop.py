@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, TINY
 from .helpers.dschat_checkpoints import write_step1, write_step2
 
@@ -42,3 +44,37 @@ def test_ppo_alone_over_dschat_step1_and_step2_outputs(tmp_path):
     assert 0 <= result["metrics"]["rm/eval_accuracy"] <= 1
     log = (out / "trial.log").read_text()
     assert f"weights: checkpoint {tmp_path / 'step2'}" in log
+
+
+ROUND_TRIP = {
+    "defaults": [],
+    "zero3-offload-fp16": [
+        "actor.zero_stage=3", "critic.zero_stage=3", "actor.offload_optimizer=cpu",
+        "critic.offload_optimizer=cpu", "actor.offload_params=cpu", "critic.offload_params=cpu",
+        "offload_reference=true", "offload_reward=true", "precision=fp16",
+    ],
+    "lora-batches-dropout": [
+        "actor.zero_stage=1", "critic.zero_stage=2", "actor.lora_rank=8", "critic.lora_rank=16",
+        "actor.lora_learning_rate=1e-3", "critic.dropout=0.05", "actor.dropout=null",
+        "actor.gradient_checkpointing=true", "batch.grad_accum=2", "batch.train_micro=8",
+        "batch.generation_micro=16", "ppo.epochs=2", "ppo.generation_batches=2", "seed=7",
+        "ppo.max_prompt_len=6", "ppo.max_answer_len=12", "actor.learning_rate=3e-4",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIP))
+def test_import_dschat_inverts_export(case):
+    """import-dschat ∘ export keeps every setting both express (the models, PPO coefficients,
+    step counts and data are outside DeepSpeed-Chat's flags or placeholders in the export)."""
+    from tunelab._typed import with_dotted
+    from tunelab.config import config_from_dict, load_config
+    from tunelab.dschat import import_step3, step3_command
+
+    config = load_config(TINY, ROUND_TRIP[case])
+    argv, _ = step3_command(config)
+    values, _ = import_step3(argv)
+    for key in ("models.actor", "models.critic", "sft.steps", "rm.steps"):
+        values.pop(key)
+    assert "data.source" not in values  # the export names no data
+    assert config_from_dict(with_dotted(config.to_dict(), values)) == config

@@ -225,3 +225,85 @@ def step3_command(config: TrialConfig) -> tuple[list[str], list[str]]:
         f"trial sampled at temperature {ppo.temperature:g}."
     )
     return argv, notes
+
+
+def import_step3(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """A DeepSpeed-Chat step-3 command line (the flags after main.py, or the whole `deepspeed
+    ... main.py ...` command) as dotted trial-config overrides, and notes on what tunelab runs
+    differently or cannot express. Flags left out take DeepSpeed-Chat's defaults, as there.
+
+    Step 3 starts from trained step-1 and step-2 models, so the trial's SFT and RM stages are
+    given (steps 0) and its actor and critic are those checkpoints.
+    """
+    if "main.py" in argv:
+        argv = argv[argv.index("main.py") + 1 :]
+    args = step3_parser().parse_args(argv)
+    values: dict[str, Any] = {
+        "models.actor": args.actor_model_name_or_path,
+        "models.critic": args.critic_model_name_or_path,
+        "sft.steps": 0, "rm.steps": 0,
+        "precision": args.dtype,
+        "batch.generation_micro": args.per_device_generation_batch_size,
+        "batch.train_micro": args.per_device_training_batch_size,
+        "batch.grad_accum": args.gradient_accumulation_steps,
+        "ppo.generation_batches": args.generation_batches, "ppo.epochs": args.ppo_epochs,
+        "ppo.max_prompt_len": args.max_prompt_seq_len,
+        "ppo.max_answer_len": args.max_answer_seq_len,
+        "actor.learning_rate": args.actor_learning_rate,
+        "critic.learning_rate": args.critic_learning_rate,
+        "hybrid_engine": False,
+    }  # fmt: skip
+    if args.seed is not None:
+        values["seed"] = args.seed
+    notes = []
+    offload = "cpu" if args.offload else "none"
+    for role in ("actor", "critic"):
+        stage = getattr(args, f"{role}_zero_stage")
+        values[f"{role}.zero_stage"] = stage
+        values[f"{role}.offload_optimizer"] = offload
+        # Its ds_utils offloads parameters too; DeepSpeed does that only under ZeRO-3.
+        values[f"{role}.offload_params"] = offload if stage == 3 else "none"
+        values[f"{role}.gradient_checkpointing"] = getattr(args, f"{role}_gradient_checkpointing")
+        values[f"{role}.dropout"] = getattr(args, f"{role}_dropout")
+        rank = getattr(args, f"{role}_lora_dim")
+        values[f"{role}.lora_rank"] = rank
+        if rank:
+            values[f"{role}.lora_learning_rate"] = getattr(args, f"{role}_lora_learning_rate")
+            if not args.only_optimize_lora:
+                notes.append(f"--{role}_lora_dim without --only_optimize_lora trains the base "
+                             "weights too; tunelab's LoRA freezes them.")  # fmt: skip
+        if getattr(args, f"{role}_weight_decay"):
+            notes.append(f"--{role}_weight_decay: tunelab's trials use none.")
+    for flag, key, follows in (("offload_reference_model", "offload_reference", "actor"),
+                               ("offload_reward_model", "offload_reward", "critic")):  # fmt: skip
+        wanted = getattr(args, flag)
+        values[key] = wanted and values[f"{follows}.zero_stage"] == 3
+        if wanted and not values[key]:
+            notes.append(f"--{flag}: DeepSpeed offloads parameters only under ZeRO-3, which "
+                         f"the {follows} does not use here; it had no effect.")  # fmt: skip
+    if args.enable_hybrid_engine:
+        notes.append("--enable_hybrid_engine: DeepSpeed 0.19's hybrid engine runs neither "
+                     "transformers 5 models nor peft adapters; the trial runs without it.")
+    if args.enable_test_mode:
+        values["ppo.steps"] = max(args.test_stop_step, 1)
+    else:
+        notes.append("DeepSpeed-Chat trains for whole epochs over its data; the trial runs "
+                     "ppo.steps PPO steps.")  # fmt: skip
+    if len(args.data_path) == 1 and not args.data_path[0].startswith("Dahoas/"):
+        values["data.source"] = args.data_path[0]
+    else:
+        notes.append(f"--data_path {' '.join(args.data_path)}: the trial keeps its data.source "
+                     "(set it to your local copy)")  # fmt: skip
+    unmodelled = {
+        "enable_ema": "an EMA copy of the actor", "unsupervised_dataset_name":
+        "the unsupervised (PTX) loss", "enable_mixed_precision_lora": "ZeRO++ mixed-precision "
+        "LoRA", "compute_fp32_loss": "fp32 losses (tunelab computes log-probabilities in fp32)",
+        "align_overflow": "aligned overflow skipping",
+    }  # fmt: skip
+    notes += [f"--{flag}: {what} is not modelled." for flag, what in unmodelled.items()
+              if getattr(args, flag)]  # fmt: skip
+    if args.inference_tp_size > 1:
+        notes.append("--inference_tp_size: tensor-parallel generation is not modelled.")
+    notes.append(f"Learning rates stay constant (DeepSpeed-Chat: {args.lr_scheduler_type}, "
+                 f"{args.num_warmup_steps} warm-up steps).")  # fmt: skip
+    return values, notes
