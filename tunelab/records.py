@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Outcome of a trial as tunelab classifies it (Optuna state in brackets):
-# ok [COMPLETE]; oom, unsupported, diverged, timeout, error, invalid [FAIL];
+# ok [COMPLETE]; oom, killed, unsupported, diverged, timeout, error, invalid [FAIL];
 # pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
-# interrupted [FAIL]: its orchestrator died; the same parameters are enqueued again.
-FAILURE_STATUSES = ("oom", "unsupported", "diverged", "timeout", "error", "invalid")
+# interrupted [FAIL]: its orchestrator died or was stopped, or its heartbeat stopped; the same
+# parameters are enqueued again (at most tunelab.storage.MAX_RETRY times; the reason says so).
+# oom needs evidence (an out-of-memory error, the kernel's OOM-kill log line or the cgroup's
+# OOM-kill counter); a trial ended by a signal without such evidence is `killed`.
+FAILURE_STATUSES = ("oom", "killed", "unsupported", "diverged", "timeout", "error", "invalid")
 PRUNED_STATUSES = ("pruned", "pruned_memory")
 
 
