@@ -146,16 +146,21 @@ def convert(annotation: Any, value: Any, where: str, problems: Problems | None =
         options = get_args(annotation)
         if value is None and type(None) in options:
             return None
+        specific = []  # an option that took the value's kind but not the value (nan, 2**70)
         for option in options:
             if option is not type(None):
                 trial = Problems()
                 result = convert(option, value, where, trial)
                 if not trial:
                     return result
-                if len(options) == 2 and type(None) in options:
-                    problems.lines.extend(trial.lines)  # "X | None": X's own message
-                    return INVALID
-        problems.add(where, expected)
+                mismatch = Problems()
+                mismatch.add(where, f"expected {_type_name(option)}, got {_describe(value)}")
+                if trial.lines != mismatch.lines:
+                    specific.append(trial)
+        if len(specific) == 1 or len(options) == 2 and type(None) in options:
+            problems.lines.extend((specific or [trial])[0].lines)
+        else:
+            problems.add(where, expected)
         return INVALID
     if origin is Literal:
         if value in get_args(annotation) and not isinstance(value, bool):

@@ -215,7 +215,8 @@ class Budget:
 @dataclass(frozen=True)
 class Baseline:
     """A trial enqueued before any sampled one (e.g. DeepSpeed-Chat's published settings).
-    `params` are knob values; `overrides` fix other config keys for this trial only (e.g. a
+    `params` are knob values, among their choices or in their range; `overrides` fix config
+    keys for this trial only, knobs included (then not sampled), with any valid value (e.g. a
     precision the space leaves out, to show what the device refuses)."""
 
     name: str
@@ -347,13 +348,30 @@ def is_active(knob: Knob, values: Mapping[str, Any], base: Mapping[str, Any]) ->
     return knob.active(context)
 
 
-def _check_knobs(space: dict[str, Knob], base: dict | None, where: str, problems: Problems):
-    """Knob names, values, `when` and `same_as` against the trial config and the space."""
-    names = list(space)
-    annotations = {}
-    for position, (name, knob) in enumerate(space.items()):
+def _valid_knobs(data: Mapping) -> tuple[dict[str, Knob], list[str]]:
+    """The knobs of a spec's raw `space` that are valid on their own (the others are reported
+    by the type pass), and every declared knob name in order."""
+    raw = data.get("space")
+    if not isinstance(raw, Mapping):
+        return {}, []
+    space = {}
+    for name, knob in raw.items():
+        if isinstance(name, str) and isinstance(knob, Mapping):
+            valid = from_mapping(Knob, knob, "", Problems())
+            if valid is not INVALID:
+                space[name] = valid
+    return space, [str(name) for name in raw]
+
+
+def _check_knobs(
+    space: dict[str, Knob], names: list[str], base: dict | None, where: str, problems: Problems
+) -> None:
+    """Knob names, values, `when` and `same_as` against the trial config and the space
+    (`space`: the valid knobs, `names`: every declared one, in order)."""
+    for name, knob in space.items():
+        position = names.index(name)
         at = f"{where} space.{name}"
-        annotation = annotations[name] = _config_annotation(name, at, problems)
+        annotation = _config_annotation(name, at, problems)
         if annotation is not INVALID:
             for index, choice in enumerate(knob.choices or ()):
                 convert(annotation, choice, f"{at}.choices[{index}]", problems)
@@ -363,18 +381,18 @@ def _check_knobs(space: dict[str, Knob], base: dict | None, where: str, problems
             if annotation is int and knob.step is not None and not isinstance(knob.step, int):
                 problems.add(f"{at}.step", f"an int key needs an int step, got {knob.step!r}")
         for key in [*knob.when, *([knob.same_as] if knob.same_as else [])]:
-            if key in space and names.index(key) >= position:
+            if key in names and names.index(key) >= position:
                 problems.add(at, f"refers to {key}, which is not an earlier knob")
         for key, allowed in knob.when.items():
             if key in space:
                 for value in allowed:
                     if not space[key].allows(value) and space[key].same_as is None:
                         problems.add(f"{at}.when.{key}", f"{value!r} is not a value of that knob")
-            elif base is not None and _lookup(base, key) is _MISSING:
+            elif key not in names and base is not None and _lookup(base, key) is _MISSING:
                 problems.add(f"{at}.when", f"unknown key {key!r}")
-        if knob.same_as and knob.same_as not in space:
+        if knob.same_as and knob.same_as not in names:
             problems.add(f"{at}.same_as", f"{knob.same_as!r} is not a knob")
-        elif knob.same_as and annotation is not INVALID:
+        elif knob.same_as in space and annotation is not INVALID:
             source = space[knob.same_as]
             for value in [*(source.choices or ()), source.low, source.high]:
                 if value is not None:
@@ -383,28 +401,36 @@ def _check_knobs(space: dict[str, Knob], base: dict | None, where: str, problems
 
 
 def _check_baselines(
-    parts: dict, base: dict | None, full: dict | None, where: str, problems: Problems
-) -> None:
+    baselines: tuple[Baseline, ...], space: dict[str, Knob], names: list[str],
+    bases: tuple[dict | None, dict | None], where: str, problems: Problems,
+) -> None:  # fmt: skip
     """Baselines name knobs (values among their choices or in range) and other config keys
     (`overrides`); with every active knob given, the baseline must be a valid trial config
-    (`base`: the base mapping, `full`: with defaults; None when the base is invalid)."""
-    space: dict[str, Knob] = parts.get("space", {})
-    for index, baseline in enumerate(parts.get("baselines", ())):
+    (`bases`: the base mapping and the full base config; None when the base is invalid)."""
+    base, full = bases
+    if len(space) < len(names):
+        full = None  # an invalid knob: which knobs are active cannot be told
+    for index, baseline in enumerate(baselines):
         at = f"{where} baselines[{index}]"
         before = len(problems.lines)
         values, missing = {}, []
         for key in baseline.params:
-            if key not in space:
+            if key not in names:
                 problems.add(
                     f"{at}.params.{key}",
                     "not a knob of the space "
                     "(fixed values belong in base_overrides or the baseline's overrides)",
                 )
-            elif space[key].same_as:
+            elif key in baseline.overrides:
+                problems.add(f"{at}.params.{key}", "also given under overrides")
+            elif key in space and space[key].same_as:
                 source = space[key].same_as
                 problems.add(f"{at}.params.{key}", f"follows {source} (same_as); give that knob")
         for name, knob in space.items():
             if knob.same_as:
+                continue
+            if name in baseline.overrides:
+                values[name] = baseline.overrides[name]
                 continue
             active = full is None or is_active(knob, values, full)
             if name not in baseline.params:
@@ -421,8 +447,8 @@ def _check_baselines(
                 values[name] = value
         for key, value in baseline.overrides.items():
             place = f"{at}.overrides.{key}"
-            if key in space:
-                problems.add(place, "is a knob; give it under params")
+            if key in space and space[key].same_as:
+                problems.add(place, f"follows {space[key].same_as} (same_as); give that knob")
             elif (annotation := _config_annotation(key, place, problems)) is not INVALID:
                 convert(annotation, value, place, problems)
         if base is None or full is None or missing or len(problems.lines) > before:
@@ -483,7 +509,7 @@ def _check_options(cls, options: dict, given: tuple[str, ...], at: str, problems
         problems.add(f"{at}.options", f"{cls.__name__} refuses them: {exc}")
 
 
-def _check_search(parts: dict, where: str, problems: Problems) -> None:
+def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Problems) -> None:
     """Metrics, sampler and pruner against the objectives, Optuna's classes and the space."""
     objectives = parts.get("objectives", ())
     for section in ("objectives", "constraints"):
@@ -508,7 +534,7 @@ def _check_search(parts: dict, where: str, problems: Problems) -> None:
             problems.add(f"{where} pruner.type", f"Optuna's {pruner.type} pruner serves one "
                          "objective; use 'dominance' (or 'none') with several")  # fmt: skip
     if sampler.type == "grid":
-        for name, knob in parts.get("space", {}).items():
+        for name, knob in space.items():
             if knob.choices is None and knob.same_as is None and knob.step is None:
                 problems.add(f"{where} space.{name}", "the grid sampler needs choices or a step")
 
@@ -533,12 +559,14 @@ def load_spec(path: str | Path) -> LoadedSpec:
     path = Path(path)
     where = f"{path}:"
     problems = Problems()
-    parts = convert_fields(StudySpec, read_mapping(path), where, problems)
+    data = read_mapping(path)
+    parts = convert_fields(StudySpec, data, where, problems)
     spec = construct(StudySpec, parts, where, problems) if not problems else INVALID
     base, full = _load_base(path, parts, where, problems)
-    _check_knobs(parts.get("space", {}), full, where, problems)
-    _check_search(parts, where, problems)
-    _check_baselines(parts, base, full, where, problems)
+    space, names = _valid_knobs(data)
+    _check_knobs(space, names, full, where, problems)
+    _check_search(parts, space, where, problems)
+    _check_baselines(parts.get("baselines", ()), space, names, (base, full), where, problems)
     problems.raise_if_any(str(path))
     return LoadedSpec(spec, base, str(path))
 

@@ -191,12 +191,15 @@ def load_for_worker(url: str, name: str) -> tuple[LoadedSpec, optuna.Study]:
 # -- search space -----------------------------------------------------------------------------
 
 
-def suggest_params(trial: optuna.Trial, loaded: LoadedSpec) -> dict[str, Any]:
-    """Sample the active knobs in spec order; `when` reads earlier knobs or the base config."""
-    base = full_base(loaded)
+def suggest_params(
+    trial: optuna.Trial, loaded: LoadedSpec, fixed: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sample the active knobs in spec order; `when` reads earlier knobs, a baseline's `fixed`
+    overrides (never sampled) or the base config."""
+    base, fixed = full_base(loaded), fixed or {}
     values: dict[str, Any] = {}
     for name, knob in loaded.spec.space.items():
-        if knob.same_as or not is_active(knob, values, base):
+        if knob.same_as or name in fixed or not is_active(knob, {**fixed, **values}, base):
             continue  # same_as: copied from its source by trial_overrides
         if knob.choices is not None:
             values[name] = trial.suggest_categorical(name, list(knob.choices))
@@ -536,9 +539,9 @@ class Orchestrator:
             return False  # never prune on a storage fault; the outcome's recording reports it
 
     def _run_one(self, trial: optuna.Trial, gpus: list[int] | None) -> None:
-        params = self._store(f"trial {trial.number}: sampling",
-                             lambda: suggest_params(trial, self.loaded))  # fmt: skip
         fixed = trial.user_attrs.get(FIXED_ATTR)
+        params = self._store(f"trial {trial.number}: sampling",
+                             lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
         try:
             config = trial_config(self.loaded, params, fixed)
         except InputError as exc:
