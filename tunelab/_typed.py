@@ -157,7 +157,7 @@ def convert(annotation: Any, value: Any, where: str, problems: Problems | None =
                 mismatch.add(where, f"expected {_type_name(option)}, got {_describe(value)}")
                 if trial.lines != mismatch.lines:
                     specific.append(trial)
-        if len(specific) == 1 or len(options) == 2 and type(None) in options:
+        if len(specific) == 1 or (len(options) == 2 and type(None) in options):
             problems.lines.extend((specific or [trial])[0].lines)
         else:
             problems.add(where, expected)

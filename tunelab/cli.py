@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tunelab.errors import InputError
+from tunelab.errors import InputError, StorageFault
 
 MIN_FREE_BYTES = 64 * 2**20  # an output folder with less free space is refused up front
 
@@ -378,19 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)
         return 130
+    except StorageFault as exc:
+        return _fail(str(exc), 1)
     except MemoryError:
-        return _fail("out of memory (MemoryError); free memory or raise the limit (ulimit -v)", 2)
+        return _fail(_OUT_OF_MEMORY, 2)
     except RecursionError:
         return _fail("input nested too deeply for Python (RecursionError)", 2)
+    except ImportError as exc:  # under a low memory limit: "failed to map segment ..."
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "ImportError"
+        return _fail(f"cannot load {exc.name or 'a module'} ({detail[-120:]}); "
+                     f"a broken install, or {_OUT_OF_MEMORY}", 2)  # fmt: skip
     except OSError as exc:  # a file or folder the command was pointed at
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}", 2)
-    except Exception as exc:
-        from tunelab.storage import StorageFault
 
-        if isinstance(exc, StorageFault):
-            return _fail(str(exc), 1)
-        raise
+
+_OUT_OF_MEMORY = "out of memory (MemoryError); free memory or raise the limit (ulimit -v)"
 
 
 def _fail(message: str, code: int) -> int:

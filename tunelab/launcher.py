@@ -136,6 +136,10 @@ def _log_tail_mentions(log_path: Path, *needles: str) -> bool:
     return any(needle in text for needle in needles)
 
 
+# Signals another process sends to end one (the rest are crashes the process causes itself).
+_KILL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+# What a trial's log says when an allocation failed (torch, Python, C++).
+_OOM_NEEDLES = ("out of memory", "outofmemoryerror", "memoryerror", "std::bad_alloc")
 _OOM_LINE = re.compile(r"(?:Killed process|oom-kill:.*\bpid=)\s*(\d+)")
 
 
@@ -224,6 +228,10 @@ def collect_outcome(
         sig = signal.Signals(-returncode).name
         if oom_evidence:
             status, reason = "oom", f"killed by {sig} ({oom_evidence})"
+        elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
+            status, reason = "oom", f"ended by {sig}; the log reports an allocation failure"
+        elif -returncode not in _KILL_SIGNALS:  # SIGSEGV, SIGABRT, ...: the process crashed
+            status, reason = "error", f"trial process crashed ({sig}); see its log"
         else:
             status, reason = (
                 "killed",
@@ -232,7 +240,7 @@ def collect_outcome(
             )
     elif oom_evidence:
         status, reason = "oom", f"trial process exited with code {returncode} ({oom_evidence})"
-    elif _log_tail_mentions(out_dir / "trial.log", "out of memory", "outofmemoryerror"):
+    elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
         status, reason = "oom", f"trial process exited with code {returncode}; log reports OOM"
     else:
         status, reason = "error", f"trial process exited with code {returncode} and no metrics"

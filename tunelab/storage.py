@@ -23,7 +23,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from tunelab.errors import InputError
+from tunelab.errors import InputError, StorageFault
 
 # Heartbeats and their retry callback are marked experimental in Optuna 5; they are its
 # documented way to recover from dead workers.
@@ -41,10 +41,6 @@ _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
 
 T = TypeVar("T")
-
-
-class StorageFault(Exception):
-    """The study's storage failed and kept failing after STORAGE_ATTEMPTS tries."""
 
 
 def default_url(out_dir: Path) -> str:

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from tunelab import launcher, ops
 from tunelab.config import SEED_LIMIT, TrialConfig
 from tunelab.devices import Gpu, gpu_inventory, gpu_slots, unsupported_reason
-from tunelab.errors import InputError
+from tunelab.errors import InputError, StorageFault
 from tunelab.memory import MemoryPrediction, predict
 from tunelab.presets import resolve_model
 from tunelab.pruning import dominated
@@ -58,7 +58,6 @@ from tunelab.storage import (
     GRACE_S,
     MAX_RETRY,
     STORAGE_ERRORS,
-    StorageFault,
     budget_lock,
     display_url,
     first_line,
