@@ -63,7 +63,8 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys, command, content)
 
 def test_a_latin1_data_file_is_one_line(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
-    data.write_bytes('{"prompt": "a", "chosen": "tr\xe8s bien", "rejected": "c"}\n'.encode("latin-1"))
+    row = '{"prompt": "a", "chosen": "tr\xe8s bien", "rejected": "c"}\n'
+    data.write_bytes(row.encode("latin-1"))
     code, _, err = cli(capsys, "trial", TINY, "--out", tmp_path / "out", f"data.source={data}")
     one_line_error(code, err, f"{data}: not UTF-8 text (byte 0xe8")
     assert not (tmp_path / "out").exists()
@@ -122,7 +123,8 @@ def test_deep_json_is_one_line(tmp_path, capsys):
         ("space: {actor.zero_stage: {choices: [0, 1]},\n"
          "        actor.offload_optimizer: {choices: [none, cpu], when: {actor.zero_stage: [3]}}}",
          "space.actor.offload_optimizer.when.actor.zero_stage: 3 is not a value of that knob"),
-        ("space: {critic.zero_stage: {same_as: actor.zero_stage}, actor.zero_stage: {choices: [0]}}",
+        ("space: {critic.zero_stage: {same_as: actor.zero_stage},\n"
+         "        actor.zero_stage: {choices: [0]}}",
          "space.critic.zero_stage: refers to actor.zero_stage, which is not an earlier knob"),
         ("sampler: {type: random, seed: -1}", "sampler.seed: must lie in [0, 2**32), got -1"),
     ],
@@ -217,8 +219,7 @@ def test_running_out_of_memory_is_one_line(tmp_path):
                          timeout=120, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr == (
-        "tunelab: error: out of memory (MemoryError); free memory or raise the limit "
-        "(ulimit -v)\n"
+        "tunelab: error: out of memory (MemoryError); free memory or raise the limit (ulimit -v)\n"
     )
 
 
