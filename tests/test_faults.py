@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+import yaml
 from optuna.trial import TrialState
 
 from tunelab.cli import main
@@ -311,6 +312,37 @@ def test_the_retry_cap_is_stated_and_reported(tmp_path):
     assert f"1 interrupted past the retry cap ({MAX_RETRY})" in line
 
 
+def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeypatch):
+    name, path = unsupported_spec(tmp_path, trials=3)
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'study.db'}"
+    assert tunelab("run", path, "--out", out).returncode == 0
+
+    def snapshot():
+        study = optuna.load_study(study_name=name, storage=url)
+        trials = [(t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs)
+                  for t in study.trials]  # fmt: skip
+        return study.user_attrs, trials
+
+    before = snapshot()
+    changed = tmp_path / "changed.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["space"]["ppo.kl_coef"]["high"] = 0.9  # another search space, same study name
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["run", changed, "--out", out],
+        ["run", path, "--out", out, "--workers", "0"],
+        ["export", out, "--trial", "99"],
+        ["report", out, "--out", "/dev/null/x"],
+        ["worker", "--storage", url, "--study", name, "--workers", "-2"],
+    ):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err  # `run` first says which study and storage it opens
+        assert err.count("tunelab: error: ") == 1 and err.splitlines()[-1].startswith("tunelab:")
+    assert snapshot() == before
+
+
 # -- read-only commands ---------------------------------------------------------------------
 
 
@@ -442,7 +474,7 @@ def test_a_password_is_never_printed_nor_stored(tmp_path):
         stored = json.dumps(
             [
                 study.user_attrs,
-                study.system_attrs,
+                study._storage.get_study_system_attrs(study._study_id),
                 [(t.user_attrs, t.system_attrs) for t in study.trials],
             ]
         )

@@ -66,6 +66,11 @@ def enforce(instance: Any) -> None:
         raise Invalid(problems)
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (a newline among them) escaped, as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Problems:
     """Errors found by one validation pass, each a line "FILE: dotted.key: what was expected"."""
 
@@ -73,7 +78,7 @@ class Problems:
         self.lines: list[str] = []
 
     def add(self, where: str, message: str) -> None:
-        line = f"{where} {message}" if where.endswith(":") else f"{where}: {message}"
+        line = printable(f"{where} {message}" if where.endswith(":") else f"{where}: {message}")
         if line not in self.lines:
             self.lines.append(line)
 
@@ -398,10 +403,14 @@ def read_mapping(path: Path) -> dict[str, Any]:
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         data = json.loads(text) if kind == "JSON" else parse_yaml(text)
+    except yaml.reader.ReaderError as exc:  # a control character
+        raise InputError(f"{path}: not valid YAML (character #x{exc.character:04x} at offset "
+                         f"{exc.position} is not allowed)") from None  # fmt: skip
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else getattr(exc, "lineno", "?")
         problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or exc
+        problem = str(problem).strip().splitlines()[0]
         raise InputError(f"{path}:{line}: not valid {kind} ({problem})") from None
     except RecursionError:  # json recurses per level
         raise InputError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None

@@ -397,7 +397,15 @@ _OUT_OF_MEMORY = "out of memory (MemoryError); free memory or raise the limit (u
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"tunelab: error: {message}", file=sys.stderr)
+    """Print the error: one line (what a user typed is echoed with its control characters
+    escaped), or a validation pass's "N errors" line followed by one line each."""
+    from tunelab._typed import printable
+
+    lines = message.split("\n")
+    several = lines[0].endswith(f": {len(lines) - 1} errors") and len(lines) > 1
+    if not (several and all(line.startswith("  ") for line in lines[1:])):
+        lines = [printable(message)]
+    print("tunelab: error: " + "\n".join(map(printable, lines)), file=sys.stderr)
     return code
 
 
