@@ -182,7 +182,7 @@ def _cmd_run(args) -> int:
     from tunelab.study import create_or_resume
 
     loaded = load_spec(args.spec)
-    _check_base(loaded)
+    _check_base(loaded, args.workers)
     out = writable_folder(args.out or Path("runs") / loaded.spec.name)
     url = args.storage or default_url(out)
     _starting(loaded.spec.name, url, out)
@@ -190,12 +190,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_worker(args) -> int:
-    from tunelab.study import load_for_worker
+    from tunelab.study import create_or_resume, load_for_worker
 
     out = writable_folder(args.out or Path("runs") / args.study)
     _starting(args.study, args.storage, out)
-    loaded, study = load_for_worker(args.storage, args.study)
-    _check_base(loaded)
+    loaded = load_for_worker(args.storage, args.study)
+    _check_base(loaded, args.workers)
+    study = create_or_resume(loaded, args.storage)
     return _orchestrate(loaded, study, args.storage, out, args.workers)
 
 
@@ -206,11 +207,15 @@ def _starting(name: str, url: str, out: Path) -> None:
           file=sys.stderr, flush=True)  # fmt: skip
 
 
-def _check_base(loaded) -> None:
-    """The base config's model sources and data file, before any study is created or joined."""
+def _check_base(loaded, workers: int) -> None:
+    """The base config's model sources and data file, and this node's GPUs for `workers`,
+    before any study is created or joined."""
     from tunelab.config import check_inputs, config_from_dict
+    from tunelab.devices import gpu_inventory
+    from tunelab.study import worker_slots
 
     check_inputs(config_from_dict(loaded.base_config, f"{loaded.source} base:"))
+    worker_slots(loaded, workers, gpu_inventory())
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:

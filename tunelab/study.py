@@ -171,8 +171,9 @@ def _join_study(loaded: LoadedSpec, storage, shown: str) -> int:
     return index
 
 
-def load_for_worker(url: str, name: str) -> tuple[LoadedSpec, optuna.Study]:
-    """A study created by `tunelab run` elsewhere, with the spec it keeps in its attributes."""
+def load_for_worker(url: str, name: str) -> LoadedSpec:
+    """The spec of a study created by `tunelab run` elsewhere, as its attributes keep it (join
+    it with create_or_resume)."""
     storage = open_storage(url, create=False)
     shown = display_url(url)
     try:
@@ -183,8 +184,7 @@ def load_for_worker(url: str, name: str) -> tuple[LoadedSpec, optuna.Study]:
         raise InputError(f"storage {shown}: {first_line(exc, url)}") from None
     if SPEC_ATTR not in attrs:
         raise InputError(f"study {name!r} in {shown} was not created by tunelab")
-    loaded = spec_from_storage(attrs[SPEC_ATTR], attrs[BASE_ATTR], name)
-    return loaded, create_or_resume(loaded, url)
+    return spec_from_storage(attrs[SPEC_ATTR], attrs[BASE_ATTR], name)
 
 
 # -- search space -----------------------------------------------------------------------------
@@ -427,6 +427,14 @@ def _thin(series: dict[str, list[float]]) -> dict[str, list[float]]:
     return {name: thin(values) for name, values in series.items()}
 
 
+def worker_slots(loaded: LoadedSpec, workers: int, gpus: list[Gpu]) -> list[list[int] | None]:
+    """This node's GPUs split among `workers` (InputError when they do not suffice)."""
+    per_trial = loaded.spec.resources.gpus_per_trial
+    if per_trial is None:
+        per_trial = base_value(loaded, "ranks") if gpus else 0
+    return gpu_slots(workers, per_trial, gpus)
+
+
 class Orchestrator:
     """Runs a study's remaining budget with `workers` trials at a time on this node."""
 
@@ -437,11 +445,7 @@ class Orchestrator:
         self.workers = workers
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.gpus: list[Gpu] = gpu_inventory()
-        base_ranks = base_value(loaded, "ranks")
-        per_trial = self.spec.resources.gpus_per_trial
-        if per_trial is None:
-            per_trial = base_ranks if self.gpus else 0
-        self.slots = gpu_slots(workers, per_trial, self.gpus)
+        self.slots = worker_slots(loaded, workers, self.gpus)
         self.lock = threading.RLock()  # every storage call goes through it
         self.stop = threading.Event()
         self.worker = _worker_id()
