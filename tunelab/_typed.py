@@ -32,6 +32,9 @@ MAX_VALUES = 100_000  # values after expanding YAML aliases (a "billion laughs" 
 _INT_LIMIT = 2**63  # ints beyond int64 are typos, and overflow float arithmetic downstream
 
 
+Problem = tuple[str, str]  # (key within a dataclass, what is wrong), yielded by its checks()
+
+
 class Invalid(ValueError):
     """The rules a dataclass instance breaks: (key relative to the instance, message) pairs."""
 
@@ -39,9 +42,6 @@ class Invalid(ValueError):
         super().__init__("; ".join(f"{key}: {message}" if key else message
                                    for key, message in problems))  # fmt: skip
         self.problems = problems
-
-
-Problem = tuple[str, str]  # (key within a dataclass, what is wrong), yielded by its checks()
 
 
 def at_least(bound: int, instance: Any, *names: str) -> Iterator[Problem]:

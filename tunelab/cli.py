@@ -70,16 +70,16 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
     return folder
 
 
-def _build_ops_for(configs) -> None:
-    """Build the DeepSpeed ops these trials need and the cache lacks, saying so (tunelab.ops)."""
+def _build_ops_for(config, out: Path) -> None:
+    """Build the DeepSpeed ops the trial needs and the cache lacks, saying so (tunelab.ops)."""
     from tunelab import ops
     from tunelab.devices import gpu_inventory
 
-    offloads = {e.offload_optimizer for c in configs for e in (c.actor, c.critic)}
+    offloads = {config.actor.offload_optimizer, config.critic.offload_optimizer}
     missing = ops.missing_ops(ops.needed_ops(offloads, on_gpu=bool(gpu_inventory())))
     if missing:
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"tunelab-ops-{os.getpid()}.log"
-        ops.build_ops(missing, log, lambda line: print(line, file=sys.stderr, flush=True))
+        echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        ops.build_ops(missing, out / "ops-build.log", echo)
 
 
 def _fmt_bytes(value: float) -> str:
@@ -139,7 +139,7 @@ def _cmd_trial(args) -> int:
     config = load_config(args.config, args.overrides)
     check_inputs(config)
     writable_folder(args.out)
-    _build_ops_for([config])
+    _build_ops_for(config, args.out)
     outcome = launch_trial(config, args.out, timeout_s=args.timeout, launcher=args.launcher)
     print(trial_summary(outcome))
     return 0 if outcome.status == "ok" else 1
@@ -284,7 +284,7 @@ def _cmd_reproduce(args) -> int:
 
     config, figures = read_export(args.export_dir)
     out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
-    _build_ops_for([config])
+    _build_ops_for(config, out)
     runs = []
     for repeat in range(args.repeats):
         outcome = launch_trial(config, out / f"repeat{repeat}", timeout_s=args.timeout)

@@ -9,7 +9,7 @@ Study user attrs:
 Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in spec order.
 Trial user attrs (TrialAttr below): status, reason, metrics (flat), series (per step),
 config (the full trial config), predicted (flat memory prediction), wall_s, out_dir, log,
-worker, and "baseline" (its name) for enqueued baseline trials.
+worker, and "baseline" (its name) and "fixed" (its overrides) for enqueued baseline trials.
 Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
 """
 
@@ -43,6 +43,7 @@ class TrialAttr:
     LOG = "log"
     WORKER = "worker"
     BASELINE = "baseline"
+    FIXED = "fixed"  # a baseline's config overrides, knobs included (those are not sampled)
     INTERMEDIATE = "intermediate"  # {step: value} of the pruning metric (multi-objective)
 
 

@@ -70,7 +70,6 @@ BASE_ATTR = "tunelab:base"
 HASH_ATTR = "tunelab:search_hash"
 PROCESSES_ATTR = "tunelab:processes"  # how many orchestrator processes have joined the study
 PGID_ATTR = "pgid"
-FIXED_ATTR = "fixed"  # a baseline's overrides outside the space (user attr of its trial)
 OUTCOME_FILE = "outcome.json"  # beside each launched trial: what was (or will be) recorded
 _SERIES_POINTS = 200  # per-step series kept in storage are thinned to this many points
 
@@ -164,7 +163,7 @@ def _join_study(loaded: LoadedSpec, storage, shown: str) -> int:
         for baseline in spec.baselines:
             attrs = {TrialAttr.BASELINE: baseline.name}
             if baseline.overrides:
-                attrs[FIXED_ATTR] = baseline.overrides
+                attrs[TrialAttr.FIXED] = baseline.overrides
             study.enqueue_trial(baseline.params, user_attrs=attrs)
     index = study.user_attrs.get(PROCESSES_ATTR, 0)
     study.set_user_attr(PROCESSES_ATTR, index + 1)
@@ -542,7 +541,7 @@ class Orchestrator:
             return False  # never prune on a storage fault; the outcome's recording reports it
 
     def _run_one(self, trial: optuna.Trial, gpus: list[int] | None) -> None:
-        fixed = trial.user_attrs.get(FIXED_ATTR)
+        fixed = trial.user_attrs.get(TrialAttr.FIXED)
         params = self._store(f"trial {trial.number}: sampling",
                              lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
         try:

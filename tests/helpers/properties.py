@@ -32,6 +32,7 @@ from tunelab.config import TrialConfig, check_inputs, config_from_dict, load_con
 from tunelab.data import load_preference_file
 from tunelab.errors import InputError
 from tunelab.metrics import COMMON
+from tunelab.records import TrialAttr
 from tunelab.spec import PRUNER_CLASSES, SAMPLER_CLASSES, load_spec, trial_config
 from tunelab.study import build_pruner, build_sampler, suggest_params
 
@@ -235,22 +236,26 @@ OVERRIDES = st.lists(
 
 
 def _row() -> st.SearchStrategy:
-    words = st.text(string.ascii_letters + " ", min_size=1, max_size=8) | st.text(max_size=8)
+    words = st.text(string.ascii_letters + " ", min_size=1, max_size=8)
     good = st.fixed_dictionaries({"prompt": words, "chosen": words, "rejected": words})
-    return good | good | VALUES
+    odd = st.fixed_dictionaries({"prompt": st.text(max_size=8) | VALUES, "chosen": words},
+                                optional={"rejected": VALUES})  # fmt: skip
+    return st.one_of(good, good, good, odd, VALUES)
 
 
 @st.composite
 def data_files(draw) -> tuple[bytes, str]:
     """A JSONL or Parquet preference file (or bytes under either name)."""
-    suffix = draw(st.sampled_from([".jsonl", ".jsonl", ".parquet", ".json"]))
+    suffix = draw(st.sampled_from([".jsonl", ".jsonl", ".parquet", ".parquet", ".json"]))
     if draw(st.integers(0, 4)) == 0:
         return draw(st.binary(max_size=300)), suffix
-    rows = draw(st.lists(_row(), max_size=6))
+    rows = draw(st.lists(_row(), min_size=draw(st.sampled_from([0, 2])), max_size=6))
     if suffix == ".parquet":
-        columns = draw(st.lists(st.sampled_from(["prompt", "chosen", "rejected", "x"]),
-                                unique=True, max_size=4))  # fmt: skip
-        cells = st.none() | st.text(max_size=6) | st.integers(-5, 5) | st.floats()
+        fields = ["prompt", "chosen", "rejected"]
+        columns = fields if draw(st.booleans()) else draw(
+            st.lists(st.sampled_from([*fields, "x"]), unique=True, max_size=4))  # fmt: skip
+        words = st.text(string.ascii_letters + " ", min_size=1, max_size=6)
+        cells = words if draw(st.booleans()) else words | st.none() | st.integers(-5, 5)
         frame = pd.DataFrame({c: draw(st.lists(cells, min_size=len(rows), max_size=len(rows)))
                               for c in columns})  # fmt: skip
         buffer = io.BytesIO()
@@ -259,7 +264,7 @@ def data_files(draw) -> tuple[bytes, str]:
         except Exception:  # mixed column types pyarrow cannot write: the file is bytes then
             return draw(st.binary(max_size=300)), suffix
         return buffer.getvalue(), suffix
-    lines = [json.dumps(row) if draw(st.integers(0, 6)) else draw(st.text(max_size=10))
+    lines = [json.dumps(row) if draw(st.integers(0, 12)) else draw(st.text(max_size=10))
              for row in rows]  # fmt: skip
     text = "\n".join(lines)
     if draw(st.integers(0, 5)) == 0:
@@ -302,10 +307,10 @@ def check_spec(folder: Path, spec: tuple[bytes, str], base: tuple[bytes, str] | 
                                 sampler=build_sampler(spec_, spec_.sampler.seed),
                                 pruner=build_pruner(spec_))  # fmt: skip
     for baseline in spec_.baselines:
-        study.enqueue_trial(baseline.params, user_attrs={"fixed": baseline.overrides})
+        study.enqueue_trial(baseline.params, user_attrs={TrialAttr.FIXED: baseline.overrides})
     for _ in range(len(spec_.baselines) + 2):
         trial = study.ask()
-        fixed = trial.user_attrs.get("fixed")
+        fixed = trial.user_attrs.get(TrialAttr.FIXED)
         params = suggest_params(trial, loaded, fixed)
         with contextlib.suppress(InputError):
             trial_config(loaded, params, fixed)
