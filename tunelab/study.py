@@ -452,6 +452,7 @@ class Orchestrator:
         self.walls: list[float] = []
         self.started = time.monotonic()
         self.errors: list[BaseException] = []
+        self.out_of_time = False  # budget.minutes ran out before budget.trials
 
     # storage, under the lock, with retries
 
@@ -468,6 +469,7 @@ class Orchestrator:
             return None
         minutes = self.spec.budget.minutes
         if minutes is not None and time.monotonic() - self.started > minutes * 60:
+            self.out_of_time = True
             return None
 
         def ask() -> optuna.Trial | None:
@@ -675,4 +677,7 @@ class Orchestrator:
         self.stop.set()
         if self.errors:
             raise self.errors[0]
+        if self.out_of_time and not interrupted:
+            self.echo(f"[{self.spec.name}] stopped: its {self.spec.budget.minutes:g}-minute "
+                      "budget is used; the same command continues the study")  # fmt: skip
         return 130 if interrupted else 0
