@@ -502,3 +502,15 @@ def test_open_storage_without_create_needs_the_file(tmp_path):
     with pytest.raises(Exception, match="no such file"):
         open_storage(f"sqlite:///{tmp_path}/absent/study.db", create=False)
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_study_stopped_by_its_time_budget_says_so(tmp_path):
+    _, path = unsupported_spec(tmp_path, trials=50, name="timed")
+    spec = yaml.safe_load(path.read_text())
+    spec["budget"]["minutes"] = 0.002  # 0.12 s: over before the 50 trials
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run = tunelab("run", path, "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[timed] stopped: its 0.002-minute budget is used; the same command continues" in (
+        run.stderr
+    )
