@@ -156,7 +156,7 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
 
     again = tunelab("run", path, "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"trials [{victim.number}]: their orchestrator died" in again.stderr
+    assert f"trial {victim.number}: interrupted (its orchestrator " in again.stderr
     study = optuna.load_study(study_name=name, storage=url)
     trials = {t.number: t for t in study.trials}
     for number, values in completed_before.items():
@@ -165,6 +165,7 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
     interrupted = trials[victim.number]
     assert interrupted.state == TrialState.FAIL
     assert interrupted.user_attrs["status"] == "interrupted"
+    assert interrupted.user_attrs["reason"].startswith("its orchestrator ")
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retry) == 1 and retry[0].params == victim.params
     assert retry[0].state == TrialState.COMPLETE
