@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import threading
 import time
 import warnings
@@ -167,6 +168,8 @@ def storage_lock(url: str, key: str, timeout_s: float = LOCK_TIMEOUT_S) -> Itera
                         connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({lock_id})"))
                         unlock, params = f"SELECT pg_advisory_unlock({lock_id})", {}
                     else:
+                        if len(key) > 64:  # MySQL's limit on lock names
+                            key = f"{key[:40]}:{hashlib.sha256(key.encode()).hexdigest()[:23]}"
                         granted = connection.execute(
                             sqlalchemy.text("SELECT GET_LOCK(:k, :t)"),
                             {"k": key, "t": int(timeout_s)},
