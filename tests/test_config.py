@@ -95,3 +95,11 @@ def test_check_inputs_rejects_lengths_beyond_positions():
 def test_unknown_model_name():
     with pytest.raises(InputError, match="not a preset"):
         check_inputs(load_config(TINY, ["models.actor=opt-9000"]))
+
+
+def test_a_section_given_in_part_keeps_the_fields_own_defaults(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("critic: {zero_stage: 1}\nrm: {steps: 5}\n")
+    config = load_config(path)
+    assert config.critic.learning_rate == 5e-6 and config.rm.learning_rate == 5e-6
+    assert config.rm.steps == 5 and config.critic.zero_stage == 1

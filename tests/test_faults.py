@@ -86,10 +86,10 @@ def fresh_database(server: str, owner: str | None = None):
 
 
 def unsupported_spec(folder: Path, trials: int, **fields):
-    """A spec whose trials ask for fp16: classified unsupported on a CPU, never launched (the
-    orchestrators and the storage are exercised, not the pipeline)."""
+    """A spec whose trials ask for DeepSpeed's hybrid engine: classified unsupported on a CPU,
+    never launched (the orchestrators and the storage are exercised, not the pipeline)."""
     return write_spec(folder, budget={"trials": trials},
-                      base_overrides={"precision": "fp16"},
+                      base_overrides={"hybrid_engine": True},
                       space={"ppo.kl_coef": {"low": 0.01, "high": 0.5},
                              "actor.lora_rank": {"choices": [0, 4, 8]}},
                       sampler={"type": "tpe", "seed": 0}, **fields)  # fmt: skip
@@ -490,7 +490,8 @@ def test_a_password_is_never_printed_nor_stored(tmp_path):
 def test_a_baseline_outside_the_space_runs_with_its_overrides(tmp_path):
     name, path = write_spec(
         tmp_path, budget={"trials": 1}, space={"precision": {"choices": ["bf16", "fp32"]}},
-        baselines=[{"name": "fp16", "params": {}, "overrides": {"precision": "fp16"}}],
+        baselines=[{"name": "fp16", "params": {},  # the hybrid engine keeps it from launching
+                    "overrides": {"precision": "fp16", "hybrid_engine": True}}],
     )  # fmt: skip
     run = tunelab("run", path, "--out", tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]

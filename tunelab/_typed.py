@@ -243,6 +243,11 @@ def convert_fields(
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             problems.add(_join(where, str(key)), f"unknown key{hint}")
             continue
+        factory = fields[key].default_factory
+        if isinstance(value, Mapping) and factory is not dataclasses.MISSING:
+            # A section given in part keeps the field's own defaults (the critic's learning
+            # rate), not those of its class.
+            value = {**to_mapping(factory()), **value}
         converted = convert(hints[key], value, _join(where, key), problems)
         if converted is not INVALID:
             kwargs[key] = converted
