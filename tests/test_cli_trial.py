@@ -97,7 +97,7 @@ def test_two_rank_zero3_trial_with_answers_of_any_length(tmp_path):
     [
         (["actor.zero_stag=2"], "actor.zero_stag: unknown key (did you mean 'zero_stage'?)"),
         (["ppo.kl_coef=high"], "ppo.kl_coef: expected float, got 'high'"),
-        (["ranks=2", "batch.train_global=16"], "batch.train_global=16 but"),
+        (["ranks=2", "batch.train_global=16"], "batch.train_global: 16 but"),
         (
             ["data.source=/nonexistent/pairs.jsonl"],
             "data file /nonexistent/pairs.jsonl: not found",

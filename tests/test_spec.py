@@ -24,11 +24,12 @@ def test_every_shipped_spec_loads_and_starts_with_its_command(path):
     loaded = load_spec(path)
     assert path.read_text().splitlines()[0] == f"# tunelab run studies/{path.name}"
     assert loaded.spec.name == path.stem
-    # Each baseline is a valid trial of the space.
+    # Each baseline is a valid trial of the space (its overrides are never sampled).
     for baseline in loaded.spec.baselines:
         trial = optuna.trial.FixedTrial(baseline.params)
-        config = trial_config(loaded, suggest_params(trial, loaded))
-        assert config.ranks >= 1
+        params = suggest_params(trial, loaded, baseline.overrides)
+        config = trial_config(loaded, params, baseline.overrides)
+        assert config.ranks >= 1 and not set(params) & set(baseline.overrides)
 
 
 def test_shipped_trial_configs_start_with_their_command():

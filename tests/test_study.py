@@ -17,11 +17,14 @@ import uuid
 import optuna
 import psutil
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from tunelab.errors import InputError
 from tunelab.presets import PRESETS
 from tunelab.spec import load_spec
+from tunelab.storage import open_storage
 from tunelab.study import PGID_ATTR, create_or_resume
 
 from .conftest import ROOT, TINY
@@ -133,9 +136,10 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
     running = None
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        try:
-            trials = optuna.load_study(study_name=name, storage=url).trials
-        except KeyError:  # the file exists before the study is created in it
+        try:  # read only: creating the storage here would race the orchestrator creating it
+            trials = optuna.load_study(study_name=name, storage=open_storage(url, create=False))
+            trials = trials.trials
+        except (InputError, KeyError, sqlalchemy.exc.OperationalError):  # not there yet
             continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         running = [
@@ -156,7 +160,7 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
 
     again = tunelab("run", path, "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"trials [{victim.number}]: their orchestrator died" in again.stderr
+    assert f"trial {victim.number}: interrupted (its orchestrator " in again.stderr
     study = optuna.load_study(study_name=name, storage=url)
     trials = {t.number: t for t in study.trials}
     for number, values in completed_before.items():
@@ -165,6 +169,7 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
     interrupted = trials[victim.number]
     assert interrupted.state == TrialState.FAIL
     assert interrupted.user_attrs["status"] == "interrupted"
+    assert interrupted.user_attrs["reason"].startswith("its orchestrator ")
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retry) == 1 and retry[0].params == victim.params
     assert retry[0].state == TrialState.COMPLETE

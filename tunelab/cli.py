@@ -1,21 +1,85 @@
 """The `tunelab` command: thin subcommands over the library. Never imports torch.
 
-Bad input prints one line, `tunelab: error: ...`, and exits with code 2.
+Bad input prints one line, `tunelab: error: ...` (or, for a config or spec with several
+mistakes, a first line counting them and one line each), and exits with code 2 before anything
+is created or launched; so do an output folder that cannot be written, a storage that cannot
+be reached, and running out of memory. A storage that fails mid-study ends it with one line
+and exit code 1 (see tunelab.study). Read-only commands (report, export, compare) write only
+their output, by default under the study's folder or runs/, never over the repository's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
-from tunelab.errors import InputError
+from tunelab.errors import InputError, StorageFault
+
+MIN_FREE_BYTES = 64 * 2**20  # an output folder with less free space is refused up front
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every other bad input
         raise InputError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (refuses inf and nan, which float() accepts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """Create `folder` and check it takes a file and has MIN_FREE_BYTES free, so an unwritable
+    or full folder is one line before any trial runs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".tunelab-write-check-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise InputError(f"{option} {folder}: cannot write there ({reason})") from None
+    if free < MIN_FREE_BYTES:
+        raise InputError(
+            f"{option} {folder}: only {free / 2**20:.1f} MiB free, below the "
+            f"{MIN_FREE_BYTES // 2**20} MiB tunelab asks for (logs, metrics, reports)"
+        )
+    return folder
+
+
+def _build_ops_for(config, out: Path) -> None:
+    """Build the DeepSpeed ops the trial needs and the cache lacks, saying so (tunelab.ops)."""
+    from tunelab import ops
+    from tunelab.devices import gpu_inventory
+
+    offloads = {config.actor.offload_optimizer, config.critic.offload_optimizer}
+    missing = ops.missing_ops(ops.needed_ops(offloads, on_gpu=bool(gpu_inventory())))
+    if missing:
+        echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        ops.build_ops(missing, out / "ops-build.log", echo)
 
 
 def _fmt_bytes(value: float) -> str:
@@ -79,6 +143,8 @@ def _cmd_trial(args) -> int:
 
     config = load_config(args.config, args.overrides)
     check_inputs(config)
+    writable_folder(args.out)
+    _build_ops_for(config, args.out)
     outcome = launch_trial(config, args.out, timeout_s=args.timeout, launcher=args.launcher)
     print(trial_summary(outcome))
     return 0 if outcome.status == "ok" else 1
@@ -121,37 +187,53 @@ def _cmd_run(args) -> int:
     from tunelab.study import create_or_resume
 
     loaded = load_spec(args.spec)
-    _check_base(loaded)
-    out = args.out or Path("runs") / loaded.spec.name
+    _check_base(loaded, args.workers)
+    out = writable_folder(args.out or Path("runs") / loaded.spec.name)
     url = args.storage or default_url(out)
+    _starting(loaded.spec.name, url, out)
     return _orchestrate(loaded, create_or_resume(loaded, url), url, out, args.workers)
 
 
 def _cmd_worker(args) -> int:
-    from tunelab.study import load_for_worker
+    from tunelab.study import create_or_resume, load_for_worker
 
-    loaded, study = load_for_worker(args.storage, args.study)
-    _check_base(loaded)
-    out = args.out or Path("runs") / args.study
+    out = writable_folder(args.out or Path("runs") / args.study)
+    _starting(args.study, args.storage, out)
+    loaded = load_for_worker(args.storage, args.study)
+    _check_base(loaded, args.workers)
+    study = create_or_resume(loaded, args.storage)
     return _orchestrate(loaded, study, args.storage, out, args.workers)
 
 
-def _check_base(loaded) -> None:
-    """The base config's model sources and data file, before any study is created or joined."""
+def _starting(name: str, url: str, out: Path) -> None:
+    from tunelab.storage import display_url
+
+    print(f"study {name}: storage {display_url(url)}, trials in {out / 'trials'}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _check_base(loaded, workers: int) -> None:
+    """The base config's model sources and data file, and this node's GPUs for `workers`,
+    before any study is created or joined."""
     from tunelab.config import check_inputs, config_from_dict
+    from tunelab.devices import gpu_inventory
+    from tunelab.study import worker_slots
 
     check_inputs(config_from_dict(loaded.base_config, f"{loaded.source} base:"))
+    worker_slots(loaded, workers, gpu_inventory())
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
+    from tunelab.storage import default_url, display_url
     from tunelab.study import Orchestrator
 
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
     _stop_on_sigterm()
-    print(f"study {loaded.spec.name}: storage {url}, trials in {out / 'trials'}", file=sys.stderr)
     code = Orchestrator(loaded, study, url, out, workers).run()
-    print(f"report: tunelab report --storage {url} --study {loaded.spec.name}", file=sys.stderr)
+    if url == default_url(out):
+        target = str(out)
+    else:
+        target = f"--storage {display_url(url)} --study {loaded.spec.name}"
+    print(f"report: tunelab report {target}", file=sys.stderr)
     return code
 
 
@@ -161,12 +243,17 @@ def _study(args):
     return load_study(args.study_dir, args.storage, args.study)
 
 
+def _study_folder(args, study) -> Path:
+    """Where a read-only command writes by default: the study's folder, else runs/<study>."""
+    return args.study_dir if args.study_dir is not None else Path("runs") / study.study_name
+
+
 def _cmd_report(args) -> int:
     from tunelab.report import write_report
 
     study = _study(args)
-    index = write_report(study, args.out or Path("reports") / study.study_name)
-    print(f"report: {index}")
+    out = writable_folder(args.out or _study_folder(args, study) / "report")
+    print(f"report: {write_report(study, out)}")
     return 0
 
 
@@ -178,9 +265,8 @@ def _cmd_compare(args) -> int:
     studies += [load_study(url=args.storage, name=name) for name in args.study or ()]
     if len(studies) < 2:
         raise InputError("compare needs at least two studies (folders or --storage with --study)")
-    default = Path("reports") / ("compare-" + "-vs-".join(s.study_name for s in studies))
-    index = write_comparison(studies, args.out or default)
-    print(f"comparison: {index}")
+    default = Path("runs") / ("compare-" + "-vs-".join(s.study_name for s in studies))
+    print(f"comparison: {write_comparison(studies, writable_folder(args.out or default))}")
     return 0
 
 
@@ -189,10 +275,11 @@ def _cmd_export(args) -> int:
 
     study = _study(args)
     record = choose_trial(study, args.objective, args.trial)
-    default = Path("exports") / f"{study.study_name}-trial{record.number}"
-    out = write_export(study, record, args.out or default)
+    default = _study_folder(args, study) / f"export-trial{record.number}"
+    out = write_export(study, record, writable_folder(args.out or default))
     print(f"exported trial {record.number} of {study.study_name} to {out}")
-    print(f"  launch: tunelab trial {out / 'trial.yaml'} --out runs/{out.name}")
+    print(f"  launch: tunelab trial {out / 'trial.yaml'} "
+          f"--out runs/{study.study_name}-trial{record.number}")  # fmt: skip
     return 0
 
 
@@ -200,10 +287,9 @@ def _cmd_reproduce(args) -> int:
     from tunelab.export import read_export, reproduce_table
     from tunelab.launcher import launch_trial
 
-    if args.repeats < 1:
-        raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     config, figures = read_export(args.export_dir)
-    out = args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}"
+    out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
+    _build_ops_for(config, out)
     runs = []
     for repeat in range(args.repeats):
         outcome = launch_trial(config, out / f"repeat{repeat}", timeout_s=args.timeout)
@@ -229,41 +315,43 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("config", type=Path, help="trial config, YAML or JSON")
     trial.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     trial.add_argument("--out", type=Path, required=True, help="output folder")
-    trial.add_argument("--timeout", type=float, default=None, help="seconds before it is killed")
+    trial.add_argument("--timeout", type=_positive_number, help="seconds before it is killed")
     trial.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
     trial.set_defaults(handler=_cmd_trial)
 
     estimate = commands.add_parser("estimate", help="predict memory per stage before launching")
     estimate.add_argument("config", type=Path, help="trial config, YAML or JSON")
     estimate.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    estimate.add_argument("--ranks", type=int, help="ranks (GPUs) sharing the ZeRO partitions")
-    estimate.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    estimate.add_argument("--ranks", type=_count, help="ranks (GPUs) sharing the ZeRO partitions")
+    estimate.add_argument("--gpu-mem", type=_positive_number, default=80.0,
+                          help="GiB per GPU (default 80)")  # fmt: skip
     estimate.set_defaults(handler=_cmd_estimate)
 
     run = commands.add_parser("run", help="create or resume a study and run its budget")
     run.add_argument("spec", type=Path, help="study spec (studies/*.yaml)")
     run.add_argument("--storage", help="Optuna RDB URL or journal file (default: SQLite in --out)")
     run.add_argument("--out", type=Path, help="study folder (default: runs/<name>)")
-    run.add_argument("--workers", type=int, default=1, help="trials at once on this node")
+    run.add_argument("--workers", type=_count, default=1, help="trials at once on this node")
     run.set_defaults(handler=_cmd_run)
 
     worker = commands.add_parser("worker", help="join a running study from another node")
     worker.add_argument("--storage", required=True, help="the study's Optuna storage URL")
     worker.add_argument("--study", required=True, help="study name")
     worker.add_argument("--out", type=Path, help="folder for this node's trials")
-    worker.add_argument("--workers", type=int, default=1, help="trials at once on this node")
+    worker.add_argument("--workers", type=_count, default=1, help="trials at once on this node")
     worker.set_defaults(handler=_cmd_worker)
 
     report = commands.add_parser("report", help="HTML/Markdown report, plots and CSV of a study")
     _add_study_target(report)
-    report.add_argument("--out", type=Path, help="folder (default: reports/<study>)")
+    report.add_argument("--out", type=Path, help="folder (default: STUDY_DIR/report, or "
+                        "runs/<study>/report)")  # fmt: skip
     report.set_defaults(handler=_cmd_report)
 
     compare = commands.add_parser("compare", help="several studies side by side")
     compare.add_argument("study_dirs", type=Path, nargs="*", help="study folders")
     compare.add_argument("--storage", help="a storage URL holding the --study names")
     compare.add_argument("--study", action="append", help="study name in --storage (repeat)")
-    compare.add_argument("--out", type=Path, help="folder (default: reports/compare-…)")
+    compare.add_argument("--out", type=Path, help="folder (default: runs/compare-…)")
     compare.set_defaults(handler=_cmd_compare)
 
     export = commands.add_parser("export", help="DeepSpeed JSON and commands of a chosen trial")
@@ -271,14 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     choice = export.add_mutually_exclusive_group()
     choice.add_argument("--objective", help="best trial for this objective metric")
     choice.add_argument("--trial", type=int, help="this trial number")
-    export.add_argument("--out", type=Path, help="folder (default: exports/<study>-trial<N>)")
+    export.add_argument("--out", type=Path, help="folder (default: STUDY_DIR/export-trial<N>, "
+                        "or runs/<study>/export-trial<N>)")  # fmt: skip
     export.set_defaults(handler=_cmd_export)
 
     reproduce = commands.add_parser("reproduce", help="rerun an export and compare its figures")
     reproduce.add_argument("export_dir", type=Path, help="folder written by tunelab export")
-    reproduce.add_argument("--repeats", type=int, default=3)
+    reproduce.add_argument("--repeats", type=_count, default=3)
     reproduce.add_argument("--out", type=Path, help="folder for the reruns")
-    reproduce.add_argument("--timeout", type=float, help="seconds per rerun")
+    reproduce.add_argument("--timeout", type=_positive_number, help="seconds per rerun")
     reproduce.set_defaults(handler=_cmd_reproduce)
     return parser
 
@@ -295,11 +384,39 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *overrides]
         return args.handler(args)
     except InputError as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)
         return 130
+    except StorageFault as exc:
+        return _fail(str(exc), 1)
+    except MemoryError:
+        return _fail(_OUT_OF_MEMORY, 2)
+    except RecursionError:
+        return _fail("input nested too deeply for Python (RecursionError)", 2)
+    except ImportError as exc:  # under a low memory limit: "failed to map segment ..."
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "ImportError"
+        return _fail(f"cannot load {exc.name or 'a module'} ({detail[-120:]}); "
+                     f"a broken install, or {_OUT_OF_MEMORY}", 2)  # fmt: skip
+    except OSError as exc:  # a file or folder the command was pointed at
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", 2)
+
+
+_OUT_OF_MEMORY = "out of memory (MemoryError); free memory or raise the limit (ulimit -v)"
+
+
+def _fail(message: str, code: int) -> int:
+    """Print the error: one line (what a user typed is echoed with its control characters
+    escaped), or a validation pass's "N errors" line followed by one line each."""
+    from tunelab._typed import printable
+
+    lines = message.split("\n")
+    several = lines[0].endswith(f": {len(lines) - 1} errors") and len(lines) > 1
+    if not (several and all(line.startswith("  ") for line in lines[1:])):
+        lines = [printable(message)]
+    print("tunelab: error: " + "\n".join(map(printable, lines)), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,24 +1,37 @@
 """The trial configuration: every knob a study searches, as frozen dataclasses.
 
 Loaded from YAML or JSON with dotted `key=value` overrides; unknown keys, wrong types and
-inconsistent batch arithmetic are rejected with a one-line error (tunelab.errors.InputError).
+inconsistent batch arithmetic are rejected, every one at once, each on one line naming the key
+(tunelab.errors.InputError). Each dataclass states its rules in `checks()`, which yields
+(key, what is wrong) pairs; `__post_init__` enforces them.
 PPO defaults are DeepSpeed-Chat's (dschat/rlhf/ppo_trainer.py), which hard-codes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab._typed import apply_overrides, from_mapping, read_mapping, to_mapping
+from tunelab._typed import (
+    Problem,
+    Problems,
+    apply_overrides,
+    at_least,
+    enforce,
+    from_mapping,
+    positive,
+    read_mapping,
+    to_mapping,
+)
 from tunelab.errors import InputError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Offload = Literal["none", "cpu"]
 Device = Literal["auto", "cpu", "cuda"]
+SEED_LIMIT = 2**32  # numpy's and transformers.set_seed's seeds lie in [0, 2**32)
 
 
 @dataclass(frozen=True)
@@ -40,22 +53,25 @@ class EngineConfig:
     dropout: float | None = None
 
     def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+            yield "zero_stage", f"must be 0-3, got {self.zero_stage}"
         if self.offload_params == "cpu" and self.zero_stage != 3:
-            raise ValueError(
-                "offload_params=cpu needs zero_stage 3 (DeepSpeed offloads params only there)"
+            yield (
+                "offload_params",
+                "cpu needs zero_stage 3 (DeepSpeed offloads params only there)",
             )
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
-            raise ValueError("offload_optimizer=cpu needs zero_stage 1-3 (ZeRO-Offload)")
+            yield "offload_optimizer", "cpu needs zero_stage 1-3 (ZeRO-Offload)"
         if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+            yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
         if self.lora_rank > 0 and not self.lora_modules:
-            raise ValueError("lora_modules must name at least one module when lora_rank > 0")
-        if self.learning_rate <= 0 or self.lora_learning_rate <= 0:
-            raise ValueError("learning_rate and lora_learning_rate must be > 0")
+            yield "lora_modules", "must name at least one module when lora_rank > 0"
+        yield from positive(self, "lora_scaling", "learning_rate", "lora_learning_rate")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+            yield "dropout", f"must lie in [0, 1), got {self.dropout}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +94,12 @@ class DataConfig:
     eval_size: int = 64  # held-out pairs (RM accuracy) and prompts (PPO start/end evaluation)
 
     def __post_init__(self) -> None:
-        if self.train_size < 1 or self.eval_size < 1:
-            raise ValueError("train_size and eval_size must be >= 1")
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        if not self.source.strip():
+            yield "source", "must be 'synthetic' or a .jsonl/.parquet file"
+        yield from at_least(1, self, "train_size", "eval_size")
 
 
 @dataclass(frozen=True)
@@ -92,9 +112,12 @@ class BatchConfig:
     train_global: int | None = None  # optional; checked against micro x accumulation x ranks
 
     def __post_init__(self) -> None:
-        for name in ("train_micro", "generation_micro", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"batch.{name} must be >= 1, got {getattr(self, name)}")
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(1, self, "train_micro", "generation_micro", "grad_accum")
+        if self.train_global is not None:
+            yield from at_least(1, self, "train_global")
 
 
 @dataclass(frozen=True)
@@ -107,10 +130,11 @@ class StageConfig:
     learning_rate: float = 9.65e-6
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(0, self, "steps")  # 0: the stage is given, not trained
+        yield from positive(self, "learning_rate")
 
 
 @dataclass(frozen=True)
@@ -136,19 +160,22 @@ class PPOConfig:
     zero3_generation: Literal["gather_once", "per_layer"] = "gather_once"
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.epochs < 1 or self.generation_batches < 1:
-            raise ValueError("steps, epochs and generation_batches must be >= 1")
-        if self.max_prompt_len < 1 or self.max_answer_len < 1:
-            raise ValueError("max_prompt_len and max_answer_len must be >= 1")
-        if not 1 <= self.min_answer_len <= self.max_answer_len:
-            raise ValueError("min_answer_len must lie in [1, max_answer_len]")
-        for name in ("kl_coef", "clip_range", "value_clip_range", "reward_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise ValueError("gamma and lam must lie in [0, 1]")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(1, self, "steps", "epochs", "generation_batches", "max_prompt_len",
+                            "max_answer_len")  # fmt: skip
+        if not 1 <= self.min_answer_len <= max(self.max_answer_len, 1):
+            yield (
+                "min_answer_len",
+                f"must lie in [1, max_answer_len={self.max_answer_len}], "
+                f"got {self.min_answer_len}",
+            )
+        yield from at_least(0, self, "kl_coef", "clip_range", "value_clip_range", "reward_clip")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                yield name, f"must lie in [0, 1], got {getattr(self, name)}"
+        yield from positive(self, "temperature")
 
 
 @dataclass(frozen=True)
@@ -177,42 +204,44 @@ class TrialConfig:
     peak_tflops: float | None = None  # device peak for MFU; None = tunelab.gpus table by name
 
     def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
         batch = self.batch
-        if self.ranks < 1:
-            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            yield "seed", f"must lie in [0, 2**32), got {self.seed}"
+        yield from at_least(1, self, "ranks")
         if batch.train_global is not None:
             product = batch.train_micro * batch.grad_accum * self.ranks
             if batch.train_global != product:
-                raise ValueError(
-                    f"batch.train_global={batch.train_global} but batch.train_micro x "
-                    f"batch.grad_accum x ranks = {batch.train_micro} x {batch.grad_accum} x "
-                    f"{self.ranks} = {product}"
+                yield (
+                    "batch.train_global",
+                    f"{batch.train_global} but batch.train_micro x batch.grad_accum x ranks = "
+                    f"{batch.train_micro} x {batch.grad_accum} x {self.ranks} = {product}",
                 )
         experience = batch.generation_micro * self.ppo.generation_batches
         if experience % batch.train_micro:
             # Gradient accumulation may span PPO steps (DeepSpeed-Chat's single-GPU scripts do).
-            raise ValueError(
+            yield (
+                "batch.generation_micro",
                 f"PPO experience per rank (batch.generation_micro x ppo.generation_batches = "
-                f"{experience}) must be a multiple of batch.train_micro = {batch.train_micro}"
+                f"{experience}) must be a multiple of batch.train_micro = {batch.train_micro}",
             )
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        for stage in ("sft", "rm", "ppo"):
-            steps = getattr(self, stage).steps
-            if steps and self.warmup_steps >= steps:  # 0: a given stage, nothing timed
-                raise ValueError(
-                    f"warmup_steps={self.warmup_steps} leaves no timed step in {stage} "
-                    f"({stage}.steps={getattr(self, stage).steps})"
-                )
+            yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        short = [f"{stage} ({stage}.steps={getattr(self, stage).steps})"
+                 for stage in ("sft", "rm", "ppo")
+                 if 0 < getattr(self, stage).steps <= self.warmup_steps]  # 0: a given stage
+        if short:
+            yield "warmup_steps", f"{self.warmup_steps} leaves no timed step in {', '.join(short)}"
         if self.offload_reference and self.actor.zero_stage != 3:
-            raise ValueError(
-                "offload_reference needs actor.zero_stage 3 (the reference follows the actor's "
-                "stage, and DeepSpeed offloads parameters only under ZeRO-3)"
+            yield (
+                "offload_reference",
+                "needs actor.zero_stage 3 (the reference follows the actor's stage, and "
+                "DeepSpeed offloads parameters only under ZeRO-3)",
             )
         if self.offload_reward and self.critic.zero_stage != 3:
-            raise ValueError(
-                "offload_reward needs critic.zero_stage 3 (same rule as the reference)"
-            )
+            yield "offload_reward", "needs critic.zero_stage 3 (same rule as the reference)"
         if (
             self.hybrid_engine
             and self.actor.zero_stage == 2
@@ -221,9 +250,13 @@ class TrialConfig:
             and self.actor.lora_rank == 0
         ):
             # DeepSpeed-Chat refuses this combination (main.py of step 3).
-            raise ValueError(
-                "hybrid_engine with ZeRO-2 actor and critic, offload and no LoRA is unsupported"
+            yield (
+                "hybrid_engine",
+                "with ZeRO-2 actor and critic, offload and no LoRA is unsupported "
+                "(DeepSpeed-Chat refuses it)",
             )
+        if self.peak_tflops is not None:
+            yield from positive(self, "peak_tflops")
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
@@ -232,8 +265,11 @@ class TrialConfig:
         return dataclasses.replace(self, **changes)
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config:") -> TrialConfig:
-    return from_mapping(TrialConfig, data, where)
+def config_from_dict(
+    data: dict[str, Any], where: str = "config:", problems: Problems | None = None
+) -> TrialConfig:
+    """A TrialConfig from a mapping; every error raised at once (or added to `problems`)."""
+    return from_mapping(TrialConfig, data, where, problems)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrialConfig:

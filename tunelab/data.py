@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab._typed import read_text
 from tunelab.errors import InputError
 
 POSITIVE_WORDS = [
@@ -157,15 +158,16 @@ def load_preference_file(path: str | Path) -> list[PreferenceExample]:
         raise InputError(f"data file {path}: not found")
     examples = []
     if path.suffix == ".jsonl":
-        with path.open() as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                examples.append(_check_row(row, f"{path}:{number}"))
+        for number, line in enumerate(read_text(path).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputError(f"{path}:{number}: nested too deeply") from None
+            examples.append(_check_row(row, f"{path}:{number}"))
     elif path.suffix == ".parquet":
         import pandas as pd
 

@@ -5,6 +5,10 @@ class InputError(Exception):
     """Bad user input: a config, spec, override or data file. The message names what and where."""
 
 
+class StorageFault(Exception):
+    """The study's storage (or disk) failed mid-study and kept failing after retries."""
+
+
 class TrialFailure(Exception):
     """A trial that cannot finish; `status` is how the study classifies it."""
 

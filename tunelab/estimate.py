@@ -87,12 +87,24 @@ def _with_setting(config: TrialConfig, stage: int, optimizer: str, params: str) 
     )  # fmt: skip
 
 
+def settings(config: TrialConfig) -> tuple[list[tuple[str, TrialConfig]], list[tuple[str, str]]]:
+    """SETTINGS applied to `config`: (label, config) for those its rules allow, and (label,
+    reason) for those they refuse (e.g. DeepSpeed-Chat's hybrid engine + ZeRO-2 + offload)."""
+    allowed, refused = [], []
+    for label, stage, optimizer, params in SETTINGS:
+        try:
+            allowed.append((label, _with_setting(config, stage, optimizer, params)))
+        except ValueError as exc:  # tunelab._typed.Invalid: the config's own checks
+            refused.append((label, str(exc)))
+    return allowed, refused
+
+
 def largest_micro_batch(
     config: TrialConfig, actor: ModelShape, critic: ModelShape, budget: int, limit: int = 4096
 ) -> pd.DataFrame:
-    """For each ZeRO stage and offload choice (applied to actor and critic), the largest
-    micro-batch (training = generation) whose predicted device peak over the whole loop fits
-    in `budget` bytes per rank, found by bisection (the peak grows with the batch)."""
+    """For each ZeRO stage and offload choice (applied to actor and critic) the config allows,
+    the largest micro-batch (training = generation) whose predicted device peak over the whole
+    loop fits in `budget` bytes per rank, found by bisection (the peak grows with the batch)."""
 
     def peak(setting: TrialConfig, micro: int) -> int:
         batch = replace(
@@ -101,8 +113,7 @@ def largest_micro_batch(
         return predict(replace(setting, batch=batch), actor, critic).device_peak
 
     rows = []
-    for label, stage, optimizer, params in SETTINGS:
-        setting = _with_setting(config, stage, optimizer, params)
+    for label, setting in settings(config)[0]:
         if peak(setting, 1) > budget:
             best = 0
         else:
@@ -153,5 +164,9 @@ def render(config: TrialConfig, actor: ModelShape, critic: ModelShape, names, gp
         largest_micro_batch(config, actor, critic, budget)
         .replace({"max micro-batch": {0: "does not fit"}})
         .to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+        *(
+            f"{label}: not allowed with this config ({reason})"
+            for label, reason in settings(config)[1]
+        ),
     ]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 class TrialOutcome:
     """What the parent knows after the trial process group is gone."""
 
-    status: str  # ok | oom | unsupported | diverged | timeout | error | pruned
+    status: str  # ok | oom | killed | unsupported | diverged | timeout | error | pruned
     reason: str
     metrics: dict[str, Any]
     series: dict[str, list[float]]
@@ -144,8 +145,86 @@ def _log_tail_mentions(log_path: Path, *needles: str) -> bool:
     return any(needle in text for needle in needles)
 
 
-def collect_outcome(out_dir: Path, returncode: int | None, wall_s: float) -> TrialOutcome:
-    """Classify a finished trial from metrics.json, the ranks' files, or how it ended."""
+# Signals another process sends to end one (the rest are crashes the process causes itself).
+_KILL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+# What a trial's log says when an allocation failed (torch, Python, C++).
+_OOM_NEEDLES = ("out of memory", "outofmemoryerror", "memoryerror", "std::bad_alloc")
+_OOM_LINE = re.compile(r"(?:Killed process|oom-kill:.*\bpid=)\s*(\d+)")
+
+
+def _cgroup_oom_kills() -> int | None:
+    """OOM kills counted by this process's memory cgroup: `oom_kill` of cgroup v2's
+    memory.events or v1's memory.oom_control (None when neither can be read)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if controllers == "":
+            files += [Path("/sys/fs/cgroup", path, "memory.events"),
+                      Path("/sys/fs/cgroup/unified", path, "memory.events")]  # fmt: skip
+        elif "memory" in controllers.split(","):
+            files.append(Path("/sys/fs/cgroup/memory", path, "memory.oom_control"))
+    for file in files:
+        with contextlib.suppress(OSError):
+            for line in file.read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    return None
+
+
+class OomWatch:
+    """Evidence that the kernel's OOM killer ended a trial: an OOM-kill line in the kernel log
+    (/dev/kmsg, read from the trial's start) naming one of its processes, or a rise of the
+    memory cgroup's OOM-kill counter while it ran. Without either, a killed trial is `killed`."""
+
+    def __init__(self) -> None:
+        self.kills_before = _cgroup_oom_kills()
+        self.pids: set[int] = set()
+        try:
+            self.kmsg: int | None = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.kmsg, 0, os.SEEK_END)
+        except OSError:  # not readable for this user (dmesg_restrict)
+            self.kmsg = None
+
+    def watch(self, pid: int) -> None:
+        """Remember the trial's processes (the kernel log names the one it killed)."""
+        self.pids.add(pid)
+        with contextlib.suppress(psutil.Error):
+            self.pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+
+    def evidence(self) -> str | None:
+        if self.kmsg is not None:
+            while True:
+                try:
+                    record = os.read(self.kmsg, 8192).decode(errors="replace")
+                except BlockingIOError:
+                    break
+                except OSError:  # EPIPE: records overwritten meanwhile; read on
+                    continue
+                match = _OOM_LINE.search(record)
+                if match and int(match.group(1)) in self.pids:
+                    return "kernel log: " + record.split(";", 1)[-1].strip()[:160]
+        after = _cgroup_oom_kills()
+        if None not in (self.kills_before, after) and after > self.kills_before:
+            return f"the memory cgroup counted {after - self.kills_before} OOM kill(s)"
+        return None
+
+    def close(self) -> None:
+        if self.kmsg is not None:
+            os.close(self.kmsg)
+            self.kmsg = None
+
+
+def collect_outcome(
+    out_dir: Path, returncode: int | None, wall_s: float, oom_evidence: str | None = None
+) -> TrialOutcome:
+    """Classify a finished trial from metrics.json, the ranks' files, or how it ended: `oom`
+    only with evidence (an out-of-memory error in the log, or `oom_evidence` from OomWatch),
+    `killed` for a signal from outside without it."""
     result = _read_json(out_dir / "metrics.json")
     ranks = sorted(out_dir.glob("rank*.json"))
     failed_ranks = [r for r in map(_read_json, ranks) if r and r.get("status") != "ok"]
@@ -156,14 +235,21 @@ def collect_outcome(out_dir: Path, returncode: int | None, wall_s: float) -> Tri
         status, reason = first["status"], f"rank {first['rank']}: {first['reason']}"
     elif returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode).name
-        if -returncode == signal.SIGKILL:
-            status, reason = (
-                "oom",
-                f"killed by {sig}, not by tunelab: likely the kernel's OOM killer",
-            )
+        if oom_evidence:
+            status, reason = "oom", f"killed by {sig} ({oom_evidence})"
+        elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
+            status, reason = "oom", f"ended by {sig}; the log reports an allocation failure"
+        elif -returncode not in _KILL_SIGNALS:  # SIGSEGV, SIGABRT, ...: the process crashed
+            status, reason = "error", f"trial process crashed ({sig}); see its log"
         else:
-            status, reason = "error", f"trial process ended by {sig}"
-    elif _log_tail_mentions(out_dir / "trial.log", "out of memory", "outofmemoryerror"):
+            status, reason = (
+                "killed",
+                f"ended by {sig} from outside tunelab (no OOM kill in the kernel log or the "
+                "memory cgroup)",
+            )
+    elif oom_evidence:
+        status, reason = "oom", f"trial process exited with code {returncode} ({oom_evidence})"
+    elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
         status, reason = "oom", f"trial process exited with code {returncode}; log reports OOM"
     else:
         status, reason = "error", f"trial process exited with code {returncode} and no metrics"
@@ -227,9 +313,10 @@ def launch_trial(
     child_env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
     child_env.update(trial_cuda_env(gpus))
     progress = ProgressReader(out_dir / "progress.jsonl")
+    oom = OomWatch()
     started = time.monotonic()
     stopped: tuple[str, str] | None = None
-    with (out_dir / "trial.log").open("ab") as log:
+    with contextlib.closing(oom), (out_dir / "trial.log").open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         process = subprocess.Popen(
@@ -239,6 +326,7 @@ def launch_trial(
             on_start(process.pid)
         try:
             while process.poll() is None:
+                oom.watch(process.pid)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=poll_s)  # returns as soon as the trial exits
                 for record in progress.new_records():
@@ -255,8 +343,9 @@ def launch_trial(
         finally:
             if process.poll() is None:  # interrupted (Ctrl-C): leave nothing behind
                 kill_process_tree(process)
-    wall_s = time.monotonic() - started
-    outcome = collect_outcome(out_dir, process.returncode, wall_s)
+        wall_s = time.monotonic() - started
+        evidence = oom.evidence() if stopped is None and process.returncode else None
+    outcome = collect_outcome(out_dir, process.returncode, wall_s, evidence)
     if stopped is not None:
         status, reason = stopped
         return TrialOutcome(status, reason, outcome.metrics, outcome.series, wall_s,

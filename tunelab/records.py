@@ -9,7 +9,7 @@ Study user attrs:
 Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in spec order.
 Trial user attrs (TrialAttr below): status, reason, metrics (flat), series (per step),
 config (the full trial config), predicted (flat memory prediction), wall_s, out_dir, log,
-worker, and "baseline" (its name) for enqueued baseline trials.
+worker, and "baseline" (its name) and "fixed" (its overrides) for enqueued baseline trials.
 Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
 """
 
@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Outcome of a trial as tunelab classifies it (Optuna state in brackets):
-# ok [COMPLETE]; oom, unsupported, diverged, timeout, error, invalid [FAIL];
+# ok [COMPLETE]; oom, killed, unsupported, diverged, timeout, error, invalid [FAIL];
 # pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
-# interrupted [FAIL]: its orchestrator died; the same parameters are enqueued again.
-FAILURE_STATUSES = ("oom", "unsupported", "diverged", "timeout", "error", "invalid")
+# interrupted [FAIL]: its orchestrator died or was stopped, or its heartbeat stopped; the same
+# parameters are enqueued again (at most tunelab.storage.MAX_RETRY times; the reason says so).
+# oom needs evidence (an out-of-memory error, the kernel's OOM-kill log line or the cgroup's
+# OOM-kill counter); a trial ended by a signal without such evidence is `killed`.
+FAILURE_STATUSES = ("oom", "killed", "unsupported", "diverged", "timeout", "error", "invalid")
 PRUNED_STATUSES = ("pruned", "pruned_memory")
 
 
@@ -40,6 +43,7 @@ class TrialAttr:
     LOG = "log"
     WORKER = "worker"
     BASELINE = "baseline"
+    FIXED = "fixed"  # a baseline's config overrides, knobs included (those are not sampled)
     INTERMEDIATE = "intermediate"  # {step: value} of the pruning metric (multi-objective)
 
 

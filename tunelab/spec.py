@@ -1,7 +1,11 @@
 """Study specs: a base trial config, a search space, objectives, constraints, sampler, budget.
 
-YAML files under studies/, validated with one-line errors naming the key. A point of the space
-(Optuna params by dotted knob name) becomes a TrialConfig through `trial_config`.
+YAML files under studies/, validated in one pass that reports every error at once, each on
+one line naming the key: types and ranges (each dataclass's `checks()`), the base trial config,
+knob names and values against the trial config, `when`/`same_as` against the space, baselines
+against the knobs' choices and ranges, and sampler/pruner options against the Optuna class's
+constructor. A point of the space (Optuna params by dotted knob name) becomes a TrialConfig
+through `trial_config`.
 """
 
 from __future__ import annotations
@@ -9,21 +13,32 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import re
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, Union, get_type_hints
 
 from tunelab._typed import (
+    INVALID,
+    Problem,
+    Problems,
+    at_least,
+    construct,
     convert,
+    convert_fields,
+    enforce,
     field_annotation,
     from_mapping,
+    positive,
     read_mapping,
     to_mapping,
     with_dotted,
 )
-from tunelab.config import TrialConfig, config_from_dict
+from tunelab.config import SEED_LIMIT, TrialConfig, config_from_dict
 from tunelab.errors import InputError
 from tunelab.metrics import check_metric_name
 
@@ -32,6 +47,13 @@ PrunerType = Literal[
     "none", "median", "percentile", "hyperband", "successive_halving", "dominance"
 ]
 LauncherType = Literal["torchrun", "deepspeed"]
+
+# Optuna classes behind the spec's names (optuna.samplers.*, optuna.pruners.*).
+SAMPLER_CLASSES = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler",
+                   "grid": "GridSampler", "qmc": "QMCSampler", "gp": "GPSampler"}  # fmt: skip
+PRUNER_CLASSES = {"median": "MedianPruner", "percentile": "PercentilePruner",
+                  "hyperband": "HyperbandPruner",
+                  "successive_halving": "SuccessiveHalvingPruner"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,17 +72,38 @@ class Knob:
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
         kinds = [self.choices is not None, self.low is not None or self.high is not None,
                  self.same_as is not None]  # fmt: skip
         if sum(kinds) != 1:
-            raise ValueError("give exactly one of choices, low/high, same_as")
-        if self.choices is not None and not self.choices:
-            raise ValueError("choices must not be empty")
-        if kinds[1]:
-            if self.low is None or self.high is None or self.low > self.high:
-                raise ValueError("a range needs low <= high")
-            if self.log and (self.low <= 0 or self.step is not None):
-                raise ValueError("log ranges need low > 0 and no step")
+            yield "", "give exactly one of choices, low/high, same_as"
+            return
+        if self.choices is not None:
+            if not self.choices:
+                yield "choices", "must not be empty"
+            for index, choice in enumerate(self.choices):
+                if not isinstance(choice, bool | int | float | str):
+                    yield (
+                        f"choices[{index}]",
+                        f"choices must be scalars (write lists as 'a,b'), got {choice!r}",
+                    )
+                elif self.choices.index(choice) < index:
+                    yield f"choices[{index}]", f"repeats {choice!r}"
+        if self.same_as is not None and self.when:
+            yield "when", "a same_as knob copies its source, active or not; put when there"
+        if not kinds[1]:
+            for name in ("step", "log"):
+                if getattr(self, name) not in (None, False):
+                    yield name, "applies to low/high ranges only"
+            return
+        if self.low is None or self.high is None or self.low > self.high:
+            yield "", "a range needs low <= high"
+        if self.step is not None and not self.step > 0:
+            yield "step", f"must be > 0, got {self.step}"
+        if self.log and ((self.low is not None and self.low <= 0) or self.step is not None):
+            yield "log", "log ranges need low > 0 and no step"
 
     @property
     def is_int(self) -> bool:
@@ -69,6 +112,18 @@ class Knob:
 
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(key) in allowed for key, allowed in self.when.items())
+
+    def allows(self, value: Any) -> bool:
+        """Whether `value` is one this knob can take (a choice, or a point of its range)."""
+        if self.choices is not None:
+            return value in self.choices
+        if self.low is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.is_int and not isinstance(value, int):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        return self.step is None or abs((value - self.low) / self.step % 1) < 1e-9
 
 
 @dataclass(frozen=True)
@@ -86,8 +141,13 @@ class Constraint:
     min: float | None = None
 
     def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
         if self.max is None and self.min is None:
-            raise ValueError("a constraint needs max or min")
+            yield "", "a constraint needs max or min"
+        elif self.max is not None and self.min is not None and self.min > self.max:
+            yield "min", f"{self.min:g} is above max {self.max:g}: no trial could be feasible"
 
     @property
     def name(self) -> str:
@@ -107,6 +167,13 @@ class SamplerSpec:
     seed: int | None = 0
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the sampler
 
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            yield "seed", f"must lie in [0, 2**32), got {self.seed}"
+
 
 @dataclass(frozen=True)
 class PrunerSpec:
@@ -122,6 +189,14 @@ class PrunerSpec:
     margin: float = 0.2  # dominance: relative slack against measurement noise
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(0, self, "margin")
+        if self.options and self.type not in PRUNER_CLASSES:
+            yield "options", f"the {self.type} pruner takes no options"
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -129,16 +204,24 @@ class Budget:
     minutes: float | None = None
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ValueError("trials must be >= 1")
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(1, self, "trials")
+        if self.minutes is not None:
+            yield from positive(self, "minutes")
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """A trial enqueued before any sampled one (e.g. DeepSpeed-Chat's published settings)."""
+    """A trial enqueued before any sampled one (e.g. DeepSpeed-Chat's published settings).
+    `params` are knob values, among their choices or in their range; `overrides` fix config
+    keys for this trial only, knobs included (then not sampled), with any valid value (e.g. a
+    precision the space leaves out, to show what the device refuses)."""
 
     name: str
     params: dict[str, Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,6 +230,14 @@ class Resources:
     trial_timeout_s: float = 1800.0
     gpus_per_trial: int | None = None  # None: the base config's ranks on a GPU node, 0 on CPU
 
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from positive(self, "trial_timeout_s")
+        if self.gpus_per_trial is not None:
+            yield from at_least(0, self, "gpus_per_trial")
+
 
 @dataclass(frozen=True)
 class MemoryBudget:
@@ -154,6 +245,13 @@ class MemoryBudget:
 
     device_gib: float | None = None
     host_gib: float | None = None
+
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from positive(self, *(name for name in ("device_gib", "host_gib")
+                                    if getattr(self, name) is not None))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -172,10 +270,17 @@ class StudySpec:
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
 
     def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"name {self.name!r}: letters, digits, '_', '.', '-' only")
+            yield "name", f"{self.name!r}: letters, digits, '_', '.', '-' only"
         if not self.objectives:
-            raise ValueError("objectives: give at least one")
+            yield "objectives", "give at least one"
+        metrics = [o.metric for o in self.objectives]
+        for index, metric in enumerate(metrics):
+            if metrics.index(metric) < index:
+                yield f"objectives[{index}].metric", f"{metric} is already an objective"
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
@@ -196,78 +301,6 @@ class LoadedSpec:
     source: str  # where it came from, for messages
 
 
-def _check_knob_values(name: str, knob: Knob, where: str) -> None:
-    """The knob names a config key, and its values have that key's type."""
-    try:
-        annotation = field_annotation(TrialConfig, name)
-    except KeyError:
-        close = difflib.get_close_matches(name, _config_keys(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise InputError(f"{where} space.{name}: not a trial config key{hint}") from None
-    if knob.choices is not None:
-        for index, choice in enumerate(knob.choices):
-            if not isinstance(choice, bool | int | float | str):
-                raise InputError(
-                    f"{where} space.{name}.choices[{index}]: choices must be scalars "
-                    f"(write lists as 'a,b'), got {choice!r}"
-                )
-            convert(annotation, choice, f"{where} space.{name}.choices[{index}]")
-    for bound in ("low", "high"):
-        if getattr(knob, bound) is not None:
-            convert(annotation, getattr(knob, bound), f"{where} space.{name}.{bound}")
-
-
-def _config_keys(prefix: str = "", cls: type = TrialConfig) -> list[str]:
-    keys = []
-    for name, annotation in get_type_hints(cls).items():
-        if dataclasses.is_dataclass(annotation):
-            keys += _config_keys(f"{prefix}{name}.", annotation)
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _check_space(spec: StudySpec, base: dict[str, Any], where: str) -> None:
-    names = list(spec.space)
-    for position, (name, knob) in enumerate(spec.space.items()):
-        _check_knob_values(name, knob, where)
-        for key in [*knob.when, *([knob.same_as] if knob.same_as else [])]:
-            if key in spec.space and names.index(key) > position:
-                raise InputError(f"{where} space.{name}: refers to {key}, which comes later")
-        for key in knob.when:
-            if key not in spec.space and _lookup(base, key) is _MISSING:
-                raise InputError(f"{where} space.{name}.when: unknown key {key!r}")
-        if knob.same_as and knob.same_as not in spec.space:
-            raise InputError(f"{where} space.{name}.same_as: {knob.same_as!r} is not a knob")
-    for index, baseline in enumerate(spec.baselines):
-        for key in baseline.params:
-            if key not in spec.space:
-                raise InputError(
-                    f"{where} baselines[{index}].params.{key}: not a knob of the space "
-                    f"(fixed values belong in base_overrides)"
-                )
-    for section, items in (("objectives", spec.objectives), ("constraints", spec.constraints)):
-        for index, item in enumerate(items):
-            try:
-                check_metric_name(item.metric)
-            except InputError as exc:
-                raise InputError(f"{where} {section}[{index}].metric: {exc}") from None
-    if spec.pruner.type != "none":
-        try:
-            check_metric_name(spec.pruner.metric)
-        except InputError as exc:
-            raise InputError(f"{where} pruner.metric: {exc}") from None
-    if spec.pruner.type not in ("none", "dominance") and len(spec.objectives) > 1:
-        raise InputError(
-            f"{where} pruner.type: Optuna's {spec.pruner.type} pruner serves one objective; "
-            "use 'dominance' (or 'none') with several"
-        )
-    if spec.sampler.type == "grid":
-        for name, knob in spec.space.items():
-            if knob.choices is None and knob.same_as is None and knob.step is None:
-                raise InputError(f"{where} space.{name}: the grid sampler needs choices or a step")
-
-
 _MISSING = object()
 
 
@@ -280,20 +313,261 @@ def _lookup(mapping: dict[str, Any], dotted: str):
     return node
 
 
+def _config_keys(prefix: str = "", cls: type = TrialConfig) -> list[str]:
+    keys = []
+    for name, annotation in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            keys += _config_keys(f"{prefix}{name}.", annotation)
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _config_annotation(key: str, where: str, problems: Problems) -> Any:
+    """The trial config annotation of a dotted key; INVALID (reported) when there is none."""
+    try:
+        annotation = field_annotation(TrialConfig, key)
+    except KeyError:
+        close = difflib.get_close_matches(key, _config_keys(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.add(where, f"not a trial config key{hint}")
+        return INVALID
+    if dataclasses.is_dataclass(annotation):
+        problems.add(where, f"{key} is a section; name one of its keys")
+        return INVALID
+    return annotation
+
+
+def is_active(knob: Knob, values: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    """Whether a conditional knob is active, given the knobs chosen so far and the full base
+    config (its keys and TrialConfig defaults)."""
+    context = {}
+    for key in knob.when:
+        value = values[key] if key in values else _lookup(dict(base), key)
+        context[key] = None if value is _MISSING else value
+    return knob.active(context)
+
+
+def _valid_knobs(data: Mapping) -> tuple[dict[str, Knob], list[str]]:
+    """The knobs of a spec's raw `space` that are valid on their own (the others are reported
+    by the type pass), and every declared knob name in order."""
+    raw = data.get("space")
+    if not isinstance(raw, Mapping):
+        return {}, []
+    space = {}
+    for name, knob in raw.items():
+        if isinstance(name, str) and isinstance(knob, Mapping):
+            valid = from_mapping(Knob, knob, "", Problems())
+            if valid is not INVALID:
+                space[name] = valid
+    return space, [str(name) for name in raw]
+
+
+def _check_knobs(
+    space: dict[str, Knob], names: list[str], base: dict | None, where: str, problems: Problems
+) -> None:
+    """Knob names, values, `when` and `same_as` against the trial config and the space
+    (`space`: the valid knobs, `names`: every declared one, in order)."""
+    for name, knob in space.items():
+        position = names.index(name)
+        at = f"{where} space.{name}"
+        annotation = _config_annotation(name, at, problems)
+        if annotation is not INVALID:
+            for index, choice in enumerate(knob.choices or ()):
+                convert(annotation, choice, f"{at}.choices[{index}]", problems)
+            for bound in ("low", "high"):
+                if getattr(knob, bound) is not None:
+                    convert(annotation, getattr(knob, bound), f"{at}.{bound}", problems)
+            if annotation is int and knob.step is not None and not isinstance(knob.step, int):
+                problems.add(f"{at}.step", f"an int key needs an int step, got {knob.step!r}")
+        for key in [*knob.when, *([knob.same_as] if knob.same_as else [])]:
+            if key in names and names.index(key) >= position:
+                problems.add(at, f"refers to {key}, which is not an earlier knob")
+        for key, allowed in knob.when.items():
+            if key in space:
+                for value in allowed:
+                    if not space[key].allows(value) and space[key].same_as is None:
+                        problems.add(f"{at}.when.{key}", f"{value!r} is not a value of that knob")
+            elif key not in names and base is not None and _lookup(base, key) is _MISSING:
+                problems.add(f"{at}.when", f"unknown key {key!r}")
+        if knob.same_as and knob.same_as not in names:
+            problems.add(f"{at}.same_as", f"{knob.same_as!r} is not a knob")
+        elif knob.same_as in space and annotation is not INVALID:
+            source = space[knob.same_as]
+            for value in [*(source.choices or ()), source.low, source.high]:
+                if value is not None:
+                    convert(annotation, value, f"{at}.same_as ({knob.same_as}={value!r})",
+                            problems)  # fmt: skip
+
+
+def _check_baselines(
+    baselines: tuple[Baseline, ...], space: dict[str, Knob], names: list[str],
+    bases: tuple[dict | None, dict | None], where: str, problems: Problems,
+) -> None:  # fmt: skip
+    """Baselines name knobs (values among their choices or in range) and other config keys
+    (`overrides`); with every active knob given, the baseline must be a valid trial config
+    (`bases`: the base mapping and the full base config; None when the base is invalid)."""
+    base, full = bases
+    if len(space) < len(names):
+        full = None  # an invalid knob: which knobs are active cannot be told
+    for index, baseline in enumerate(baselines):
+        at = f"{where} baselines[{index}]"
+        before = len(problems.lines)
+        values, missing = {}, []
+        for key in baseline.params:
+            if key not in names:
+                problems.add(
+                    f"{at}.params.{key}",
+                    "not a knob of the space "
+                    "(fixed values belong in base_overrides or the baseline's overrides)",
+                )
+            elif key in baseline.overrides:
+                problems.add(f"{at}.params.{key}", "also given under overrides")
+            elif key in space and space[key].same_as:
+                source = space[key].same_as
+                problems.add(f"{at}.params.{key}", f"follows {source} (same_as); give that knob")
+        for name, knob in space.items():
+            if knob.same_as:
+                continue
+            if name in baseline.overrides:
+                values[name] = baseline.overrides[name]
+                continue
+            active = full is None or is_active(knob, values, full)
+            if name not in baseline.params:
+                if active:
+                    missing.append(name)
+                continue
+            value = baseline.params[name]
+            if not active:
+                problems.add(f"{at}.params.{name}", "inactive for this baseline (see its when)")
+            elif not knob.allows(value):
+                kind = "among the choices" if knob.choices is not None else "in the range"
+                problems.add(f"{at}.params.{name}", f"{value!r} is not {kind} of the knob")
+            else:
+                values[name] = value
+        for key, value in baseline.overrides.items():
+            place = f"{at}.overrides.{key}"
+            if key in space and space[key].same_as:
+                problems.add(place, f"follows {space[key].same_as} (same_as); give that knob")
+            elif (annotation := _config_annotation(key, place, problems)) is not INVALID:
+                convert(annotation, value, place, problems)
+        if base is None or full is None or missing or len(problems.lines) > before:
+            continue  # sampled knobs complete it at run time
+        overrides = {**_same_as_copies(space, values), **baseline.overrides}
+        config_from_dict(with_dotted(base, overrides), f"{at} ({baseline.name}):", problems)
+
+
+def _optuna_class(kind: str, classes: dict[str, str], module: str):
+    import optuna
+
+    return getattr(getattr(optuna, module), classes[kind])
+
+
+_SPEC_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _spec_type(annotation: Any) -> Any:
+    """The type a spec can give for a constructor parameter annotated `annotation` (Optuna's
+    annotations are strings or classes), or None when it takes a Python object."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    parts = [part.strip() for part in text.split("|")]
+    if not all(part in _SPEC_TYPES for part in parts):
+        return None
+    types_ = tuple(_SPEC_TYPES[part] for part in parts)
+    return types_[0] if len(types_) == 1 else Union[types_]  # noqa: UP007
+
+
+def _check_options(cls, options: dict, given: tuple[str, ...], at: str, problems: Problems):
+    """Options against `cls`'s constructor: names (with "did you mean"), types a spec can give,
+    required parameters; then `cls` itself is built to run its own checks."""
+    parameters = inspect.signature(cls).parameters
+    before = len(problems.lines)
+    for name, value in options.items():
+        place = f"{at}.options.{name}"
+        if name in given:
+            problems.add(place, f"set by the spec itself (give {at}.{name})")
+        elif name not in parameters:
+            close = difflib.get_close_matches(name, [p for p in parameters if p not in given], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.add(place, f"not an option of {cls.__name__}{hint}")
+        elif (spec_type := _spec_type(parameters[name].annotation)) is None:
+            problems.add(place, f"takes a Python object ({parameters[name].annotation}), "
+                         "which a spec cannot give")  # fmt: skip
+        else:
+            convert(spec_type, value, place, problems)
+    for name, parameter in parameters.items():
+        required = parameter.default is inspect.Parameter.empty and name not in given
+        if required and parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name not in options:
+            problems.add(f"{at}.options.{name}", f"required by {cls.__name__}")
+    if len(problems.lines) > before or cls.__name__ in ("GridSampler", "GPSampler"):
+        return  # the grid needs the space; GP imports torch
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(**options)
+    except (TypeError, ValueError) as exc:
+        problems.add(f"{at}.options", f"{cls.__name__} refuses them: {exc}")
+
+
+def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Problems) -> None:
+    """Metrics, sampler and pruner against the objectives, Optuna's classes and the space."""
+    objectives = parts.get("objectives", ())
+    for section in ("objectives", "constraints"):
+        for index, item in enumerate(parts.get(section, ())):
+            try:
+                check_metric_name(item.metric)
+            except InputError as exc:
+                problems.add(f"{where} {section}[{index}].metric", str(exc))
+    sampler, pruner = parts.get("sampler", SamplerSpec()), parts.get("pruner", PrunerSpec())
+    cls = _optuna_class(sampler.type, SAMPLER_CLASSES, "samplers")
+    given = ("seed", "search_space") if sampler.type == "grid" else ("seed",)
+    _check_options(cls, sampler.options, given, f"{where} sampler", problems)
+    if pruner.type != "none":
+        try:
+            check_metric_name(pruner.metric)
+        except InputError as exc:
+            problems.add(f"{where} pruner.metric", str(exc))
+    if pruner.type in PRUNER_CLASSES:
+        cls = _optuna_class(pruner.type, PRUNER_CLASSES, "pruners")
+        _check_options(cls, pruner.options, (), f"{where} pruner", problems)
+        if len(objectives) > 1:
+            problems.add(f"{where} pruner.type", f"Optuna's {pruner.type} pruner serves one "
+                         "objective; use 'dominance' (or 'none') with several")  # fmt: skip
+    if sampler.type == "grid":
+        for name, knob in space.items():
+            if knob.choices is None and knob.same_as is None and knob.step is None:
+                problems.add(f"{where} space.{name}", "the grid sampler needs choices or a step")
+
+
+def _load_base(path: Path, parts: dict, where: str, problems: Problems):
+    """(base mapping with base_overrides, full base config dict); (None, None) when invalid."""
+    if "base" not in parts:
+        return None, None
+    try:
+        base = read_mapping((path.parent / parts["base"]).resolve())
+        base = with_dotted(base, parts.get("base_overrides", {}))
+    except InputError as exc:
+        problems.add(f"{where} base", str(exc))
+        return None, None
+    # The base must be a valid trial on its own (every knob inactive).
+    config = config_from_dict(base, f"{where} base ({parts['base']}):", problems)
+    return base, None if config is INVALID else config.to_dict()
+
+
 def load_spec(path: str | Path) -> LoadedSpec:
-    """Read and validate a study spec; the base trial config is checked too."""
+    """Read and validate a study spec and its base trial config; every error at once."""
     path = Path(path)
     where = f"{path}:"
-    spec = from_mapping(StudySpec, read_mapping(path), where)
-    base_path = (path.parent / spec.base).resolve()
-    base = read_mapping(base_path)
-    try:
-        base = with_dotted(base, spec.base_overrides)
-    except InputError as exc:
-        raise InputError(f"{where} base_overrides.{exc}") from None
-    # The base must be a valid trial on its own (every knob inactive).
-    full = config_from_dict(base, f"{where} base ({spec.base}):").to_dict()
-    _check_space(spec, full, where)
+    problems = Problems()
+    data = read_mapping(path)
+    parts = convert_fields(StudySpec, data, where, problems)
+    spec = construct(StudySpec, parts, where, problems) if not problems else INVALID
+    base, full = _load_base(path, parts, where, problems)
+    space, names = _valid_knobs(data)
+    _check_knobs(space, names, full, where, problems)
+    _check_search(parts, space, where, problems)
+    _check_baselines(parts.get("baselines", ()), space, names, (base, full), where, problems)
+    problems.raise_if_any(str(path))
     return LoadedSpec(spec, base, str(path))
 
 
@@ -303,23 +577,34 @@ def spec_from_storage(mapping: dict[str, Any], base: dict[str, Any], name: str) 
     return LoadedSpec(from_mapping(StudySpec, mapping, where), base, where)
 
 
-def trial_overrides(loaded: LoadedSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """Dotted overrides of one point: sampled params plus `same_as` copies."""
+def _same_as_copies(space: dict[str, Knob], params: dict[str, Any]) -> dict[str, Any]:
     result = dict(params)
-    for name, knob in loaded.spec.space.items():
+    for name, knob in space.items():
         if knob.same_as and knob.same_as in result:
             result[name] = result[knob.same_as]
     return result
 
 
-def trial_config(loaded: LoadedSpec, params: dict[str, Any]) -> TrialConfig:
-    """The TrialConfig of one point of the space; InputError for an invalid combination."""
-    overrides = trial_overrides(loaded, params)
+def trial_overrides(loaded: LoadedSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted overrides of one point: sampled params plus `same_as` copies."""
+    return _same_as_copies(loaded.spec.space, params)
+
+
+def trial_config(
+    loaded: LoadedSpec, params: dict[str, Any], fixed: Mapping[str, Any] | None = None
+) -> TrialConfig:
+    """The TrialConfig of one point of the space (and a baseline's `fixed` overrides);
+    InputError for an invalid combination."""
+    overrides = {**trial_overrides(loaded, params), **(fixed or {})}
     return config_from_dict(with_dotted(loaded.base_config, overrides), "trial:")
+
+
+def full_base(loaded: LoadedSpec) -> dict[str, Any]:
+    """The base config with TrialConfig defaults filled in, as a nested mapping."""
+    return config_from_dict(loaded.base_config).to_dict()
 
 
 def base_value(loaded: LoadedSpec, key: str) -> Any:
     """A key's value in the base config (TrialConfig defaults filled in)."""
-    full = config_from_dict(loaded.base_config).to_dict()
-    value = _lookup(full, key)
+    value = _lookup(full_base(loaded), key)
     return None if value is _MISSING else value

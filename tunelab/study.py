@@ -5,11 +5,21 @@ Each worker thread asks Optuna for a point (under a lock that keeps the budget e
 processes), turns it into a TrialConfig, skips what cannot run here or is predicted over the
 memory budget, launches the trial as a subprocess group, feeds its intermediate throughput to
 the pruner, and tells Optuna the outcome with everything measured as user attributes.
+
+Faults: every process joining a study gets its own sampler seed (derived from the spec's seed
+and the order in which processes joined), so workers do not repeat each other's start-up
+points. A finished trial's outcome is written beside it (DIR/outcome.json) before it is
+recorded; storage calls are retried (tunelab.storage.with_retries) and a storage that stays
+down ends the study with one line, the outcome being recorded by the next run. A trial whose
+orchestrator died (or whose heartbeat stopped) is failed as `interrupted` with its reason and
+its parameters enqueued again, at most MAX_RETRY times.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import socket
@@ -22,46 +32,72 @@ from typing import Any
 
 import optuna
 import psutil
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tunelab import launcher
-from tunelab.config import TrialConfig
+from tunelab import launcher, ops
+from tunelab.config import SEED_LIMIT, TrialConfig
 from tunelab.devices import Gpu, gpu_inventory, gpu_slots, unsupported_reason
-from tunelab.errors import InputError
+from tunelab.errors import InputError, StorageFault
 from tunelab.memory import MemoryPrediction, predict
 from tunelab.presets import resolve_model
 from tunelab.pruning import dominated
 from tunelab.records import OBJECTIVES_ATTR, PRUNED_STATUSES, SPEC_ATTR, TrialAttr
-from tunelab.spec import LoadedSpec, StudySpec, base_value, spec_from_storage, trial_config
-from tunelab.storage import MAX_RETRY, budget_lock, open_storage
+from tunelab.spec import (
+    PRUNER_CLASSES,
+    SAMPLER_CLASSES,
+    LoadedSpec,
+    StudySpec,
+    base_value,
+    full_base,
+    is_active,
+    spec_from_storage,
+    trial_config,
+)
+from tunelab.storage import (
+    GRACE_S,
+    MAX_RETRY,
+    STORAGE_ERRORS,
+    budget_lock,
+    display_url,
+    first_line,
+    open_storage,
+    storage_lock,
+    with_retries,
+)
 
 BASE_ATTR = "tunelab:base"
 HASH_ATTR = "tunelab:search_hash"
+PROCESSES_ATTR = "tunelab:processes"  # how many orchestrator processes have joined the study
 PGID_ATTR = "pgid"
+OUTCOME_FILE = "outcome.json"  # beside each launched trial: what was (or will be) recorded
 _SERIES_POINTS = 200  # per-step series kept in storage are thinned to this many points
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # tunelab records heartbeats itself around ask/tell (Study.optimize is not used).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+# A constraint written again by a retried storage call is the same value.
+warnings.filterwarnings("ignore", message="The constraint value is ignored")
 
 
 # -- sampler, pruner, study -------------------------------------------------------------------
 
 
-def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    options, seed = dict(spec.sampler.options), spec.sampler.seed
-    kind = spec.sampler.type
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **options)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **options)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, **options)
-    if kind == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **options)  # imports torch (Optuna's GP)
+def process_seed(seed: int | None, index: int) -> int | None:
+    """The sampler seed of the `index`-th process to join a study: the spec's seed for the
+    first (a one-process study is reproducible), a distinct seed derived from it for the rest
+    (identical seeds would make workers suggest identical start-up points)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"tunelab:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_LIMIT
+
+
+def build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    options, kind = dict(spec.sampler.options), spec.sampler.type
+    cls = getattr(optuna.samplers, SAMPLER_CLASSES[kind])  # gp imports torch (Optuna's GP)
+    if kind != "grid":
+        return cls(seed=seed, **options)
     space = {}
     for name, knob in spec.space.items():
         if knob.choices is not None:
@@ -69,44 +105,54 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         elif knob.step is not None:
             count = round((knob.high - knob.low) / knob.step) + 1
             space[name] = [knob.low + i * knob.step for i in range(count)]
-    return optuna.samplers.GridSampler(space, seed=seed)
+    return cls(space, seed=seed)
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    options = dict(spec.pruner.options)
-    kinds = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    }
-    if spec.pruner.type in kinds:
-        return kinds[spec.pruner.type](**options)
+    if spec.pruner.type in PRUNER_CLASSES:
+        return getattr(optuna.pruners, PRUNER_CLASSES[spec.pruner.type])(**spec.pruner.options)
     return optuna.pruners.NopPruner()  # none, or dominance (applied by the orchestrator)
 
 
 def create_or_resume(loaded: LoadedSpec, url: str) -> optuna.Study:
-    """The study named in the spec: created (baselines enqueued) or resumed. Resuming with a
-    different search space is refused; budget, resources and baselines may change."""
+    """The study named in the spec: created (baselines enqueued) or resumed, under a lock so
+    processes starting at once agree. Resuming with a different search space is refused before
+    anything is written; budget, resources and baselines may change."""
     spec = loaded.spec
+    try:
+        pruner = build_pruner(spec)
+        build_sampler(spec, spec.sampler.seed)  # options checked before anything is created
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{loaded.source} sampler/pruner options: {exc}") from None
     storage = open_storage(url)
-    sampler, pruner = build_sampler(spec), build_pruner(spec)
+    shown = display_url(url)
+    try:
+        with storage_lock(url, f"tunelab:create:{spec.name}"):
+            index = _join_study(loaded, storage, shown)
+        sampler = build_sampler(spec, process_seed(spec.sampler.seed, index))
+        return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                 pruner=pruner)  # fmt: skip
+    except STORAGE_ERRORS as exc:
+        raise InputError(f"storage {shown}: {first_line(exc, url)}") from None
+
+
+def _join_study(loaded: LoadedSpec, storage, shown: str) -> int:
+    """Create or check the study, record its spec; returns this process's join index."""
+    spec = loaded.spec
     directions = [o.direction for o in spec.objectives]
     try:
-        study = optuna.create_study(
-            study_name=spec.name, storage=storage, directions=directions, sampler=sampler,
-            pruner=pruner,
-        )  # fmt: skip
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                  pruner=pruner)  # fmt: skip
+        study = optuna.load_study(study_name=spec.name, storage=storage)
         created = False
     if not created:
         stored = study.user_attrs.get(HASH_ATTR)
+        if stored is None and study.get_trials(deepcopy=False):
+            raise InputError(f"study {spec.name!r} in {shown} was not created by tunelab")
         if stored is not None and stored != spec.search_hash():
             raise InputError(
-                f"{loaded.source}: study {spec.name!r} in {url} was created from a different "
+                f"{loaded.source}: study {spec.name!r} in {shown} was created from a different "
                 "search space, base config or objectives; give the study a new name"
             )
     study.set_user_attr(SPEC_ATTR, spec.to_dict())
@@ -115,35 +161,44 @@ def create_or_resume(loaded: LoadedSpec, url: str) -> optuna.Study:
     study.set_user_attr(OBJECTIVES_ATTR, [vars(o) for o in spec.objectives])
     if created:
         for baseline in spec.baselines:
-            study.enqueue_trial(baseline.params, user_attrs={TrialAttr.BASELINE: baseline.name})
-    return study
+            attrs = {TrialAttr.BASELINE: baseline.name}
+            if baseline.overrides:
+                attrs[TrialAttr.FIXED] = baseline.overrides
+            study.enqueue_trial(baseline.params, user_attrs=attrs)
+    index = study.user_attrs.get(PROCESSES_ATTR, 0)
+    study.set_user_attr(PROCESSES_ATTR, index + 1)
+    return index
 
 
-def load_for_worker(url: str, name: str) -> tuple[LoadedSpec, optuna.Study]:
-    """A study created by `tunelab run` elsewhere, with the spec it keeps in its attributes."""
-    storage = open_storage(url)
+def load_for_worker(url: str, name: str) -> LoadedSpec:
+    """The spec of a study created by `tunelab run` elsewhere, as its attributes keep it (join
+    it with create_or_resume)."""
+    storage = open_storage(url, create=False)
+    shown = display_url(url)
     try:
         attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
     except KeyError:
-        raise InputError(f"storage {url}: no study named {name!r}") from None
+        raise InputError(f"storage {shown}: no study named {name!r}") from None
+    except STORAGE_ERRORS as exc:
+        raise InputError(f"storage {shown}: {first_line(exc, url)}") from None
     if SPEC_ATTR not in attrs:
-        raise InputError(f"study {name!r} in {url} was not created by tunelab")
-    loaded = spec_from_storage(attrs[SPEC_ATTR], attrs[BASE_ATTR], name)
-    return loaded, create_or_resume(loaded, url)
+        raise InputError(f"study {name!r} in {shown} was not created by tunelab")
+    return spec_from_storage(attrs[SPEC_ATTR], attrs[BASE_ATTR], name)
 
 
 # -- search space -----------------------------------------------------------------------------
 
 
-def suggest_params(trial: optuna.Trial, loaded: LoadedSpec) -> dict[str, Any]:
-    """Sample the active knobs in spec order; `when` reads earlier knobs or the base config."""
+def suggest_params(
+    trial: optuna.Trial, loaded: LoadedSpec, fixed: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sample the active knobs in spec order; `when` reads earlier knobs, a baseline's `fixed`
+    overrides (never sampled) or the base config."""
+    base, fixed = full_base(loaded), fixed or {}
     values: dict[str, Any] = {}
     for name, knob in loaded.spec.space.items():
-        if knob.same_as:
-            continue  # copied from its source by trial_overrides
-        context = {key: values.get(key, base_value(loaded, key)) for key in knob.when}
-        if not knob.active(context):
-            continue
+        if knob.same_as or name in fixed or not is_active(knob, {**fixed, **values}, base):
+            continue  # same_as: copied from its source by trial_overrides
         if knob.choices is not None:
             values[name] = trial.suggest_categorical(name, list(knob.choices))
         elif knob.is_int:
@@ -165,6 +220,81 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state.is_finished() and status not in (None, "interrupted")
 
 
+# -- recording outcomes -----------------------------------------------------------------------
+
+
+def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, predicted=None,
+                   outcome=None, intermediate=None) -> dict[str, Any]:  # fmt: skip
+    """What tunelab records for a finished trial: status, reason, user attributes, objective
+    values and constraint violations (JSON, so it can wait in DIR/outcome.json)."""
+    metrics = outcome.metrics if outcome else {}
+    values = None
+    if status == "ok":
+        missing = [o.metric for o in spec.objectives if o.metric not in metrics]
+        if missing:
+            status, reason = "error", f"objective metric {missing[0]} missing from the trial"
+        else:
+            values = [float(metrics[o.metric]) for o in spec.objectives]
+            odd = [o.metric for o, v in zip(spec.objectives, values, strict=True)
+                   if not math.isfinite(v)]  # fmt: skip
+            if odd:
+                status, reason, values = "error", f"objective metric {odd[0]} is not finite", None
+    attrs = {
+        TrialAttr.STATUS: status, TrialAttr.REASON: reason, TrialAttr.METRICS: metrics,
+        TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
+        TrialAttr.CONFIG: config.to_dict() if config else {},
+        TrialAttr.PREDICTED: predicted or {},
+    }  # fmt: skip
+    if outcome:
+        attrs[TrialAttr.WALL_S] = outcome.wall_s
+        attrs[TrialAttr.OUT_DIR] = str(outcome.out_dir)
+        attrs[TrialAttr.LOG] = str(outcome.log_path)
+    if intermediate:
+        attrs[TrialAttr.INTERMEDIATE] = intermediate
+    constraints = {}
+    if values is not None:
+        for constraint in spec.constraints:
+            measured = metrics.get(constraint.metric)
+            violation = constraint.violation(measured) if measured is not None else math.inf
+            constraints[constraint.name] = violation if math.isfinite(violation) else 1e30
+    return {"status": status, "reason": reason, "values": values, "constraints": constraints,
+            "attrs": attrs}  # fmt: skip
+
+
+def record_outcome(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]) -> None:
+    """Write a record on its trial and tell Optuna (safe to repeat after a storage fault)."""
+    for key, value in record["attrs"].items():
+        trial.set_user_attr(key, value)
+    if record["values"] is not None:
+        for name, violation in record["constraints"].items():
+            trial.set_constraint(name, violation)
+        study.tell(trial, record["values"], state=TrialState.COMPLETE, skip_if_finished=True)
+    elif record["status"] in PRUNED_STATUSES:
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    elif record["status"] == "interrupted":
+        interrupt(study, trial._trial_id, record["reason"])
+    else:
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def interrupt(study: optuna.Study, trial_id: int, reason: str) -> str:
+    """Fail a RUNNING trial as `interrupted` with its reason and enqueue its parameters again,
+    unless it was already retried MAX_RETRY times (then the reason says so); returns it."""
+    storage = study._storage  # Optuna's own storage API: set_trial_*; no public wrapper
+    frozen = storage.get_trial(trial_id)
+    if frozen.state.is_finished():  # recorded before a storage fault cut the reply
+        return frozen.user_attrs.get(TrialAttr.REASON, reason)
+    retries = len(RetryHeartbeatStaleTrialCallback.retry_history(frozen))
+    if retries >= MAX_RETRY:
+        reason += (f"; not run again: retried {retries} times already, the cap "
+                   f"(MAX_RETRY={MAX_RETRY} in tunelab/storage.py)")  # fmt: skip
+    storage.set_trial_user_attr(trial_id, TrialAttr.STATUS, "interrupted")
+    storage.set_trial_user_attr(trial_id, TrialAttr.REASON, reason)
+    if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial_id))
+    return reason
+
+
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
 
@@ -179,31 +309,69 @@ def _owner_alive(worker: str) -> bool:
         return False
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose orchestrator died (this host: its pid is gone; another
-    host: its heartbeat stopped), kill what they left running, and enqueue their parameters
-    again. Returns the numbers of the trials failed here."""
-    fail_stale_trials(study)
-    storage = study._storage  # Optuna's own storage API: set_trial_*; no public wrapper
-    recovered = []
+def _kill_left_over(pgid: int | None, worker: str) -> None:
+    """Kill the process group a dead orchestrator left, if it is still that trial's (its leader
+    carries the orchestrator's identity in WATCH_ENV; a reused pgid does not)."""
+    if not pgid:
+        return
+    with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+        owner = psutil.Process(pgid).environ().get(launcher.WATCH_ENV)
+        if owner == worker.split(":", 1)[1]:
+            os.killpg(pgid, 9)
+
+
+def _saved_outcome(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    folder = trial.user_attrs.get(TrialAttr.OUT_DIR)
+    if not folder:
+        return None
+    try:
+        saved = json.loads((Path(folder) / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("trial") == trial.number else None
+
+
+def recover_interrupted(study: optuna.Study) -> list[str]:
+    """Finish the RUNNING trials whose orchestrator died (this host: its pid is gone) or whose
+    heartbeat stopped (any host): an outcome saved beside the trial is recorded as it was
+    measured; otherwise the trial is failed as `interrupted` and its parameters enqueued again.
+    Returns one line per trial."""
+    storage = study._storage
+    heartbeat = getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+    stale = set(storage._get_stale_trial_ids(study._study_id)) if heartbeat else set()
+    notes = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(TrialAttr.WORKER)
-        if worker is None or _owner_alive(worker):
+        if trial._trial_id in stale:
+            why = f"the heartbeat of {worker or 'its worker'} stopped for over {GRACE_S} s"
+        elif worker is not None and not _owner_alive(worker):
+            why = f"its orchestrator {worker} died"
+        else:
             continue
-        pgid = trial.user_attrs.get(PGID_ATTR)
-        if pgid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, 9)
-        storage.set_trial_user_attr(trial._trial_id, TrialAttr.STATUS, "interrupted")
-        storage.set_trial_user_attr(
-            trial._trial_id, TrialAttr.REASON, f"orchestrator {worker} died"
-        )
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
-            study, storage.get_trial(trial._trial_id)
-        )
-        recovered.append(trial.number)
-    return recovered
+        if worker is not None:
+            _kill_left_over(trial.user_attrs.get(PGID_ATTR), worker)
+        saved = _saved_outcome(trial)
+        if saved is not None:
+            record_outcome(study, optuna.Trial(study, trial._trial_id), saved)
+            folder = trial.user_attrs[TrialAttr.OUT_DIR]
+            notes.append(f"trial {trial.number}: {saved['status']}, recorded from "
+                         f"{Path(folder) / OUTCOME_FILE} ({why} before recording it)")  # fmt: skip
+        else:
+            reason = interrupt(study, trial._trial_id, why)
+            notes.append(f"trial {trial.number}: interrupted ({reason})")
+    return notes
+
+
+def _offload_values(loaded: LoadedSpec) -> set[str]:
+    """Optimizer-offload values the study's trials may use (base config, knobs, baselines)."""
+    base = full_base(loaded)
+    values = {base["actor"]["offload_optimizer"], base["critic"]["offload_optimizer"]}
+    for name, knob in loaded.spec.space.items():
+        if name.endswith(".offload_optimizer"):
+            values.update(knob.choices or ())
+    for baseline in loaded.spec.baselines:
+        values.update(v for k, v in baseline.overrides.items() if k.endswith("offload_optimizer"))
+    return values
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -224,6 +392,10 @@ def progress_line(loaded: LoadedSpec, trials: list, elapsed_s: float, walls: lis
     pruned = sum(t.state == TrialState.PRUNED for t in done)
     parts = [f"[{spec.name}] {len(done)}/{spec.budget.trials} trials",
              f"ok {len(ok)}, failed {len(done) - len(ok) - pruned}, pruned {pruned}"]  # fmt: skip
+    capped = [t for t in trials if t.user_attrs.get(TrialAttr.STATUS) == "interrupted"
+              and "not run again" in t.user_attrs.get(TrialAttr.REASON, "")]  # fmt: skip
+    if capped:
+        parts.append(f"{len(capped)} interrupted past the retry cap ({MAX_RETRY})")
     bests = []
     for index, objective in enumerate(spec.objectives):
         if ok:
@@ -254,6 +426,14 @@ def _thin(series: dict[str, list[float]]) -> dict[str, list[float]]:
     return {name: thin(values) for name, values in series.items()}
 
 
+def worker_slots(loaded: LoadedSpec, workers: int, gpus: list[Gpu]) -> list[list[int] | None]:
+    """This node's GPUs split among `workers` (InputError when they do not suffice)."""
+    per_trial = loaded.spec.resources.gpus_per_trial
+    if per_trial is None:
+        per_trial = base_value(loaded, "ranks") if gpus else 0
+    return gpu_slots(workers, per_trial, gpus)
+
+
 class Orchestrator:
     """Runs a study's remaining budget with `workers` trials at a time on this node."""
 
@@ -264,11 +444,7 @@ class Orchestrator:
         self.workers = workers
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.gpus: list[Gpu] = gpu_inventory()
-        base_ranks = base_value(loaded, "ranks")
-        per_trial = self.spec.resources.gpus_per_trial
-        if per_trial is None:
-            per_trial = base_ranks if self.gpus else 0
-        self.slots = gpu_slots(workers, per_trial, self.gpus)
+        self.slots = worker_slots(loaded, workers, self.gpus)
         self.lock = threading.RLock()  # every storage call goes through it
         self.stop = threading.Event()
         self.worker = _worker_id()
@@ -276,8 +452,13 @@ class Orchestrator:
         self.walls: list[float] = []
         self.started = time.monotonic()
         self.errors: list[BaseException] = []
+        self.out_of_time = False  # budget.minutes ran out before budget.trials
 
-    # storage, under the lock
+    # storage, under the lock, with retries
+
+    def _store(self, what: str, action):
+        with self.lock:
+            return with_retries(action, what, self.url)
 
     def _budget_left(self) -> bool:
         trials = self.study.get_trials(deepcopy=False)
@@ -288,14 +469,19 @@ class Orchestrator:
             return None
         minutes = self.spec.budget.minutes
         if minutes is not None and time.monotonic() - self.started > minutes * 60:
+            self.out_of_time = True
             return None
-        with self.lock, budget_lock(self.url, self.spec.name):
-            if not self._budget_left():
-                return None
-            trial = self.study.ask()
-            trial.set_user_attr(TrialAttr.WORKER, self.worker)
-            self._heartbeat(trial._trial_id)
-            return trial
+
+        def ask() -> optuna.Trial | None:
+            with budget_lock(self.url, self.spec.name):
+                if not self._budget_left():
+                    return None
+                trial = self.study.ask()
+                trial.set_user_attr(TrialAttr.WORKER, self.worker)
+                self._heartbeat(trial._trial_id)
+                return trial
+
+        return self._store("asking for a trial", ask)
 
     def _heartbeat(self, trial_id: int) -> None:
         storage = self.study._storage  # Optuna's heartbeat API lives on the storage
@@ -306,13 +492,18 @@ class Orchestrator:
         while not self.stop.wait(10):
             with self.lock:
                 for trial_id in list(self.running):
-                    self._heartbeat(trial_id)
+                    # A missed beat is harmless; a storage that stays down is reported when
+                    # the trial's outcome cannot be recorded.
+                    with contextlib.suppress(*STORAGE_ERRORS):
+                        self._heartbeat(trial_id)
 
     def _finished_metrics(self) -> list[dict[str, float]]:
-        with self.lock:
+        def read():
             trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             return [{**t.user_attrs.get(TrialAttr.PREDICTED, {}),
                      **t.user_attrs.get(TrialAttr.METRICS, {})} for t in trials]  # fmt: skip
+
+        return self._store("reading finished trials", read)
 
     # one trial
 
@@ -344,15 +535,19 @@ class Orchestrator:
         if pruner.type == "dominance":
             running = {**prediction, pruner.metric: value}
             return dominated(running, finished, self.spec.objectives, pruner.margin)
-        with self.lock:
-            trial.report(value, record["step"])
-            return trial.should_prune()
+        try:
+            with self.lock:
+                trial.report(value, record["step"])
+                return trial.should_prune()
+        except STORAGE_ERRORS:
+            return False  # never prune on a storage fault; the outcome's recording reports it
 
     def _run_one(self, trial: optuna.Trial, gpus: list[int] | None) -> None:
-        with self.lock:
-            params = suggest_params(trial, self.loaded)
+        fixed = trial.user_attrs.get(TrialAttr.FIXED)
+        params = self._store(f"trial {trial.number}: sampling",
+                             lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
         try:
-            config = trial_config(self.loaded, params)
+            config = trial_config(self.loaded, params, fixed)
         except InputError as exc:
             self._finish(trial, "invalid", str(exc))
             return
@@ -372,9 +567,13 @@ class Orchestrator:
         # Read once per trial, not per progress record (trials finishing meanwhile are not
         # used: less pruning, never wrong pruning).
         finished = self._finished_metrics() if self.spec.pruner.type == "dominance" else []
+        self._store(f"trial {trial.number}: starting",
+                    lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
+        shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
+        self.echo(f"trial {trial.number}: started ({shown or 'base config'})")
 
         def remember_group(pgid: int) -> None:
-            with self.lock:
+            with self.lock, contextlib.suppress(*STORAGE_ERRORS):  # recovery can do without it
                 trial.set_user_attr(PGID_ATTR, pgid)
 
         self.running.add(trial._trial_id)
@@ -387,57 +586,40 @@ class Orchestrator:
                 ),
                 on_start=remember_group, stop=self.stop,
             )  # fmt: skip
+        except OSError as exc:  # the trial folder cannot be written: no trial can run here
+            self._finish(trial, "interrupted", f"cannot write {out} ({first_line(exc)})")
+            raise StorageFault(f"trial {trial.number}: cannot write {out} "
+                               f"({first_line(exc)}); the study stops") from None  # fmt: skip
         finally:
             self.running.discard(trial._trial_id)
         self.walls.append(outcome.wall_s)
         self._finish(trial, outcome.status, outcome.reason, config=config, predicted=flat,
                      outcome=outcome, intermediate=intermediate)  # fmt: skip
 
-    def _finish(self, trial: optuna.Trial, status: str, reason: str, *, config=None,
-                predicted=None, outcome=None, intermediate=None) -> None:  # fmt: skip
-        """Record the outcome on the trial and tell Optuna; only here does a trial end."""
-        metrics = outcome.metrics if outcome else {}
-        values = None
-        if status == "ok":
-            missing = [o.metric for o in self.spec.objectives if o.metric not in metrics]
-            if missing:
-                status, reason = "error", f"objective metric {missing[0]} missing from the trial"
-            else:
-                values = [float(metrics[o.metric]) for o in self.spec.objectives]
-        attrs = {
-            TrialAttr.STATUS: status, TrialAttr.REASON: reason, TrialAttr.METRICS: metrics,
-            TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
-            TrialAttr.CONFIG: config.to_dict() if config else {},
-            TrialAttr.PREDICTED: predicted or {},
-        }  # fmt: skip
-        if outcome:
-            attrs[TrialAttr.WALL_S] = outcome.wall_s
-            attrs[TrialAttr.OUT_DIR] = str(outcome.out_dir)
-            attrs[TrialAttr.LOG] = str(outcome.log_path)
-        if intermediate:
-            attrs[TrialAttr.INTERMEDIATE] = intermediate
-        with self.lock:
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            if values is not None:
-                for constraint in self.spec.constraints:
-                    measured = metrics.get(constraint.metric)
-                    violation = constraint.violation(measured) if measured is not None else 1e30
-                    trial.set_constraint(constraint.name, violation)
-                self.study.tell(trial, values, state=TrialState.COMPLETE)
-            elif status in PRUNED_STATUSES:
-                self.study.tell(trial, state=TrialState.PRUNED)
-            else:
-                frozen = self.study.tell(trial, state=TrialState.FAIL)
-                if status == "interrupted":
-                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(self.study, frozen)
-            line = progress_line(
-                self.loaded,
-                self.study.get_trials(deepcopy=False),
-                time.monotonic() - self.started,
-                self.walls,
-                self.workers,
-            )
+    def _finish(self, trial: optuna.Trial, status: str, reason: str, **measured) -> None:
+        """Record the outcome on the trial and tell Optuna; only here does a trial end. A
+        launched trial's outcome is first written beside it, so a storage that fails now
+        loses nothing: the next run records it from there."""
+        record = outcome_record(self.spec, status, reason, **measured)
+        saved = None
+        if measured.get("outcome") is not None:
+            saved = measured["outcome"].out_dir / OUTCOME_FILE
+            with contextlib.suppress(OSError):  # a full disk still leaves the storage
+                temporary = saved.with_suffix(".tmp")
+                temporary.write_text(json.dumps({"trial": trial.number, **record}))
+                temporary.replace(saved)
+        try:
+            self._store(f"recording trial {trial.number}",
+                        lambda: record_outcome(self.study, trial, record))  # fmt: skip
+            line = self._store("reading progress", lambda: progress_line(
+                self.loaded, self.study.get_trials(deepcopy=False),
+                time.monotonic() - self.started, self.walls, self.workers,
+            ))  # fmt: skip
+        except StorageFault as exc:
+            kept = (f"; its outcome is kept in {saved} and will be recorded by the next run"
+                    if saved and saved.is_file() else "")  # fmt: skip
+            raise StorageFault(f"{exc}{kept}") from None
+        status, reason = record["status"], record["reason"]
         self.echo(f"trial {trial.number}: {status}" + (f" ({reason})" if reason else "")
                   + f"\n{line}")  # fmt: skip
 
@@ -451,15 +633,30 @@ class Orchestrator:
             self.errors.append(exc)
             self.stop.set()
 
-    def run(self) -> int:
-        """Run until the budget is used; returns an exit code (130 when interrupted)."""
-        with self.lock:
-            recovered = recover_interrupted(self.study)
+    def _prepare(self) -> None:
+        """Recover what a dead orchestrator left, say where the study stands, and build the
+        DeepSpeed ops the trials need before the first one starts."""
+
+        def recover() -> tuple[list[str], str]:
+            with budget_lock(self.url, self.spec.name):  # one process recovers a trial
+                notes = recover_interrupted(self.study)
             line = progress_line(self.loaded, self.study.get_trials(deepcopy=False), 0.0, [],
                                  self.workers)  # fmt: skip
-        if recovered:
-            self.echo(f"trials {recovered}: their orchestrator died; failed and enqueued again")
+            return notes, line
+
+        notes, line = self._store("recovering interrupted trials", recover)
+        for note in notes:
+            self.echo(note)
         self.echo(line)
+        if not self._budget_left():
+            return
+        missing = ops.missing_ops(ops.needed_ops(_offload_values(self.loaded), bool(self.gpus)))
+        if missing:
+            ops.build_ops(missing, self.out_dir / "ops-build.log", self.echo)
+
+    def run(self) -> int:
+        """Run until the budget is used; returns an exit code (130 when interrupted)."""
+        self._prepare()
         threads = [threading.Thread(target=self._work, args=(slot,), name=f"worker-{i}")
                    for i, slot in enumerate(self.slots)]  # fmt: skip
         beat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
@@ -480,4 +677,7 @@ class Orchestrator:
         self.stop.set()
         if self.errors:
             raise self.errors[0]
+        if self.out_of_time and not interrupted:
+            self.echo(f"[{self.spec.name}] stopped: its {self.spec.budget.minutes:g}-minute "
+                      "budget is used; the same command continues the study")  # fmt: skip
         return 130 if interrupted else 0

@@ -1,0 +1,230 @@
+"""Issue 12's bad inputs, each through the real CLI entry (`tunelab.cli.main`, in this process):
+exit code 2, one actionable line, nothing created or launched. Plus a spec with several
+mistakes, reported all at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tunelab.cli import main
+
+from .conftest import ROOT, TINY
+
+DSCHAT = ROOT / "studies" / "trials" / "opt-1.3b-opt-350m.yaml"
+LATIN1 = "seed: 1\nprecision: bf16  # r\xe9sum\xe9\n".encode("latin-1")
+GARBAGE = bytes(range(256)) * 4
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("tunelab: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders (runs/) land here, never in the repo
+
+
+def spec(tmp_path, body: str, name: str = "spec.yaml"):
+    (tmp_path / "trials").mkdir(exist_ok=True)
+    (tmp_path / "trials" / "tiny.yaml").write_text(TINY.read_text())
+    path = tmp_path / name
+    path.write_text(
+        "name: t\nbase: trials/tiny.yaml\nbudget: {trials: 2}\n"
+        "objectives: [{metric: perf/ppo_e2e_tokens_per_s, direction: maximize}]\n"
+        + textwrap.dedent(body)
+    )
+    return path
+
+
+@pytest.mark.parametrize("content", [LATIN1, GARBAGE], ids=["latin-1", "binary"])
+@pytest.mark.parametrize("command", ["trial", "estimate", "run"])
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys, command, content):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    extra = ["--out", tmp_path / "out"] if command != "estimate" else []
+    code, _, err = cli(capsys, command, path, *extra)
+    one_line_error(code, err, f"{path}: not UTF-8 text (byte 0x", "save it as UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_latin1_data_file_is_one_line(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    row = '{"prompt": "a", "chosen": "tr\xe8s bien", "rejected": "c"}\n'
+    data.write_bytes(row.encode("latin-1"))
+    code, _, err = cli(capsys, "trial", TINY, "--out", tmp_path / "out", f"data.source={data}")
+    one_line_error(code, err, f"{data}: not UTF-8 text (byte 0xe8")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: " + "[" * 3000 + "]" * 3000, "nested deeper than 32 levels"),
+        ("seed: &x [1, *x]\n", "alias *x refers to the node it is in (a cycle)"),
+        ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+         + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                   for p, c in zip("abcdefg", "bcdefgh", strict=True)),
+         "holds more than 100,000 values (aliases expanded)"),
+        ("seed: 1\nseed: 2\n", "key 'seed' appears twice"),
+    ],
+    ids=["deep", "alias-cycle", "alias-bomb", "duplicate-key"],
+)  # fmt: skip
+def test_nesting_aliases_and_repeated_keys_are_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, _, err = cli(capsys, "estimate", path)
+    one_line_error(code, err, str(path), message)
+
+
+def test_deep_json_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text('{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, _, err = cli(capsys, "estimate", path)
+    one_line_error(code, err, f"{path}: nested deeper than 32 levels")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("sampler: {type: tpe, options: {n_startup_trial: 5}}",
+         "sampler.options.n_startup_trial: not an option of TPESampler "
+         "(did you mean 'n_startup_trials'?)"),
+        ("pruner: {type: median, options: {n_warmup_step: 2}}",
+         "pruner.options.n_warmup_step: not an option of MedianPruner "
+         "(did you mean 'n_warmup_steps'?)"),
+        ("pruner: {type: median, options: {n_warmup_steps: two}}",
+         "pruner.options.n_warmup_steps: expected int, got 'two'"),
+        ("sampler: {type: nsga2, options: {population_size: 1}}",
+         "sampler.options: NSGAIISampler refuses them: "),
+        ("pruner: {type: percentile}", "pruner.options.percentile: required by PercentilePruner"),
+        ("sampler: {type: tpe, options: {gamma: 0.5}}",
+         "sampler.options.gamma: takes a Python object"),
+        ("space: {actor.zero_stage: {choices: [0, 1]}}\n"
+         "baselines: [{name: b, params: {actor.zero_stage: 3}}]",
+         "baselines[0].params.actor.zero_stage: 3 is not among the choices of the knob"),
+        ("space: {ppo.kl_coef: {low: .nan, high: 0.3}}",
+         "space.ppo.kl_coef.low: expected a finite number, got nan"),
+        ("space: {ppo.kl_coef: {low: 0.1, high: .inf}}",
+         "space.ppo.kl_coef.high: expected a finite number, got inf"),
+        ("space: {actor.zero_stage: {choices: [0, 1]},\n"
+         "        actor.offload_optimizer: {choices: [none, cpu], when: {actor.zero_stage: [3]}}}",
+         "space.actor.offload_optimizer.when.actor.zero_stage: 3 is not a value of that knob"),
+        ("space: {critic.zero_stage: {same_as: actor.zero_stage},\n"
+         "        actor.zero_stage: {choices: [0]}}",
+         "space.critic.zero_stage: refers to actor.zero_stage, which is not an earlier knob"),
+        ("sampler: {type: random, seed: -1}", "sampler.seed: must lie in [0, 2**32), got -1"),
+    ],
+    ids=["sampler-typo", "pruner-typo", "option-type", "option-value", "option-required",
+         "option-object", "baseline-choice", "range-nan", "range-inf", "when-value",
+         "same-as-later", "seed"],
+)  # fmt: skip
+def test_spec_mistakes_are_one_line_before_any_study_exists(tmp_path, capsys, body, message):
+    path = spec(tmp_path, body)
+    code, _, err = cli(capsys, "run", path)
+    one_line_error(code, err, f"{path}: {message}")
+    assert not (tmp_path / "runs").exists()  # no study folder, no storage
+
+
+def test_several_mistakes_are_reported_at_once(tmp_path, capsys):
+    path = spec(
+        tmp_path,
+        """
+        space:
+          actor.zero_stagee: {choices: [0, 1]}
+          ppo.kl_coef: {low: .nan, high: 0.3}
+        sampler: {type: tpe, options: {n_startup_trial: 5}}
+        resources: {trial_timeout_s: -1}
+        """,
+    )
+    code, _, err = cli(capsys, "run", path)
+    assert code == 2
+    lines = err.splitlines()
+    assert lines[0] == f"tunelab: error: {path}: 4 errors"
+    assert sorted(lines[1:]) == sorted([
+        f"  {path}: space.actor.zero_stagee: not a trial config key "
+        "(did you mean 'actor.zero_stage'?)",
+        f"  {path}: space.ppo.kl_coef.low: expected a finite number, got nan",
+        f"  {path}: sampler.options.n_startup_trial: not an option of TPESampler "
+        "(did you mean 'n_startup_trials'?)",
+        f"  {path}: resources.trial_timeout_s: must be > 0, got -1.0",
+    ])  # fmt: skip
+
+
+def test_config_mistakes_are_reported_at_once(capsys):
+    # Every section's own rules run; a section's cross-field rules need its fields valid.
+    code, _, err = cli(capsys, "estimate", TINY, "actor.zero_stage=7", "ppo.gamma=2",
+                       "batch.train_micro=0", "precision=fp8")  # fmt: skip
+    assert code == 2
+    assert err.splitlines() == [
+        f"tunelab: error: {TINY}: 4 errors",
+        f"  {TINY}: precision: expected one of 'fp32' | 'bf16' | 'fp16', got 'fp8'",
+        f"  {TINY}: batch.train_micro: must be >= 1, got 0",
+        f"  {TINY}: actor.zero_stage: must be 0-3, got 7",
+        f"  {TINY}: ppo.gamma: must lie in [0, 1], got 2.0",
+    ]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-3", "0", "lots"])
+def test_estimate_gpu_memory_must_be_a_finite_positive_number(capsys, value):
+    code, _, err = cli(capsys, "estimate", TINY, "--gpu-mem", value)
+    one_line_error(code, err, "argument --gpu-mem: expected ")
+
+
+def test_estimate_of_a_config_whose_what_if_setting_is_refused(capsys):
+    # The config is valid (ZeRO-0, no LoRA, hybrid engine); the ZeRO-2 + offload row of the
+    # micro-batch table is what DeepSpeed-Chat refuses: that row says so, the rest prints.
+    code, out, err = cli(capsys, "estimate", DSCHAT, "actor.lora_rank=0")
+    assert code == 0 and err == ""
+    assert "ZeRO-2 + optimizer offload: not allowed with this config (hybrid_engine: with " in out
+    assert "ZeRO-3 + optimizer and param offload" in out
+
+
+@pytest.mark.parametrize("command", ["trial", "run", "reproduce"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, command):
+    target = {"trial": TINY, "run": ROOT / "studies" / "smoke.yaml", "reproduce": None}[command]
+    if command == "reproduce":
+        target = ROOT / "exports" / "smoke-trial5"
+    code, _, err = cli(capsys, command, target, "--out", "/dev/null/x")
+    one_line_error(code, err, "--out /dev/null/x: cannot write there (Not a directory)")
+
+
+def test_running_out_of_memory_is_one_line(tmp_path):
+    """Under an address-space limit just above what the command has loaded, reading a 64 MiB
+    config raises MemoryError inside the command: one line, exit 2."""
+    big = tmp_path / "big.yaml"
+    big.write_text("seed: 1\n# " + "x" * 64 * 2**20 + "\n")
+    driver = textwrap.dedent(f"""
+        import resource, sys
+        import tunelab.cli, tunelab.config, tunelab.estimate
+        import psutil
+        limit = psutil.Process().memory_info().vms + 32 * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        sys.exit(tunelab.cli.main(["estimate", {str(big)!r}]))
+    """)
+    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr == (
+        "tunelab: error: out of memory (MemoryError); free memory or raise the limit (ulimit -v)\n"
+    )
+
+
+def test_unknown_subcommand_and_bad_counts_are_one_line(capsys):
+    for args in (["nonsense"], ["run", "x.yaml", "--workers", "0"], ["reproduce", "x", "--repeats",
+                 "-1"], ["trial", TINY, "--out", "o", "--timeout", "inf"]):  # fmt: skip
+        code, _, err = cli(capsys, *args)
+        one_line_error(code, err)
