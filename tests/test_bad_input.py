@@ -187,7 +187,7 @@ def test_estimate_gpu_memory_must_be_a_finite_positive_number(capsys, value):
 def test_estimate_of_a_config_whose_what_if_setting_is_refused(capsys):
     # The config is valid (ZeRO-0, no LoRA, hybrid engine); the ZeRO-2 + offload row of the
     # micro-batch table is what DeepSpeed-Chat refuses: that row says so, the rest prints.
-    code, out, err = cli(capsys, "estimate", DSCHAT, "actor.lora_rank=0")
+    code, out, err = cli(capsys, "estimate", DSCHAT, "actor.lora_rank=0", "hybrid_engine=true")
     assert code == 0 and err == ""
     assert "ZeRO-2 + optimizer offload: not allowed with this config (hybrid_engine: with " in out
     assert "ZeRO-3 + optimizer and param offload" in out

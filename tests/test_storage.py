@@ -1,8 +1,8 @@
 """One contract over every storage backend: several worker processes on one study produce
 exactly the budget, with distinct trial numbers (budget lock + Optuna's storage).
 
-Trials here ask for fp16, which this CPU node classifies as unsupported without launching, so
-the test exercises the orchestrators and the storage, not the pipeline."""
+Trials here ask for DeepSpeed's hybrid engine, which tunelab refuses as unsupported without
+launching, so the test exercises the orchestrators and the storage, not the pipeline."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_three_processes_share_one_study_exactly(tmp_path, backend):
     name = f"t-{uuid.uuid4().hex[:10]}"
     (tmp_path / "trials").mkdir()
     (tmp_path / "trials" / "tiny.yaml").write_text(TINY.read_text())
-    spec = {"name": name, "base": "trials/tiny.yaml", "base_overrides": {"precision": "fp16"},
+    spec = {"name": name, "base": "trials/tiny.yaml", "base_overrides": {"hybrid_engine": True},
             "objectives": [{"metric": "perf/ppo_e2e_tokens_per_s", "direction": "maximize"}],
             "space": {"ppo.kl_coef": {"low": 0.01, "high": 0.5}},
             "sampler": {"type": "random", "seed": 0}, "budget": {"trials": 30}}  # fmt: skip

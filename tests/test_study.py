@@ -87,13 +87,14 @@ def test_failures_are_classified_and_the_study_goes_on(tmp_path, postgres_study_
                                      "ppo.steps": 4}},
         {"name": "hang", "params": {"models.actor": "tiny", "precision": "bf16",
                                     "ppo.steps": 100000}},
-        {"name": "fp16", "params": {"models.actor": "tiny", "precision": "fp16", "ppo.steps": 4}},
+        {"name": "hybrid", "params": {"models.actor": "tiny", "precision": "bf16",
+                                      "ppo.steps": 4}, "overrides": {"hybrid_engine": True}},
         {"name": "ok", "params": {"models.actor": "tiny", "precision": "bf16", "ppo.steps": 4}},
     ]  # fmt: skip
     _, path = write_spec(
         tmp_path, name=postgres_study_name, budget={"trials": 4}, baselines=baselines,
         space={"models.actor": {"choices": ["tiny", str(broken)]},
-               "precision": {"choices": ["bf16", "fp16"]},
+               "precision": {"choices": ["bf16", "fp32"]},
                "ppo.steps": {"choices": [4, 100000]}},
         resources={"trial_timeout_s": 25},
     )  # fmt: skip
@@ -110,10 +111,9 @@ def test_failures_are_classified_and_the_study_goes_on(tmp_path, postgres_study_
     assert hang.state == TrialState.FAIL and hang.user_attrs["status"] == "timeout"
     assert "25 s trial timeout" in hang.user_attrs["reason"]
     assert _group_alive(hang.user_attrs[PGID_ATTR]) == []  # the whole group is gone
-    fp16 = trials["fp16"]
-    assert (
-        fp16.user_attrs["status"] == "unsupported" and "not launched" in fp16.user_attrs["reason"]
-    )
+    hybrid = trials["hybrid"]
+    assert hybrid.user_attrs["status"] == "unsupported"
+    assert "not launched" in hybrid.user_attrs["reason"]
     ok = trials["ok"]  # ran after three failures
     assert ok.state == TrialState.COMPLETE
     assert ok.values[0] == ok.user_attrs["metrics"]["perf/ppo_e2e_tokens_per_s"] > 0
@@ -246,3 +246,21 @@ def test_median_pruner_stops_a_clearly_slow_trial(tmp_path):
     assert "stopped early at ppo step" in slow.user_attrs["reason"]
     assert slow.intermediate_values  # reported through Optuna
     assert trials["a"].state == trials["b"].state == TrialState.COMPLETE
+
+
+def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):
+    """Optuna's GridSampler calls Study.stop() after the last point, which raises outside
+    Study.optimize; tunelab's orchestrator stops asking instead. The trials are never launched
+    (the hybrid engine is refused), so only the orchestration runs."""
+    name, path = write_spec(
+        tmp_path, budget={"trials": 5}, sampler={"type": "grid", "seed": 0},
+        space={"ppo.kl_coef": {"choices": [0.05, 0.1, 0.2]}},
+        base_overrides={"hybrid_engine": True},
+    )  # fmt: skip
+    run = tunelab("run", path, "--out", tmp_path / "out", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"[{name}] stopped: every point of the grid has been run" in run.stderr
+    study = optuna.load_study(
+        study_name=name, storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    )
+    assert sorted(t.params["ppo.kl_coef"] for t in study.trials) == [0.05, 0.1, 0.2]

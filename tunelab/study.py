@@ -93,11 +93,22 @@ def process_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest[:8], "big") % SEED_LIMIT
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its Study.stop() once every point has been run: stop()
+    works only inside Study.optimize, and tunelab asks and tells itself (it raised
+    "Study.stop is supposed to be invoked inside an objective function" at a grid study's last
+    trial). The orchestrator stops asking when the grid is exhausted instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     options, kind = dict(spec.sampler.options), spec.sampler.type
-    cls = getattr(optuna.samplers, SAMPLER_CLASSES[kind])  # gp imports torch (Optuna's GP)
     if kind != "grid":
+        cls = getattr(optuna.samplers, SAMPLER_CLASSES[kind])  # gp imports torch (Optuna's GP)
         return cls(seed=seed, **options)
+    cls = GridSampler
     space = {}
     for name, knob in spec.space.items():
         if knob.choices is not None:
@@ -453,6 +464,7 @@ class Orchestrator:
         self.started = time.monotonic()
         self.errors: list[BaseException] = []
         self.out_of_time = False  # budget.minutes ran out before budget.trials
+        self.grid_done = False  # every point of a grid sampler's grid was run
 
     # storage, under the lock, with retries
 
@@ -475,6 +487,10 @@ class Orchestrator:
         def ask() -> optuna.Trial | None:
             with budget_lock(self.url, self.spec.name):
                 if not self._budget_left():
+                    return None
+                sampler = self.study.sampler
+                if isinstance(sampler, GridSampler) and sampler.is_exhausted(self.study):
+                    self.grid_done = True
                     return None
                 trial = self.study.ask()
                 trial.set_user_attr(TrialAttr.WORKER, self.worker)
@@ -680,4 +696,6 @@ class Orchestrator:
         if self.out_of_time and not interrupted:
             self.echo(f"[{self.spec.name}] stopped: its {self.spec.budget.minutes:g}-minute "
                       "budget is used; the same command continues the study")  # fmt: skip
+        if self.grid_done and not interrupted:
+            self.echo(f"[{self.spec.name}] stopped: every point of the grid has been run")
         return 130 if interrupted else 0
