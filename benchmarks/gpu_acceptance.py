@@ -12,9 +12,10 @@ run DEVICE_COMMAND below, then copy OUT to reports/gpu/<date>/.
 
 Steps: the OPT-1.3b + OPT-350m trial at DeepSpeed-Chat's single-GPU settings (fp16), a bf16
 ZeRO-2 and a bf16 ZeRO-3 + optimizer offload variant, and the 3-trial studies/gpu-smoke.yaml.
-OUT gets summary.md (PASS/FAIL lines: every trial ok, predicted device peak within 10% of
-measured per stage, MFU and NVML figures reported, fp16 skipped steps), results.json (every
-metric) and the tail of each trial's log.
+Then a probe of a GPU-only refusal (optimizer offload at ZeRO-0). OUT gets summary.md (PASS/FAIL
+lines: every trial ok, predicted device peak within 10% of measured per stage, MFU and NVML
+figures reported, fp16 skipped steps, the probe), results.json (every metric) and the tail of
+each trial's log.
 """
 
 from __future__ import annotations
@@ -288,6 +289,36 @@ def run_trials(results: Results, steps, work: Path, out: Path, on_gpu: bool) -> 
         results.check("gpu/nvml_used_peak_bytes" in nvml, f"nvml {step.name}: {nvml}")
 
 
+# Optimizer offload at ZeRO-0 with tunelab's refusal bypassed: tunelab.devices says DeepSpeed
+# 0.19's CPU Adam then asserts on GPU parameters. This checks that claim on the GPU.
+ZERO0_OFFLOAD_PROBE = """
+import torch, deepspeed
+from tunelab.config import EngineConfig, load_config
+from tunelab.dsconfig import train_ds_config
+from tunelab.pipeline.runtime import start_runtime
+config = load_config(None, ["precision=bf16", "batch.train_micro=2", "batch.generation_micro=2"])
+start_runtime(config)
+ds = train_ds_config(config, EngineConfig(zero_stage=0, offload_optimizer="cpu"), 1e-3)
+model = torch.nn.Linear(64, 64)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+engine.backward(engine(torch.randn(2, 64, device=engine.device, dtype=torch.bfloat16)).sum())
+engine.step()
+print("PROBE ran")
+"""
+
+
+def probe_zero0_offload(results: Results) -> None:
+    run = subprocess.run([sys.executable, "-c", ZERO0_OFFLOAD_PROBE], capture_output=True,
+                         text=True, timeout=max(results.left_s() - 20, 30), cwd=ROOT)  # fmt: skip
+    refused = "CPUAdam param is on" in run.stderr
+    ran = "PROBE ran" in run.stdout
+    results.trials["zero0_offload_probe"] = {"returncode": run.returncode,
+                                             "stderr_tail": run.stderr[-2000:]}  # fmt: skip
+    results.check(refused and not ran,
+                  "zero0-offload: DeepSpeed's CPU Adam refuses GPU parameters at ZeRO-0, as "
+                  f"tunelab.devices says (ran: {ran})")  # fmt: skip
+
+
 def run_study(results: Results, spec: Path, work: Path) -> None:
     from tunelab.records import from_frozen_trial
     from tunelab.storage import load_study
@@ -366,6 +397,8 @@ def run(out: Path, cpu: bool) -> int:
         spec = study_spec(cpu, work)
         run_trials(results, steps, work, out, on_gpu)
         run_study(results, spec, work)
+        if on_gpu and results.left_s() > 60:
+            probe_zero0_offload(results)
     write_summary(results, out, env, " ".join(["python3", *sys.argv]))
     return 1 if any(line.startswith("FAIL") for line in results.lines) else 0
 

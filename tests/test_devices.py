@@ -76,3 +76,21 @@ def test_non_torch_bytes_never_counts_a_change_in_between():
     # torch grew between the reads: the larger reservation is subtracted (a lower bound).
     assert non_torch_bytes(10 * gib, 8 * gib, 9 * gib) == gib
     assert non_torch_bytes(5 * gib, 9 * gib, 9 * gib) == 0
+
+
+def test_what_a_node_cannot_run_is_known_before_launch():
+    from tunelab.config import load_config
+    from tunelab.devices import cpu_supports_fp16, unsupported_reason
+
+    from .conftest import TINY
+
+    zero0_offload = load_config(TINY, ["actor.zero_stage=0", "actor.offload_optimizer=cpu"])
+    assert unsupported_reason(zero0_offload, []) is None  # the CPU accelerator runs it
+    assert "CPU Adam there only with parameters in host memory" in unsupported_reason(
+        zero0_offload, NVML[:1]
+    )
+    assert "hybrid engine" in unsupported_reason(load_config(TINY, ["hybrid_engine=true"]), [])
+    fp16 = unsupported_reason(load_config(TINY, ["precision=fp16"]), [])
+    assert (fp16 is None) == cpu_supports_fp16()
+    assert cpu_supports_fp16("flags : fpu avx512f avx512_fp16 amx_tile")
+    assert not cpu_supports_fp16("flags : fpu avx512f avx512_bf16")

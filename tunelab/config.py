@@ -39,6 +39,8 @@ class EngineConfig:
     """How one trained model (actor, or critic/reward) runs on DeepSpeed."""
 
     zero_stage: int = 0
+    # cpu: ZeRO-Offload at stages 1-3; at stage 0 DeepSpeed runs CPU Adam as DeepSpeed-Chat's
+    # --offload makes it, which works only on the CPU accelerator (refused on GPUs: devices.py)
     offload_optimizer: Offload = "none"
     offload_params: Offload = "none"  # ZeRO-3 only
     gradient_checkpointing: bool = False
@@ -63,8 +65,6 @@ class EngineConfig:
                 "offload_params",
                 "cpu needs zero_stage 3 (DeepSpeed offloads params only there)",
             )
-        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
-            yield "offload_optimizer", "cpu needs zero_stage 1-3 (ZeRO-Offload)"
         if self.lora_rank < 0:
             yield "lora_rank", f"must be >= 0, got {self.lora_rank}"
         if self.lora_rank > 0 and not self.lora_modules:

@@ -170,6 +170,18 @@ def unsupported_reason(config: TrialConfig, gpus: list[Gpu]) -> str | None:
         return None
     if config.precision == "bf16" and min(g.compute_capability for g in gpus) < (8, 0):
         return "bf16 needs compute capability 8.0 (Ampere) or newer"
+    return zero0_offload_reason(config)
+
+
+def zero0_offload_reason(config: TrialConfig) -> str | None:
+    """Optimizer offload at ZeRO-0 on a GPU: DeepSpeed 0.19 keeps the fp32 master weights beside
+    the parameters, on the GPU, and its DeepSpeedCPUAdam asserts "CPUAdam param is on cuda and
+    must be 'cpu'" (deepspeed/ops/adam/cpu_adam.py); it runs on the CPU accelerator only."""
+    for role in ("actor", "critic"):
+        engine = getattr(config, role)
+        if engine.zero_stage == 0 and engine.offload_optimizer == "cpu":
+            return (f"{role}.offload_optimizer=cpu at ZeRO-0: DeepSpeed 0.19 runs CPU Adam there "
+                    "only with parameters in host memory (the CPU accelerator)")  # fmt: skip
     return None
 
 

@@ -26,7 +26,7 @@ def _precision_section(precision: str) -> dict[str, Any]:
 
 def _zero_section(stage: int, offload_optimizer: str, offload_params: str) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
-    if stage >= 1:
+    if stage >= 1 or offload_optimizer != "none":  # DeepSpeed-Chat sets it at stage 0 too
         zero["offload_optimizer"] = {
             "device": offload_optimizer,
             "pin_memory": offload_optimizer != "none",

@@ -144,3 +144,20 @@ def test_dropout_knob_sets_the_model_config(tiny_config, tokenizer):
     kept = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
     zeroed = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config, dropout=0.0)
     assert kept.config.dropout == 0.1 and zeroed.config.dropout == 0.0
+
+
+def test_optimizer_offload_at_zero0_runs_cpu_adam_as_dschat(runtime, tiny_config, tokenizer):
+    """DeepSpeed-Chat's --offload at ZeRO-0: DeepSpeed builds DeepSpeedCPUAdam, which the CPU
+    accelerator runs (GPUs refuse it before launch: tests/test_devices.py)."""
+    engine_config = EngineConfig(zero_stage=0, offload_optimizer="cpu", learning_rate=1e-2)
+    ds_config = train_ds_config(tiny_config(), engine_config, 1e-2)
+    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    model = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
+    engine = train_engine(prepare_for_training(model, engine_config), ds_config, engine_config)
+    assert type(engine.basic_optimizer).__name__ == "DeepSpeedCPUAdam"
+    before = next(engine.module.parameters()).detach().clone()
+    ids = torch.randint(4, len(tokenizer), (16, 12))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    assert not torch.equal(before, next(engine.module.parameters()))
+    engine.destroy()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from tunelab.config import TrialConfig
-from tunelab.devices import config_unsupported_reason
+from tunelab.devices import config_unsupported_reason, zero0_offload_reason
 from tunelab.errors import DivergedError, UnsupportedError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,6 +81,8 @@ def start_runtime(config: TrialConfig) -> Runtime:
         raise UnsupportedError(f"fp16 is not supported on the {name} accelerator")
     if config.precision == "bf16" and not accelerator.is_bf16_supported():
         raise UnsupportedError(f"bf16 is not supported on the {name} accelerator")
+    if name != "cpu" and (reason := zero0_offload_reason(config)):
+        raise UnsupportedError(reason)
     if "cpu" in (config.actor.offload_optimizer, config.critic.offload_optimizer):
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
