@@ -78,3 +78,20 @@ def test_import_dschat_inverts_export(case):
         values.pop(key)
     assert "data.source" not in values  # the export names no data
     assert config_from_dict(with_dotted(config.to_dict(), values)) == config
+
+
+def test_dschat_local_jsonfile_folder_as_trial_data(tmp_path):
+    from tunelab.data import synthetic_preferences
+
+    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
+            for e in synthetic_preferences(120, seed=3)]  # fmt: skip
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("\n".join(map(json.dumps, rows[:100])))
+    (tmp_path / "data" / "eval.json").write_text("\n".join(map(json.dumps, rows[100:])))
+    out = tmp_path / "t"
+    run = tunelab("trial", TINY, "--out", out, f"data.source={tmp_path}", "sft.steps=4",
+                  "rm.steps=4", "ppo.steps=4")  # fmt: skip
+    assert run.returncode == 0, run.stdout + (out / "trial.log").read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["rm/eval_pairs"] == 20  # its own eval.json, not rows held out of train.json
+    assert "ppo/gold_gain" not in metrics  # a user's data has no gold reward

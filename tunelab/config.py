@@ -87,18 +87,23 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """`synthetic` (the shipped task with a known gold reward) or a local .jsonl/.parquet file."""
+    """`synthetic` (the shipped task with a known gold reward), or preference data: a file (JSON
+    lines, a JSON array or Parquet), a folder (DeepSpeed-Chat's local/jsonfile layout
+    data/train.json + data/eval.json, or train/eval files), or a Hugging Face dataset."""
 
     source: str = "synthetic"
     train_size: int = 2048  # synthetic examples generated (ignored for files)
     eval_size: int = 64  # held-out pairs (RM accuracy) and prompts (PPO start/end evaluation)
+    eval_source: str | None = None  # a separate evaluation file (else the source's own split)
 
     def __post_init__(self) -> None:
         enforce(self)
 
     def checks(self) -> Iterator[Problem]:
         if not self.source.strip():
-            yield "source", "must be 'synthetic' or a .jsonl/.parquet file"
+            yield "source", "must be 'synthetic', a data file or folder, or a dataset name"
+        if self.eval_source is not None and self.source == "synthetic":
+            yield "eval_source", "needs a data.source other than synthetic"
         yield from at_least(1, self, "train_size", "eval_size")
 
 
@@ -289,7 +294,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Trial
 
 def check_inputs(config: TrialConfig) -> None:
     """Check what a trial reads before launching it: model sources, data file, lengths."""
-    from tunelab.data import load_preference_file
+    from tunelab.data import load_preferences
     from tunelab.presets import resolve_model
 
     for role in ("actor", "critic"):
@@ -300,5 +305,7 @@ def check_inputs(config: TrialConfig) -> None:
                 f"ppo.max_prompt_len + ppo.max_answer_len = {length} exceeds the "
                 f"{source.shape.max_positions} positions of models.{role} ({source.name})"
             )
-    if config.data.source != "synthetic":
-        load_preference_file(config.data.source)
+    data = config.data
+    if data.source != "synthetic":
+        load_preferences(data.source, data.train_size, data.eval_size, config.seed,
+                         data.eval_source)  # fmt: skip

@@ -11,6 +11,7 @@ and a policy that games the learned reward (rather than improving) is visible.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,19 @@ def synthetic_preferences(count: int, seed: int) -> list[PreferenceExample]:
 
 
 _FIELDS = ("prompt", "chosen", "rejected")
+# DeepSpeed-Chat's local/jsonfile dataset (dschat/utils/data/raw_datasets.py) reads
+# <path>/data/train.json and <path>/data/eval.json; a folder may also hold them directly.
+_SPLIT_NAMES = {"train": ("train",), "eval": ("eval", "test", "validation")}
+_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def _check_row(row: object, where: str) -> PreferenceExample:
+    """A preference row; `response` stands for `chosen` where a dataset names it so
+    (DeepSpeed-Chat's Dahoas-style rows)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object with {', '.join(_FIELDS)}")
+    if "chosen" not in row and "response" in row:
+        row = {**row, "chosen": row["response"]}
     for name in _FIELDS:
         if name not in row:
             raise InputError(f"{where}: missing field {name!r}")
@@ -151,47 +160,141 @@ def _check_row(row: object, where: str) -> PreferenceExample:
     return PreferenceExample(row["prompt"], row["chosen"], row["rejected"])
 
 
+def _json_rows(path: Path) -> list[PreferenceExample]:
+    """JSON lines, or one JSON array of rows (both are DeepSpeed-Chat's `.json`)."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}: nested too deeply") from None
+        return [_check_row(row, f"{path}: row {number}") for number, row
+                in enumerate(rows, start=1)]  # fmt: skip
+    examples = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: nested too deeply") from None
+        examples.append(_check_row(row, f"{path}:{number}"))
+    return examples
+
+
+def _parquet_rows(path: Path) -> list[PreferenceExample]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    if "chosen" not in frame.columns and "response" in frame.columns:
+        frame = frame.rename(columns={"response": "chosen"})
+    missing = [name for name in _FIELDS if name not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column {missing[0]!r}")
+    return [_check_row(row, f"{path}: row {number}") for number, row
+            in enumerate(frame[list(_FIELDS)].to_dict("records"), start=1)]  # fmt: skip
+
+
 def load_preference_file(path: str | Path) -> list[PreferenceExample]:
-    """Read `prompt`/`chosen`/`rejected` rows (DeepSpeed-Chat's layout) from JSONL or Parquet."""
+    """`prompt`/`chosen`/`rejected` rows (DeepSpeed-Chat's fields) from one file: Parquet, a
+    JSON array or JSON lines, told apart by content, not by name."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path}: not found")
-    examples = []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(read_text(path).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            except RecursionError:
-                raise InputError(f"{path}:{number}: nested too deeply") from None
-            examples.append(_check_row(row, f"{path}:{number}"))
-    elif path.suffix == ".parquet":
-        import pandas as pd
-
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-        missing = [name for name in _FIELDS if name not in frame.columns]
-        if missing:
-            raise InputError(f"{path}: missing column {missing[0]!r}")
-        for number, row in enumerate(frame[list(_FIELDS)].to_dict("records"), start=1):
-            examples.append(_check_row(row, f"{path}: row {number}"))
-    else:
-        raise InputError(f"data file {path}: expected .jsonl or .parquet")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    examples = _parquet_rows(path) if magic == b"PAR1" else _json_rows(path)
     if len(examples) < 2:
         raise InputError(f"{path}: needs at least 2 rows, found {len(examples)}")
     return examples
 
 
-def load_preferences(source: str, train_size: int, eval_size: int, seed: int):
-    """(train, held-out) examples for a data source; `synthetic` or a file path."""
+def _split_file(folder: Path, split: str) -> Path | None:
+    for place in (folder / "data", folder):  # DeepSpeed-Chat's layout first
+        for name in _SPLIT_NAMES[split]:
+            for suffix in _SUFFIXES:
+                if (place / f"{name}{suffix}").is_file():
+                    return place / f"{name}{suffix}"
+    return None
+
+
+def _dataset_splits(source: str) -> tuple[list, list | None]:
+    """A Hugging Face dataset: a folder written by save_to_disk, or a hub name already in the
+    local cache (nothing is downloaded)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local cache only
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"data.source {source}: reading Hugging Face datasets needs the "
+                         "`datasets` package (pip install datasets)") from None  # fmt: skip
+    try:
+        if Path(source).is_dir():
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source)
+    except Exception as exc:  # datasets raises many types for a missing or damaged dataset
+        raise InputError(f"data.source {source}: not a readable dataset ({exc})") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({"train": loaded})
+    split_of = {split: next((n for n in names if n in loaded), None)
+                for split, names in _SPLIT_NAMES.items()}  # fmt: skip
+    if split_of["train"] is None:
+        raise InputError(f"data.source {source}: no train split (has {', '.join(loaded)})")
+
+    def rows(split):
+        return [_check_row(row, f"{source} [{split}] row {n}")
+                for n, row in enumerate(loaded[split], start=1)]  # fmt: skip
+
+    held_out = split_of["eval"]
+    return rows(split_of["train"]), rows(held_out) if held_out else None
+
+
+def read_preference_source(source: str) -> tuple[list[PreferenceExample], list | None]:
+    """(train rows, evaluation rows or None) of a data source other than `synthetic`: a file,
+    a folder in DeepSpeed-Chat's local/jsonfile layout (data/train.json, data/eval.json) or
+    holding train/eval files itself, or a Hugging Face dataset (folder or cached hub name)."""
+    path = Path(source)
+    if path.is_file():
+        return load_preference_file(path), None
+    if path.is_dir():
+        train = _split_file(path, "train")
+        if train is not None:
+            held_out = _split_file(path, "eval")
+            return load_preference_file(train), (
+                load_preference_file(held_out) if held_out else None
+            )
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _dataset_splits(source)
+        raise InputError(f"data.source {source}: a folder needs data/train.json (DeepSpeed-Chat's "
+                         "local/jsonfile layout), train.json|.jsonl|.parquet, or a saved "
+                         "Hugging Face dataset")  # fmt: skip
+    if "/" in source and not source.startswith((".", "/", "~")):
+        return _dataset_splits(source)
+    raise InputError(f"data file {source}: not found")
+
+
+def load_preferences(source: str, train_size: int, eval_size: int, seed: int,
+                     eval_source: str | None = None):  # fmt: skip
+    """(train, held-out) examples. `synthetic` generates them; a file or folder gives its own
+    evaluation split where it has one (or `eval_source`), else its first `eval_size` rows are
+    held out. At most `eval_size` held-out rows are used."""
     if source == "synthetic":
         examples = synthetic_preferences(train_size + eval_size, seed)
-    else:
-        examples = load_preference_file(source)
-    eval_count = min(eval_size, len(examples) // 2)
-    return examples[eval_count:], examples[:eval_count]
+        return examples[eval_size:], examples[:eval_size]
+    train, held_out = read_preference_source(source)
+    if eval_source is not None:
+        held_out = load_preference_file(eval_source)
+    if held_out is None:
+        count = min(eval_size, len(train) // 2)
+        return train[count:], train[:count]
+    return train, held_out[:eval_size]

@@ -86,8 +86,9 @@ def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs
     torch.manual_seed(config.seed)  # same initial weights on every rank
     actor_source = resolve_model(config.models.actor)
     critic_source = resolve_model(config.models.critic)
+    data = config.data
     train, held_out = load_preferences(
-        config.data.source, config.data.train_size, config.data.eval_size, config.seed
+        data.source, data.train_size, data.eval_size, config.seed, data.eval_source
     )
     texts = [text for e in train + held_out for text in (e.prompt, e.chosen, e.rejected)]
     tokenizer = build_tokenizer(actor_source, texts)
