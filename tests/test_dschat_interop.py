@@ -53,6 +53,9 @@ ROUND_TRIP = {
         "critic.offload_optimizer=cpu", "actor.offload_params=cpu", "critic.offload_params=cpu",
         "offload_reference=true", "offload_reward=true", "precision=fp16",
     ],
+    "step3-over-given-checkpoints": [
+        "models.actor=/ckpt/step1", "models.critic=/ckpt/step2", "sft.steps=0", "rm.steps=0",
+    ],
     "lora-batches-dropout": [
         "actor.zero_stage=1", "critic.zero_stage=2", "actor.lora_rank=8", "critic.lora_rank=16",
         "actor.lora_learning_rate=1e-3", "critic.dropout=0.05", "actor.dropout=null",
@@ -74,8 +77,10 @@ def test_import_dschat_inverts_export(case):
     config = load_config(TINY, ROUND_TRIP[case])
     argv, _ = step3_command(config)
     values, _ = import_step3(argv)
-    for key in ("models.actor", "models.critic", "sft.steps", "rm.steps"):
-        values.pop(key)
+    for stage, role in (("sft", "actor"), ("rm", "critic")):
+        if getattr(config, stage).steps:  # trained in the trial: the export names a placeholder
+            values.pop(f"models.{role}")
+            values.pop(f"{stage}.steps")
     assert "data.source" not in values  # the export names no data
     assert config_from_dict(with_dotted(config.to_dict(), values)) == config
 
@@ -95,3 +100,41 @@ def test_dschat_local_jsonfile_folder_as_trial_data(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["rm/eval_pairs"] == 20  # its own eval.json, not rows held out of train.json
     assert "ppo/gold_gain" not in metrics  # a user's data has no gold reward
+
+
+STEP3 = ["deepspeed", "--num_gpus", "1", "main.py", "--actor_model_name_or_path", "/ckpt/step1",
+         "--critic_model_name_or_path", "/ckpt/step2", "--actor_zero_stage", "2",
+         "--critic_zero_stage", "2", "--offload", "--actor_lora_dim", "128",
+         "--enable_hybrid_engine", "--actor_gradient_checkpointing", "--actor_dropout", "0.0",
+         "--per_device_training_batch_size", "8", "--per_device_generation_batch_size", "8",
+         "--deepspeed"]  # fmt: skip
+
+
+def test_import_dschat_makes_your_run_a_trial_and_a_study_baseline(tmp_path):
+    from tunelab.config import load_config
+    from tunelab.spec import load_spec
+
+    out = tmp_path / "mine.yaml"
+    run = tunelab("import-dschat", "--out", out, "--spec", ROOT / "studies" / "opt-1.3b-1gpu.yaml",
+                  "--", *STEP3, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "note: --enable_hybrid_engine" in run.stdout
+    config = load_config(out)
+    assert (config.models.actor, config.sft.steps, config.rm.steps) == ("/ckpt/step1", 0, 0)
+    assert config.actor.zero_stage == 2 and config.actor.offload_optimizer == "cpu"
+    assert config.actor.lora_rank == 128 and config.precision == "fp16"  # DeepSpeed-Chat's default
+    assert config.batch.train_micro == 8 and not config.hybrid_engine
+    study = load_spec(tmp_path / "mine-study.yaml")
+    mine = study.spec.baselines[0]
+    assert mine.name == "your-dschat-run"
+    assert mine.overrides["actor.lora_rank"] == 128 and mine.overrides["batch.train_micro"] == 8
+    assert study.base_config["models"]["critic"] == "/ckpt/step2"
+
+
+def test_import_dschat_refuses_a_flag_dschat_does_not_define(tmp_path):
+    run = tunelab("import-dschat", "--out", tmp_path / "x.yaml", "--", *STEP3, "--bogus", "1",
+                  timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr == ("tunelab: error: DeepSpeed-Chat step-3 flags: unrecognized arguments: "
+                          "--bogus 1\n")  # fmt: skip
+    assert not (tmp_path / "x.yaml").exists()

@@ -91,7 +91,9 @@ def test_export_files_are_complete_and_round_trip(tmp_path):
     written = write_export(study, record, tmp_path)
     assert load_config(written / "trial.yaml") == config
     assert json.loads((written / "study.json").read_text())["values"] == [1000.0]
-    assert "tunelab trial trial.yaml" in (written / "README.md").read_text()
+    readme = (written / "README.md").read_text()
+    assert "tunelab trial trial.yaml" in readme
+    assert "Stages: SFT trained (40 steps), reward model trained (40 steps)" in readme
 
 
 def test_choose_trial_errors_are_one_line():

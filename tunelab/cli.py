@@ -283,6 +283,63 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_import_dschat(args) -> int:
+    import shlex
+
+    import yaml
+
+    from tunelab._typed import read_mapping, with_dotted
+    from tunelab.config import config_from_dict
+    from tunelab.dschat import import_step3
+    from tunelab.spec import load_spec
+
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    if not flags:
+        raise InputError("import-dschat: give DeepSpeed-Chat's step-3 flags after --")
+    values, notes = import_step3(flags)
+    base = read_mapping(args.base) if args.base else {}
+    config = config_from_dict(with_dotted(base, values), "DeepSpeed-Chat command:")
+    out = args.out
+    writable_folder(out.parent)
+    header = [f"# tunelab trial {out} --out runs/{out.stem}",
+              f"# Imported with tunelab import-dschat from: {shlex.join(flags)}",
+              *(f"# - {note}" for note in notes)]  # fmt: skip
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print(f"trial config: {out}")
+    if args.spec is not None:
+        spec_out = args.spec_out or out.with_name(f"{out.stem}-study.yaml")
+        spec = read_mapping(args.spec)
+        mine = config.to_dict()
+        fixed = {knob: _dotted(mine, knob) for knob, how in spec.get("space", {}).items()
+                 if "same_as" not in how}  # a same_as knob follows its source  # fmt: skip
+        spec.update(
+            name=f"{spec.get('name', 'study')}-{out.stem}",
+            base=str(out.resolve()),
+            baselines=[{"name": "your-dschat-run", "params": {}, "overrides": fixed},
+                       *spec.get("baselines", [])],
+        )  # fmt: skip
+        writable_folder(spec_out.parent)
+        head = f"# tunelab run {spec_out}\n# {args.spec} around your DeepSpeed-Chat run\n"
+        draft = spec_out.with_name(f".{spec_out.name}.draft")
+        draft.write_text(head + yaml.safe_dump(spec, sort_keys=False))
+        try:
+            load_spec(draft)  # kept only once it is valid as it is
+        except InputError as exc:
+            draft.unlink()
+            raise InputError(str(exc).replace(str(draft), str(spec_out))) from None
+        draft.replace(spec_out)
+        print(f"study spec: {spec_out} (first baseline: your run)")
+    for note in notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _dotted(mapping: dict, key: str):
+    for part in key.split("."):
+        mapping = mapping[part]
+    return mapping
+
+
 def _cmd_reproduce(args) -> int:
     from tunelab.export import read_export, reproduce_table
     from tunelab.launcher import launch_trial
@@ -362,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="folder (default: STUDY_DIR/export-trial<N>, "
                         "or runs/<study>/export-trial<N>)")  # fmt: skip
     export.set_defaults(handler=_cmd_export)
+
+    dschat = commands.add_parser(
+        "import-dschat", help="a DeepSpeed-Chat step-3 command line as a trial config"
+    )
+    dschat.add_argument("--out", type=Path, required=True, help="trial config to write (YAML)")
+    dschat.add_argument("--base", type=Path, help="trial config for what the flags leave out")
+    dschat.add_argument("--spec", type=Path, help="a study spec to put your run into, as base "
+                        "and first baseline")  # fmt: skip
+    dschat.add_argument("--spec-out", type=Path, help="where that study spec goes")
+    dschat.add_argument(
+        "flags", nargs=argparse.REMAINDER,
+        help="after --: main.py's flags, or the whole deepspeed command",
+    )  # fmt: skip
+    dschat.set_defaults(handler=_cmd_import_dschat)
 
     reproduce = commands.add_parser("reproduce", help="rerun an export and compare its figures")
     reproduce.add_argument("export_dir", type=Path, help="folder written by tunelab export")

@@ -149,13 +149,17 @@ def step3_command(config: TrialConfig) -> tuple[list[str], list[str]]:
     say (PPO coefficients are hard-coded there; one --offload covers actor and critic)."""
     actor, critic, batch, ppo = config.actor, config.critic, config.batch, config.ppo
 
-    def model(name: str, role: str) -> str:
+    def model(name: str, role: str, given: bool) -> str:
+        if given:  # the trial started from this checkpoint, as step 3 does
+            return name
         return f"<{role} checkpoint trained from {HUB_NAMES.get(name, name)}>"
 
     argv = [
         "deepspeed", "--num_gpus", str(config.ranks), "main.py",
-        "--actor_model_name_or_path", model(config.models.actor, "step-1 SFT"),
-        "--critic_model_name_or_path", model(config.models.critic, "step-2 reward"),
+        "--actor_model_name_or_path", model(config.models.actor, "step-1 SFT",
+                                            config.sft.steps == 0),
+        "--critic_model_name_or_path", model(config.models.critic, "step-2 reward",
+                                             config.rm.steps == 0),
         "--actor_zero_stage", str(actor.zero_stage), "--critic_zero_stage", str(critic.zero_stage),
         "--per_device_generation_batch_size", str(batch.generation_micro),
         "--per_device_training_batch_size", str(batch.train_micro),

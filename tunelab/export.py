@@ -106,6 +106,8 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
         "",
         "Measured in the study: " + measured,
         "",
+        stages_line(config),
+        "",
         "## Reproduce with tunelab",
         "",
         "```bash",
@@ -132,6 +134,19 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
     ]
     files["README.md"] = "\n".join(lines)
     return files
+
+
+def stages_line(config: TrialConfig) -> str:
+    """Which of SFT and the reward model the trial trained, and which it was given."""
+
+    def stage(name: str, steps: int, model: str) -> str:
+        return f"{name} trained ({steps} steps)" if steps else f"{name} given ({model})"
+
+    return "Stages: " + ", ".join((
+        stage("SFT", config.sft.steps, config.models.actor),
+        stage("reward model", config.rm.steps, config.models.critic),
+        f"PPO trained ({config.ppo.steps} steps).",
+    ))  # fmt: skip
 
 
 def write_export(study, record: TrialRecord, out_dir: Path) -> Path:
