@@ -472,11 +472,13 @@ def _building(built: dict[str, EngineStates], role: str, states: EngineStates,
 
 def setup_memory(engines: dict[str, EngineStates], sft_weights: int, rm_weights: int):
     """Load-time moments: the SFT engine, the RM engine (the SFT weights waiting on rank 0), and
-    PPO's actor, reference, critic, reward in turn (both state dicts waiting on rank 0)."""
-    moments = {
-        "sft": _building({}, "sft", engines["sft"], {}),
-        "rm": _building({}, "rm", engines["rm"], {"sft weights (rank 0)": sft_weights}),
-    }
+    PPO's actor, reference, critic, reward in turn (both state dicts waiting on rank 0). A
+    stage given rather than trained (0 hand-off bytes) builds no engine of its own."""
+    moments = {}
+    if sft_weights:
+        moments["sft"] = _building({}, "sft", engines["sft"], {})
+    if rm_weights:
+        moments["rm"] = _building({}, "rm", engines["rm"], {"sft weights (rank 0)": sft_weights})
     waiting = {"sft weights (rank 0)": sft_weights, "rm weights (rank 0)": rm_weights}
     built: dict[str, EngineStates] = {}
     for role in ("actor", "reference", "critic", "reward"):
@@ -583,10 +585,12 @@ def predict(
         actor, generation_micro, answer_positions, precision, "logprobs"
     )
     actor_tensors = tensors["actor"][0] + tensors["actor"][1]
-    # Hand-off state dicts in the engine's dtype, one copy per parameter (tied weights once).
+    # Hand-off state dicts in the engine's dtype, one copy per parameter (tied weights once);
+    # none for a stage given rather than trained (0 steps), whose stage is left out too.
     width = _bytes_per_element(precision)
-    sft_weights = width * actor.num_params()
+    sft_weights = width * actor.num_params() if config.sft.steps else 0
     rm_weights = width * (critic.num_params(lm_head=False) + critic.output_dim)
+    rm_weights = rm_weights if config.rm.steps else 0
     ppo_engines = {role: engines[role] for role in ("actor", "reference", "critic", "reward")}
     stages: dict[str, StageMemory | SetupMemory] = {
         "setup": setup_memory(engines, sft_weights, rm_weights),
@@ -610,7 +614,8 @@ def predict(
                 # ppo.zero3_generation: the whole ZeRO-3 actor once per generation call, or
                 # up to stage3_max_live_parameters at a time (DeepSpeed-Chat's per_layer).
                 "generation_gather": (
-                    whole_model_gather_bytes if ppo.zero3_generation == "gather_once"
+                    whole_model_gather_bytes
+                    if ppo.zero3_generation == "gather_once"
                     else gather_bytes
                 )(actor_tensors, zero["actor"], precision),
                 "logits": logits_bytes(actor, generation_micro, 1, precision, "logprobs"),
@@ -629,6 +634,9 @@ def predict(
             },
         ),
     }
+    for stage in ("sft", "rm"):
+        if not getattr(config, stage).steps:
+            del stages[stage]
     return MemoryPrediction(
         ranks, stages, device_headroom(ranks) if headroom is None else headroom
     )

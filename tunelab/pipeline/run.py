@@ -123,6 +123,8 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
     result["metrics"].update(prediction.flat_metrics())
     for role, stage, engine in _ENGINE_STAGES:
+        if stage not in prediction.stages:  # a stage given, not trained
+            continue
         states = prediction.stages[stage].engines[engine]
         result["metrics"][f"mem/{role}/predicted_model_states_bytes"] = states.model_states.total
     series: dict[str, list[float]] = {}
