@@ -30,6 +30,8 @@ Launcher = Literal["torchrun", "deepspeed"]
 
 # "pid:create_time" of the process a trial must not outlive (read by tunelab.pipeline.run).
 WATCH_ENV = "TUNELAB_WATCH_PID"
+# DIR/stages.json: which stages the trial loads from or saves to the stage cache (stagecache).
+STAGE_PLAN = "stages.json"
 
 # Set by a launcher for its own children; a trial must not inherit the caller's.
 _RANK_VARIABLES = frozenset(
@@ -296,17 +298,22 @@ def launch_trial(
     on_start: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
     poll_s: float = 0.2,
+    stage_plan: dict | None = None,
 ) -> TrialOutcome:
     """Run one trial in its own process group and wait for it.
 
+    `stage_plan` (tunelab.stagecache.stage_plan) lets it reuse or cache SFT and RM.
     `on_progress` sees each progress record; returning True stops the trial (status `pruned`).
     Past `timeout_s` the whole group is killed (status `timeout`); so is it when `stop` is set
     (status `interrupted`). `on_start` gets the process group id.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "progress.jsonl", *(p.name for p in out_dir.glob("rank*.json"))):
+    for stale in ("metrics.json", "progress.jsonl", STAGE_PLAN,
+                  *(p.name for p in out_dir.glob("rank*.json"))):  # fmt: skip
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "trial.json").write_text(json.dumps(config.to_dict(), indent=1))
+    if stage_plan:
+        (out_dir / STAGE_PLAN).write_text(json.dumps(stage_plan, indent=1))
     argv = trial_argv(config, out_dir, launcher, gpus)
     child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
     child_env.update(TRIAL_ENV, PYTHONUNBUFFERED="1")

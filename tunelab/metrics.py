@@ -17,8 +17,8 @@ _ENGINES = "sft|rm|actor|critic|reference|reward"
 PATTERNS = tuple(
     re.compile(pattern)
     for pattern in (
-        r"sft/(steps|skipped_steps|loss_first|loss_final)",
-        r"rm/(steps|skipped_steps|loss_first|loss_final|eval_accuracy|eval_accuracy_start"
+        r"sft/(steps|skipped_steps|loss_first|loss_final|reused)",
+        r"rm/(steps|skipped_steps|reused|loss_first|loss_final|eval_accuracy|eval_accuracy_start"
         r"|eval_pairs)",
         r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
         r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"

@@ -161,3 +161,21 @@ def test_optimizer_offload_at_zero0_runs_cpu_adam_as_dschat(runtime, tiny_config
     engine.step()
     assert not torch.equal(before, next(engine.module.parameters()))
     engine.destroy()
+
+
+def test_the_tokenizer_of_a_preset_is_the_same_in_every_process():
+    """Token ids must mean the same words in every trial (and in a cached stage's weights);
+    tokenizers' WordPieceTrainer broke ties by a per-process hash order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from tunelab.data import synthetic_preferences as s; "
+        "from tunelab.pipeline.models import tokenizer_vocabulary as v; "
+        "t = [x for e in s(500, 3) for x in (e.prompt, e.chosen, e.rejected)]; "
+        "print(json.dumps(v(t, 512)))"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            for _ in range(2)]  # fmt: skip
+    vocabularies = [run.stdout.strip().splitlines()[-1] for run in runs]
+    assert vocabularies[0] == vocabularies[1]

@@ -1,4 +1,5 @@
-"""A user's checkpoint folder: which tensors it holds and how they map onto tunelab's models.
+"""Checkpoints: a user's folder (which tensors it holds, how they map onto tunelab's models),
+and the entries of the stage cache (tunelab.stagecache).
 
 Understood layouts (all Hugging Face folders: config.json and weights, one file or sharded,
 safetensors or PyTorch pickles):
@@ -18,6 +19,8 @@ place (see `ValueLayout`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +126,31 @@ def read_tensor(folder: Path, key: str) -> torch.Tensor:
             if key in state:
                 return state[key].clone()
     raise TrialFailure(f"{folder}: no tensor {key}")
+
+
+def save_stage_entry(folder: Path, state: dict[str, torch.Tensor], record: dict) -> bool:
+    """Write a stage-cache entry (tunelab.stagecache) atomically: into a temporary folder, then
+    renamed into place. False when another trial's entry for the same key got there first."""
+    from tunelab.stagecache import RECORD, WEIGHTS
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    draft = folder.with_name(f".{folder.name}.{os.getpid()}.draft")
+    draft.mkdir()
+    torch.save(state, draft / WEIGHTS)
+    (draft / RECORD).write_text(json.dumps(record))
+    try:
+        draft.rename(folder)
+    except OSError:  # the key is already cached: same settings, same weights
+        shutil.rmtree(draft, ignore_errors=True)
+        return False
+    return True
+
+
+def load_stage_entry(folder: Path, rank: int) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """(record, weights) of a cache entry; only rank 0 reads the weights (it hands them off)."""
+    from tunelab.stagecache import RECORD, WEIGHTS
+
+    record = json.loads((folder / RECORD).read_text())
+    if rank != 0:
+        return record, None
+    return record, torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from deepspeed.runtime.zero import unwrap_model_for_generation
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import WordPieceTrainer
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -50,18 +50,37 @@ log = logging.getLogger("tunelab")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
+def tokenizer_vocabulary(texts: list[str], vocab_size: int) -> dict[str, int]:
+    """WordPiece vocabulary of `texts`, the same in every process: the special tokens, every
+    character alone and as a continuation piece (so any word can be spelt), then whole words
+    by falling count, ties by spelling. (tokenizers' WordPieceTrainer orders equal counts by
+    a hash map's iteration order, which changes from process to process: a trial's ids would
+    not mean the words of another's, nor of a cached stage's weights.)"""
+    normalizer, splitter = normalizers.NFKC(), pre_tokenizers.WhitespaceSplit()
+    counts = Counter(
+        word for text in texts
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))
+    )  # fmt: skip
+    chars = sorted({char for word in counts for char in word})
+    vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]))
+    known = set(vocab)
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in known]
+    vocab += words[: max(vocab_size - len(vocab), 0)]
+    return {token: index for index, token in enumerate(vocab)}
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A WordPiece tokenizer trained on `texts`; every sequence starts with <s>.
+    """A WordPiece tokenizer (the `tokenizers` library) over `texts`' vocabulary; every
+    sequence starts with <s>.
 
     WordPiece with a whitespace pre-tokenizer decodes back to space-joined words, which the
     synthetic task's gold reward reads.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    vocab = tokenizer_vocabulary(texts, vocab_size)
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(texts, trainer=trainer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]

@@ -303,6 +303,9 @@ def run_ppo(ctx: TrialContext, handoff: dict):
     engines are built, so host memory is freed); returns (metrics, per-step series)."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
+    # PPO's random stream starts from the seed, not from what SFT and RM drew: a trial whose
+    # stages come from the stage cache runs the same PPO as the one that trained them.
+    torch.manual_seed(config.seed + 3)
     with ctx.memory.stage("setup"):
         trainer = PPOTrainer(ctx, handoff.pop("sft", None), handoff.pop("rm", None))
     given_rm = {}

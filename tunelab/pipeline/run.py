@@ -31,9 +31,10 @@ from tunelab.config import TrialConfig, config_from_dict
 from tunelab.data import load_preferences
 from tunelab.errors import TrialFailure
 from tunelab.gpus import mfu_metrics, peak_tflops
-from tunelab.launcher import WATCH_ENV
+from tunelab.launcher import STAGE_PLAN, WATCH_ENV
 from tunelab.memory import predict
 from tunelab.pipeline.batching import encode
+from tunelab.pipeline.checkpoints import load_stage_entry, save_stage_entry
 from tunelab.pipeline.context import TrialContext
 from tunelab.pipeline.models import build_tokenizer
 from tunelab.pipeline.ppo import run_ppo
@@ -116,8 +117,10 @@ def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs
     return ctx
 
 
-def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, result: dict) -> None:
-    """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured)."""
+def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, result: dict,
+                plan: dict) -> None:  # fmt: skip
+    """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured).
+    `plan` (tunelab.stagecache.stage_plan) says which stages load from or save to the cache."""
     ctx = build_context(config, runtime, memory, out_dir)
     prediction = predict(config, ctx.actor_shape, ctx.critic_shape)
     result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
@@ -132,18 +135,32 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     handoff = {}  # trained weights for PPO (rank 0's; the others hold None)
     for stage, run, source in (("sft", run_sft, config.models.actor),
                                ("rm", run_rm, config.models.critic)):  # fmt: skip
-        steps = getattr(config, stage).steps
+        steps, cached = getattr(config, stage).steps, plan.get(stage, {})
         if steps == 0:
             result["stages"][stage] = {"source": "given", "model": source}
             log.info("rank %d: %s given (%s), not trained", runtime.rank, stage, source)
+            continue
+        if cached.get("action") == "load":
+            record, handoff[stage] = load_stage_entry(Path(cached["path"]), runtime.rank)
+            result["stages"][stage] = {"source": "reused", "key": cached["key"],
+                                       "trained_by": record["trained_by"]}  # fmt: skip
+            result["metrics"].update({**record["metrics"], f"{stage}/reused": 1})
+            series.update(record["series"])
+            log.info("rank %d: %s reused from the stage cache (%s)", runtime.rank, stage,
+                     cached["path"])  # fmt: skip
             continue
         log.info("rank %d: %s (%d steps)", runtime.rank, stage, steps)
         metrics, handoff[stage], losses = run(ctx)
         _release_memory()
         result["stages"][stage] = {"source": "trained", "steps": steps}
+        stage_series = {f"{stage}/loss": losses, f"time/{stage}_s": ctx.timer.series(stage),
+                        f"{stage}/skipped": ctx.skipped_series(stage, steps)}  # fmt: skip
         result["metrics"].update(metrics)
-        series.update({f"{stage}/loss": losses, f"time/{stage}_s": ctx.timer.series(stage),
-                       f"{stage}/skipped": ctx.skipped_series(stage, steps)})  # fmt: skip
+        series.update(stage_series)
+        if cached.get("action") == "save" and runtime.is_main:
+            record = {"metrics": metrics, "series": stage_series,
+                      "trained_by": str(out_dir) if out_dir else None}  # fmt: skip
+            save_stage_entry(Path(cached["path"]), handoff[stage], record)
     log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
     ppo_metrics, ppo_series = run_ppo(ctx, handoff)  # drops the hand-off once engines hold it
     _release_memory()
@@ -179,12 +196,16 @@ def _measured_state_metrics(engine_states: dict) -> dict[str, int]:
 
 
 def run_trial(
-    config: TrialConfig, out_dir: str | Path | None = None, process_started: float | None = None
+    config: TrialConfig,
+    out_dir: str | Path | None = None,
+    process_started: float | None = None,
+    plan: dict | None = None,
 ) -> dict:
     """Run one trial in this process (one rank of it); returns the result rank 0 writes.
 
     Failures become a status and a one-line reason (the traceback goes to the log).
-    `process_started` (epoch seconds) adds the process's whole wall time, imports included.
+    `process_started` (epoch seconds) adds the process's whole wall time, imports included;
+    `plan` is the stage-cache plan (the launcher's DIR/stages.json).
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -201,7 +222,7 @@ def run_trial(
     try:
         runtime = start_runtime(config)
         memory = MemoryTracker(runtime.device)
-        _run_stages(config, runtime, memory, out_dir, result)
+        _run_stages(config, runtime, memory, out_dir, result, plan or {})
     except Exception as exc:  # every failure is classified; the traceback goes to the log
         result["status"], result["reason"] = classify(exc)
         log.error("trial %s: %s\n%s", result["status"], result["reason"], traceback.format_exc())
@@ -283,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     _quiet_libraries()
     config = config_from_dict(json.loads(args.config.read_text()), f"{args.config}:")
-    result = run_trial(config, args.out, process_started=psutil.Process().create_time())
+    plan_file = args.out / STAGE_PLAN
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    result = run_trial(config, args.out, psutil.Process().create_time(), plan)
     log.info("status %s %s", result["status"], result["reason"])
     return 0 if result["status"] == "ok" else 3
 

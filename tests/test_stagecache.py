@@ -1,0 +1,63 @@
+"""The stage cache: keys hold what determines a stage's weights; a trial started from cached
+SFT and RM weights begins PPO exactly where the trial that trained them did."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tunelab.config import load_config
+from tunelab.stagecache import stage_key, stage_plan
+
+from .conftest import TINY
+
+
+def test_keys_follow_what_determines_the_weights(tmp_path):
+    base = load_config(TINY)
+    key = stage_key(base, "sft")
+    # How a stage runs does not change what it computes.
+    for same in (["actor.zero_stage=3"], ["actor.offload_optimizer=cpu"],
+                 ["actor.gradient_checkpointing=true"], ["ppo.kl_coef=0.3"],
+                 ["critic.lora_rank=8"], ["rm.steps=7"]):  # fmt: skip
+        assert stage_key(load_config(TINY, same), "sft") == key, same
+    for other in (["sft.learning_rate=1e-3"], ["actor.lora_rank=8"], ["seed=5"],
+                  ["precision=fp32"], ["batch.train_micro=8", "batch.generation_micro=16"],
+                  ["ppo.max_answer_len=12"], ["actor.dropout=0.1"]):  # fmt: skip
+        assert stage_key(load_config(TINY, other), "sft") != key, other
+    assert stage_key(base, "rm") != stage_key(load_config(TINY, ["critic.lora_rank=8"]), "rm")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 4)
+    first = stage_key(load_config(TINY, [f"data.source={data}"]), "rm")
+    os.utime(data, ns=(1, 1))  # a changed file is new data
+    assert stage_key(load_config(TINY, [f"data.source={data}"]), "rm") != first
+
+
+def test_only_stages_a_study_does_not_measure_are_planned(tmp_path):
+    config = load_config(TINY)
+    assert stage_plan(config, tmp_path, ("sft", "rm", "ppo")) == {}
+    assert set(stage_plan(config, tmp_path, ("rm", "ppo"))) == {"sft"}
+    given = load_config(TINY, ["sft.steps=0"])
+    assert set(stage_plan(given, tmp_path, ("ppo",))) == {"rm"}
+
+
+def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path):
+    from tunelab.launcher import launch_trial
+
+    config = load_config(TINY, ["sft.steps=12", "rm.steps=12", "ppo.steps=4"])
+    cache = tmp_path / "cache"
+    saving = stage_plan(config, cache, ("ppo",))
+    assert {entry["action"] for entry in saving.values()} == {"save"}
+    fresh = launch_trial(config, tmp_path / "fresh", stage_plan=saving, timeout_s=300)
+    assert fresh.status == "ok", fresh.reason
+    loading = stage_plan(config, cache, ("ppo",))
+    assert {entry["action"] for entry in loading.values()} == {"load"}
+    reused = launch_trial(config, tmp_path / "reused", stage_plan=loading, timeout_s=300)
+    assert reused.status == "ok", reused.reason
+    result = json.loads((tmp_path / "reused" / "metrics.json").read_text())
+    assert result["stages"]["sft"]["source"] == "reused"
+    assert result["stages"]["rm"]["trained_by"] == str(tmp_path / "fresh")
+    assert reused.metrics["sft/reused"] == reused.metrics["rm/reused"] == 1
+    for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/score_start", "ppo/gold_start"):
+        assert reused.metrics[name] == fresh.metrics[name], name
+    assert "time/sft_s" in reused.metrics  # the cached stage's figures, marked as reused
+    assert "mem/sft/peak_host_rss_bytes" not in reused.metrics  # not run here

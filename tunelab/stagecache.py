@@ -1,0 +1,82 @@
+"""Content-addressed cache of trained SFT and reward-model stages, shared by a study's trials.
+
+A study that does not measure a stage (spec `measure`, e.g. `[ppo]` for PPO-coefficient and
+step-3 system studies) trains it once per distinct key and lets every later trial start at PPO
+from the cached weights, reporting the cached stage's metrics marked as reused. The key holds
+exactly what determines the stage's weights: the model source (and a fingerprint of a
+checkpoint folder), the data (and a fingerprint of its files), the stage's steps and learning
+rate, the seed, precision, ranks, batch sizes, sequence lengths, and the engine's LoRA and
+dropout settings. ZeRO stage, offload and checkpointing change how a stage runs, not what it
+computes, so they are left out: their effect is what a measured stage is for.
+
+Entries are folders `<cache>/<stage>-<key>/` holding `weights.pt` (the hand-off state dict),
+`stage.json` (metrics, series, what produced it); a trial writes one under a temporary name
+and renames it into place, so a half-written entry is never read, and workers sharing a study
+folder may race to write the same key (the first rename wins). Pure: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import EngineConfig, TrialConfig
+
+STAGES = ("sft", "rm")  # the stages that can be reused; PPO is always run
+FORMAT = 1  # bumped when what an entry holds, or how a stage trains, changes
+_ROLE = {"sft": "actor", "rm": "critic"}
+WEIGHTS, RECORD = "weights.pt", "stage.json"
+
+
+def _fingerprint(location: str) -> Any:
+    """Size and modification time of every file under a local path (a checkpoint or data
+    folder or file), so a changed file gives a new key; None for presets and hub names."""
+    path = Path(location).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
+             f.stat().st_mtime_ns) for f in files]  # fmt: skip
+
+
+def _engine_math(engine: EngineConfig) -> dict[str, Any]:
+    return {"lora_rank": engine.lora_rank, "lora_modules": list(engine.lora_modules),
+            "lora_scaling": engine.lora_scaling, "lora_learning_rate": engine.lora_learning_rate,
+            "dropout": engine.dropout}  # fmt: skip
+
+
+def stage_key(config: TrialConfig, stage: str) -> str:
+    """The cache key of a trained stage (see the module docstring for what it holds)."""
+    role = _ROLE[stage]
+    source = getattr(config.models, role)
+    data = config.data
+    content = {
+        "format": FORMAT, "stage": stage, "source": source, "source_files": _fingerprint(source),
+        "data": [data.source, data.train_size, data.eval_size, data.eval_source],
+        "data_files": [_fingerprint(s) for s in (data.source, data.eval_source or "")],
+        # The tokenizer of a preset is trained on the data; of a checkpoint, it is the actor's.
+        "tokenizer": config.models.actor,
+        "training": [getattr(config, stage).steps, getattr(config, stage).learning_rate],
+        "seed": config.seed, "precision": config.precision, "ranks": config.ranks,
+        "batch": [config.batch.train_micro, config.batch.grad_accum],
+        "lengths": [config.ppo.max_prompt_len, config.ppo.max_answer_len],
+        "engine": _engine_math(getattr(config, role)),
+    }  # fmt: skip
+    blob = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def stage_plan(config: TrialConfig, cache: Path, measure: tuple[str, ...]) -> dict[str, dict]:
+    """What a trial does with each stage it need not measure: `load` a complete cache entry,
+    or train the stage and `save` it. Stages measured, or given (0 steps), are not planned."""
+    plan = {}
+    for stage in STAGES:
+        if stage in measure or getattr(config, stage).steps == 0:
+            continue
+        key = stage_key(config, stage)
+        path = cache / f"{stage}-{key}"
+        complete = (path / RECORD).is_file() and (path / WEIGHTS).is_file()
+        plan[stage] = {"action": "load" if complete else "save", "path": str(path), "key": key}
+    return plan
