@@ -122,7 +122,9 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured).
     `plan` (tunelab.stagecache.stage_plan) says which stages load from or save to the cache."""
     ctx = build_context(config, runtime, memory, out_dir)
-    prediction = predict(config, ctx.actor_shape, ctx.critic_shape)
+    # A CPU accelerator has no CUDA context or NCCL buffers to leave room for.
+    headroom = None if runtime.device.type == "cuda" else 0
+    prediction = predict(config, ctx.actor_shape, ctx.critic_shape, headroom)
     result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
     result["metrics"].update(prediction.flat_metrics())
     for role, stage, engine in _ENGINE_STAGES:
