@@ -195,9 +195,10 @@ def replay(seeds: int) -> None:
 def _write_report(data, rows, cap, target, good, feasible, cvs, seeds) -> None:
     REPORT.with_suffix(".json").write_text(json.dumps({"rows": rows, "cap_bytes": cap,
                                                        "target": target}, indent=1))  # fmt: skip
+    space = " x ".join(f"{k} {v}" for k, v in data["space"].items())
     lines = [
         "# Search efficiency on the tiny preset", "",
-        f"Grid: {len(data['grid'])} cells ({' x '.join(f'{k} {v}' for k, v in data['space'].items())}; "
+        f"Grid: {len(data['grid'])} cells ({space}; "
         f"the critic follows the actor), measured {data['measured']} in "
         f"{data['minutes']:.0f} min by `{data['command']}` (PPO only: {' '.join(data['base'])}).",
         f"Memory cap: the {CAP_QUANTILE:.0%} quantile of predicted peaks, {cap / 2**20:.0f} MiB: "
