@@ -128,13 +128,16 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
     )  # fmt: skip
     out = tmp_path / "out"
     url = f"sqlite:///{out / 'study.db'}"
-    orchestrator = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "run", str(path), "--out", str(out)], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    running = None
-    while time.monotonic() < deadline:
+    log = tmp_path / "orchestrator.log"
+    with log.open("wb") as sink:
+        orchestrator = subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "run", str(path), "--out", str(out)], cwd=ROOT,
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    # Generous: a first run on a fresh machine builds DeepSpeed's ops before its first trial.
+    deadline = time.monotonic() + 600
+    done = running = []
+    while time.monotonic() < deadline and orchestrator.poll() is None:
         time.sleep(0.5)
         try:  # read only: creating the storage here would race the orchestrator creating it
             trials = optuna.load_study(study_name=name, storage=open_storage(url, create=False))
@@ -147,7 +150,8 @@ def test_sigkill_mid_study_then_resume_loses_nothing(tmp_path):
         ]
         if done and running:
             break
-    assert done and running, "the study never had a finished and a running trial"
+    said = log.read_text()[-3000:]
+    assert done and running, f"no finished and running trial at once; the orchestrator:\n{said}"
     completed_before = {t.number: t.values for t in done}
     victim = running[0]
     orchestrator.send_signal(signal.SIGKILL)

@@ -23,7 +23,7 @@ PATTERNS = tuple(
         r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
         r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"
         r"|policy_loss_final|answer_tokens_mean)",
-        rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process)_s",
+        rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process|data|setup|eval|handoff)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         r"perf/(ppo_generate_latency_s|ppo_generate_per_token_latency_s|peak_tflops)",
         r"mem/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",

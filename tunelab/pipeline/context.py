@@ -70,6 +70,10 @@ class TrialContext:
             return f"random ({source.name} preset)"
         return f"checkpoint {source.hf_path}"
 
+    def overhead(self, name: str):
+        """Time work outside the stages' timed steps (`setup`, `eval`, `handoff`), summed."""
+        return self.timer.phase(name, 0)
+
     def timed_phase(self, name: str, step: int):
         """Time step `step` of phase `name` (every step is kept; see timed_steps)."""
         return self.timer.phase(name, step)

@@ -306,7 +306,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
     # PPO's random stream starts from the seed, not from what SFT and RM drew: a trial whose
     # stages come from the stage cache runs the same PPO as the one that trained them.
     torch.manual_seed(config.seed + 3)
-    with ctx.memory.stage("setup"):
+    with ctx.memory.stage("setup"), ctx.overhead("setup"):
         trainer = PPOTrainer(ctx, handoff.pop("sft", None), handoff.pop("rm", None))
     given_rm = {}
     if config.rm.steps == 0:  # a given reward model: does it tell held-out pairs apart?
@@ -314,7 +314,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             "rm/eval_accuracy": pairwise_accuracy(ctx, trainer.reward),
             "rm/eval_pairs": len(ctx.data.eval_chosen.ids),
         }
-    with ctx.memory.stage("ppo_eval"):
+    with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
         start = trainer.evaluate()
     prompts = ctx.data.prompts
     series: dict[str, list[float]] = {}
@@ -371,7 +371,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
                 / timer.seconds("ppo_step", timed)
             )
             ctx.progress.write("ppo", step, {"perf/ppo_e2e_tokens_per_s": tokens_per_s})
-    with ctx.memory.stage("ppo_eval"):
+    with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
         end = trainer.evaluate()
     trainer.close()
     for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step"):

@@ -46,6 +46,11 @@ def _pair_scores(engine, chosen: Sequences, rejected: Sequences, rows, device):
 
 def pairwise_accuracy(ctx: TrialContext, engine) -> float:
     """Share of held-out pairs with score(chosen) > score(rejected), over all ranks."""
+    with ctx.overhead("eval"):
+        return _pairwise_accuracy(ctx, engine)
+
+
+def _pairwise_accuracy(ctx: TrialContext, engine) -> float:
     runtime, data = ctx.runtime, ctx.data
     correct = counted_total = 0.0
     training = engine.training
@@ -74,7 +79,7 @@ def run_rm(ctx: TrialContext):
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     ds_config = ctx.ds_configs["rm"]
     with ctx.memory.stage("rm"):
-        with ctx.memory.stage("setup"):
+        with ctx.memory.stage("setup"), ctx.overhead("setup"):
             # A new value head on a language model is where step 2 starts.
             model = build_value_model(ctx.critic_source, ctx.tokenizer, ds_config,
                                       config.critic.dropout, fresh_head=True)  # fmt: skip
@@ -94,7 +99,8 @@ def run_rm(ctx: TrialContext):
         losses = train_steps(ctx, engine, "rm", config.rm.steps, len(data.chosen.ids),
                              config.seed + 1, loss_of)  # fmt: skip
         accuracy = pairwise_accuracy(ctx, engine)
-        weights = consolidated_state_dict(engine)
+        with ctx.overhead("handoff"):
+            weights = consolidated_state_dict(engine)
         engine.destroy()
     timed = ctx.timed_steps("rm", config.rm.steps)
     pairs = len(timed) * batch * accum * runtime.world_size

@@ -121,7 +121,9 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
                 plan: dict) -> None:  # fmt: skip
     """SFT -> RM -> PPO, filling `result` as it goes (so a failure keeps what was measured).
     `plan` (tunelab.stagecache.stage_plan) says which stages load from or save to the cache."""
+    started = time.perf_counter()
     ctx = build_context(config, runtime, memory, out_dir)
+    data_s = time.perf_counter() - started  # data, tokenizer, encoding
     # A CPU accelerator has no CUDA context or NCCL buffers to leave room for.
     headroom = None if runtime.device.type == "cuda" else 0
     prediction = predict(config, ctx.actor_shape, ctx.critic_shape, headroom)
@@ -171,6 +173,10 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
         for name in ("parameters", "trainable_parameters"):
             result["metrics"][f"model/{role}/{name}"] = engine[name]
     result["engines"] = ctx.engines
+    # Where a trial's time goes outside the stages' timed steps (benchmarks/trial_wall.py).
+    result["metrics"]["time/data_s"] = data_s
+    for phase in ("setup", "eval", "handoff"):
+        result["metrics"][f"time/{phase}_s"] = ctx.timer.seconds(phase, [0])
     result["series"] = {
         **series,
         **ppo_series,

@@ -27,7 +27,7 @@ def run_sft(ctx: TrialContext):
     batch, accum = config.batch.train_micro, config.batch.grad_accum
     ds_config = ctx.ds_configs["sft"]
     with ctx.memory.stage("sft"):
-        with ctx.memory.stage("setup"):
+        with ctx.memory.stage("setup"), ctx.overhead("setup"):
             model = build_causal_lm(ctx.actor_source, ctx.tokenizer, ds_config,
                                     config.actor.dropout)  # fmt: skip
             engine = train_engine(
@@ -46,7 +46,8 @@ def run_sft(ctx: TrialContext):
 
         losses = train_steps(ctx, engine, "sft", config.sft.steps, len(data.ids), config.seed,
                              loss_of)  # fmt: skip
-        weights = consolidated_state_dict(engine)
+        with ctx.overhead("handoff"):
+            weights = consolidated_state_dict(engine)
         engine.destroy()
     timed = ctx.timed_steps("sft", config.sft.steps)
     samples = len(timed) * batch * accum * runtime.world_size
