@@ -89,6 +89,11 @@ def _write(tmp_path: Path, body: str) -> Path:
         ("space: {actor.offload_optimizer: {choices: [none, cpu], when: {actor.zero_stag: [1]}}}",
          "space.actor.offload_optimizer.when: unknown key 'actor.zero_stag'"),
         ("objectives: []", "objectives: give at least one"),
+        ("measure: [sft, rm]", "measure: ['sft', 'rm']: must include ppo"),
+        ("measure: [ppo, rl]", "measure[1]: expected one of"),
+        ("objectives: [{metric: rm/eval_accuracy, direction: maximize}]\nmeasure: [ppo]",
+         "objectives[0].metric: rm/eval_accuracy belongs to rm, which "
+         "the study does not measure (measure: ['ppo'])"),
     ],
 )  # fmt: skip
 def test_malformed_spec_is_one_line_naming_the_key(tmp_path, body, message):

@@ -32,6 +32,16 @@ def test_keys_follow_what_determines_the_weights(tmp_path):
     assert stage_key(load_config(TINY, [f"data.source={data}"]), "rm") != first
 
 
+def test_keys_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """A preset on synthetic data names no files: what else lies where a study is run from
+    (a changing repository, other studies' output) must not change the key."""
+    config = load_config(TINY)
+    monkeypatch.chdir(tmp_path)
+    keys = {stage: stage_key(config, stage) for stage in ("sft", "rm")}
+    (tmp_path / "unrelated.txt").write_text("changes between trials")
+    assert {stage: stage_key(config, stage) for stage in ("sft", "rm")} == keys
+
+
 def test_only_stages_a_study_does_not_measure_are_planned(tmp_path):
     config = load_config(TINY)
     assert stage_plan(config, tmp_path, ("sft", "rm", "ppo")) == {}

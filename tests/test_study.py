@@ -212,10 +212,11 @@ def test_workers_in_one_process_run_at_once(tmp_path):
 
 def test_memory_budget_prunes_before_launch(tmp_path):
     # A ZeRO-3 actor keeps DeepSpeed's 5e8-element reduce bucket (~1 GiB) for its whole life,
-    # beside the ZeRO-2 critic's two buckets in backward (~1.9 GiB) and the CUDA headroom
-    # (1 GiB): 3.8 GiB predicted; a ZeRO-2 actor frees its buckets after backward: 2.9 GiB.
+    # beside the ZeRO-2 critic's two buckets in backward (~1.9 GiB), with
+    # on a CPU node no CUDA headroom: 2.8 GiB predicted; a ZeRO-2 actor frees its buckets
+    # after backward: 1.9 GiB.
     name, path = write_spec(
-        tmp_path, budget={"trials": 2}, memory_budget={"device_gib": 3.3},
+        tmp_path, budget={"trials": 2}, memory_budget={"device_gib": 2.3},
         space={"actor.zero_stage": {"choices": [2, 3]}},
         baselines=[{"name": "z3", "params": {"actor.zero_stage": 3}},
                    {"name": "z2", "params": {"actor.zero_stage": 2}}],
@@ -268,3 +269,29 @@ def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):
         study_name=name, storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}"
     )
     assert sorted(t.params["ppo.kl_coef"] for t in study.trials) == [0.05, 0.1, 0.2]
+
+
+def test_a_study_that_measures_ppo_trains_sft_and_rm_once(tmp_path):
+    name, path = write_spec(
+        tmp_path, budget={"trials": 3}, measure=["ppo"],
+        space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = tunelab("run", path, "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "trial 0: started (ppo.kl_coef=" in run.stderr
+    assert run.stderr.count("; sft cached; rm cached)") == 1  # trial 0 trains and keeps them
+    assert run.stderr.count("; sft reused; rm reused)") == 2
+    assert sorted(p.name.split("-")[0] for p in (out / "stage-cache").iterdir()) == ["rm", "sft"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
+    first, *later = sorted(study.trials, key=lambda t: t.number)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert "sft/reused" not in first.user_attrs["metrics"]
+    for trial in later:
+        metrics = trial.user_attrs["metrics"]
+        assert metrics["sft/reused"] == metrics["rm/reused"] == 1
+        for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/gold_start"):
+            assert metrics[name] == first.user_attrs["metrics"][name], name
+        # Neither reused stage ran, so the memory prediction leaves them out.
+        assert "mem/sft/predicted_device_peak_bytes" not in trial.user_attrs["predicted"]
+    assert "mem/sft/predicted_device_peak_bytes" in first.user_attrs["predicted"]

@@ -47,6 +47,7 @@ PyTorch's allocator (CUDA context, NCCL buffers), which torch's peak-allocated f
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -541,12 +542,17 @@ def device_headroom(ranks: int) -> int:
 
 
 def predict(
-    config: TrialConfig, actor: ModelShape, critic: ModelShape, headroom: int | None = None
+    config: TrialConfig,
+    actor: ModelShape,
+    critic: ModelShape,
+    headroom: int | None = None,
+    reused: Collection[str] = (),
 ) -> MemoryPrediction:
     """Per-rank memory of each stage of the trial (see the module docstring for sources).
 
     `headroom`: device bytes outside PyTorch's allocator; default `device_headroom(ranks)`
-    (a CUDA GPU), 0 for a node whose accelerator is the CPU."""
+    (a CUDA GPU), 0 for a node whose accelerator is the CPU. `reused`: stages (sft, rm) the
+    trial loads from the study's stage cache instead of running."""
     precision, ranks = config.precision, config.ranks
     batch, ppo = config.batch, config.ppo
     seq = ppo.max_prompt_len + ppo.max_answer_len
@@ -635,7 +641,7 @@ def predict(
         ),
     }
     for stage in ("sft", "rm"):
-        if not getattr(config, stage).steps:
+        if not getattr(config, stage).steps or stage in reused:
             del stages[stage]
     return MemoryPrediction(
         ranks, stages, device_headroom(ranks) if headroom is None else headroom

@@ -59,3 +59,13 @@ def check_metric_name(name: str) -> None:
         close = difflib.get_close_matches(name, COMMON, n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise InputError(f"unknown metric {name!r}{hint}")
+
+
+_STAGE_OF = re.compile(r"(?:perf/|time/|mem/|model/)?(sft|rm)[/_]")
+
+
+def metric_stage(name: str) -> str | None:
+    """The stage (`sft` or `rm`) whose run a metric measures, None for PPO's and the whole
+    trial's: a study that reuses a stage (spec `measure`) cannot compare its figures."""
+    match = _STAGE_OF.match(name)
+    return match.group(1) if match else None

@@ -40,13 +40,14 @@ from tunelab._typed import (
 )
 from tunelab.config import SEED_LIMIT, TrialConfig, config_from_dict
 from tunelab.errors import InputError
-from tunelab.metrics import check_metric_name
+from tunelab.metrics import check_metric_name, metric_stage
 
 SamplerType = Literal["tpe", "nsga2", "random", "grid", "qmc", "gp"]
 PrunerType = Literal[
     "none", "median", "percentile", "hyperband", "successive_halving", "dominance"
 ]
 LauncherType = Literal["torchrun", "deepspeed"]
+StageName = Literal["sft", "rm", "ppo"]
 
 # Optuna classes behind the spec's names (optuna.samplers.*, optuna.pruners.*).
 SAMPLER_CLASSES = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler",
@@ -268,6 +269,9 @@ class StudySpec:
     baselines: tuple[Baseline, ...] = ()
     resources: Resources = field(default_factory=Resources)
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
+    # The stages whose figures the study compares; SFT and RM left out are trained once per
+    # distinct setting and reused from the study's stage cache (tunelab.stagecache).
+    measure: tuple[StageName, ...] = ("sft", "rm", "ppo")
 
     def __post_init__(self) -> None:
         enforce(self)
@@ -281,6 +285,13 @@ class StudySpec:
         for index, metric in enumerate(metrics):
             if metrics.index(metric) < index:
                 yield f"objectives[{index}].metric", f"{metric} is already an objective"
+        if "ppo" not in self.measure:
+            yield "measure", f"{list(self.measure)}: must include ppo (every trial runs PPO)"
+        for index, metric in enumerate(metrics):
+            stage = metric_stage(metric)
+            if stage is not None and stage not in self.measure:
+                yield (f"objectives[{index}].metric", f"{metric} belongs to {stage}, which "
+                       f"the study does not measure (measure: {list(self.measure)})")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

@@ -25,16 +25,17 @@ from typing import Any
 from tunelab.config import EngineConfig, TrialConfig
 
 STAGES = ("sft", "rm")  # the stages that can be reused; PPO is always run
-FORMAT = 1  # bumped when what an entry holds, or how a stage trains, changes
+FORMAT = 2  # bumped when what an entry holds, or how a stage trains, changes
 _ROLE = {"sft": "actor", "rm": "critic"}
 WEIGHTS, RECORD = "weights.pt", "stage.json"
+STAGE_CACHE = "stage-cache"  # the cache's folder in a study's output folder
 
 
 def _fingerprint(location: str) -> Any:
     """Size and modification time of every file under a local path (a checkpoint or data
     folder or file), so a changed file gives a new key; None for presets and hub names."""
     path = Path(location).expanduser()
-    if not path.exists():
+    if not location or not path.exists():  # Path("") is the working directory
         return None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
@@ -55,7 +56,7 @@ def stage_key(config: TrialConfig, stage: str) -> str:
     content = {
         "format": FORMAT, "stage": stage, "source": source, "source_files": _fingerprint(source),
         "data": [data.source, data.train_size, data.eval_size, data.eval_source],
-        "data_files": [_fingerprint(s) for s in (data.source, data.eval_source or "")],
+        "data_files": [_fingerprint(s) for s in (data.source, data.eval_source) if s],
         # The tokenizer of a preset is trained on the data; of a checkpoint, it is the actor's.
         "tokenizer": config.models.actor,
         "training": [getattr(config, stage).steps, getattr(config, stage).learning_rate],

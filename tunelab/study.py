@@ -54,6 +54,7 @@ from tunelab.spec import (
     spec_from_storage,
     trial_config,
 )
+from tunelab.stagecache import STAGE_CACHE, stage_plan
 from tunelab.storage import (
     GRACE_S,
     MAX_RETRY,
@@ -523,11 +524,17 @@ class Orchestrator:
 
     # one trial
 
-    def _predict(self, config: TrialConfig) -> MemoryPrediction | None:
+    def _stage_plan(self, config: TrialConfig) -> dict[str, dict]:
+        """Which unmeasured stages this trial loads from, or saves to, the study's cache."""
+        return stage_plan(config, self.out_dir / STAGE_CACHE, self.spec.measure)
+
+    def _predict(self, config: TrialConfig, reused: list[str]) -> MemoryPrediction | None:
         actor, critic = resolve_model(config.models.actor), resolve_model(config.models.critic)
         if actor.shape is None or critic.shape is None:
             return None  # hub names: shapes unknown before the weights are loaded
-        return predict(config, actor.shape, critic.shape)
+        # A node without GPUs runs trials on the CPU: no CUDA context or NCCL buffers.
+        headroom = None if self.gpus else 0
+        return predict(config, actor.shape, critic.shape, headroom, reused)
 
     def _over_budget(self, prediction: MemoryPrediction | None) -> str | None:
         budget = self.spec.memory_budget
@@ -567,7 +574,8 @@ class Orchestrator:
         except InputError as exc:
             self._finish(trial, "invalid", str(exc))
             return
-        prediction = self._predict(config)
+        plan = self._stage_plan(config)
+        prediction = self._predict(config, [s for s, p in plan.items() if p["action"] == "load"])
         flat = prediction.flat_metrics() if prediction else {}
         reason = unsupported_reason(config, self.gpus if gpus else [])
         if reason:
@@ -586,7 +594,9 @@ class Orchestrator:
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
         shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
-        self.echo(f"trial {trial.number}: started ({shown or 'base config'})")
+        reuse = "".join(f"; {stage} {'reused' if step['action'] == 'load' else 'cached'}"
+                        for stage, step in plan.items())  # fmt: skip
+        self.echo(f"trial {trial.number}: started ({shown or 'base config'}{reuse})")
 
         def remember_group(pgid: int) -> None:
             with self.lock, contextlib.suppress(*STORAGE_ERRORS):  # recovery can do without it
@@ -600,7 +610,7 @@ class Orchestrator:
                 on_progress=lambda record: self._on_progress(
                     trial, intermediate, flat, finished, record
                 ),
-                on_start=remember_group, stop=self.stop,
+                on_start=remember_group, stop=self.stop, stage_plan=plan,
             )  # fmt: skip
         except OSError as exc:  # the trial folder cannot be written: no trial can run here
             self._finish(trial, "interrupted", f"cannot write {out} ({first_line(exc)})")
