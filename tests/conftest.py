@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One thread per process: the suite runs trials beside pytest's own process (and CI machines
+# are shared), and OpenMP's spinning threads slow each other several-fold when cores are
+# oversubscribed (tunelab.launcher.cpu_threads). Set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "studies" / "trials" / "tiny.yaml"

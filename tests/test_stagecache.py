@@ -50,8 +50,8 @@ def test_only_stages_a_study_does_not_measure_are_planned(tmp_path):
     assert set(stage_plan(given, tmp_path, ("ppo",))) == {"rm"}
 
 
-def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path):
-    from tunelab.launcher import launch_trial
+def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypatch):
+    from tunelab.launcher import cpu_threads, launch_trial
 
     config = load_config(TINY, ["sft.steps=12", "rm.steps=12", "ppo.steps=4"])
     cache = tmp_path / "cache"
@@ -61,8 +61,13 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path):
     assert fresh.status == "ok", fresh.reason
     loading = stage_plan(config, cache, ("ppo",))
     assert {entry["action"] for entry in loading.values()} == {"load"}
+    # Threads: the suite's OMP_NUM_THREADS (conftest) is kept; without one, the launcher's.
+    monkeypatch.delenv("OMP_NUM_THREADS")
     reused = launch_trial(config, tmp_path / "reused", stage_plan=loading, timeout_s=300)
     assert reused.status == "ok", reused.reason
+    assert fresh.metrics["trial/cpu_threads"] == 1
+    cores = len(os.sched_getaffinity(0))
+    assert reused.metrics["trial/cpu_threads"] == cpu_threads(ranks=1) == cores
     result = json.loads((tmp_path / "reused" / "metrics.json").read_text())
     assert result["stages"]["sft"]["source"] == "reused"
     assert result["stages"]["rm"]["trained_by"] == str(tmp_path / "fresh")

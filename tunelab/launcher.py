@@ -48,6 +48,15 @@ _RANK_VARIABLES = frozenset(
 TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
+def cpu_threads(ranks: int, concurrent: int = 1) -> int:
+    """Threads per rank (OMP_NUM_THREADS, which sizes torch's pool): the cores this process may
+    use, shared by every rank of every trial running at once. OpenMP's default of all cores per
+    process oversubscribes them as soon as two processes compute together, and its spinning
+    threads then slow each other: a tiny trial on this 2-core machine, under load, took 79-159 s
+    of trial time with 2 threads against 10-18 s with 1 (README, "Measured here")."""
+    return max(1, len(os.sched_getaffinity(0)) // (ranks * concurrent))
+
+
 @dataclass(frozen=True)
 class TrialOutcome:
     """What the parent knows after the trial process group is gone."""
@@ -299,10 +308,13 @@ def launch_trial(
     stop: threading.Event | None = None,
     poll_s: float = 0.2,
     stage_plan: dict | None = None,
+    concurrent: int = 1,
 ) -> TrialOutcome:
     """Run one trial in its own process group and wait for it.
 
     `stage_plan` (tunelab.stagecache.stage_plan) lets it reuse or cache SFT and RM.
+    `concurrent`: trials running at once on this host, which share its cores (`cpu_threads`;
+    an OMP_NUM_THREADS already set is kept).
     `on_progress` sees each progress record; returning True stops the trial (status `pruned`).
     Past `timeout_s` the whole group is killed (status `timeout`); so is it when `stop` is set
     (status `interrupted`). `on_start` gets the process group id.
@@ -317,6 +329,7 @@ def launch_trial(
     argv = trial_argv(config, out_dir, launcher, gpus)
     child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
     child_env.update(TRIAL_ENV, PYTHONUNBUFFERED="1")
+    child_env.setdefault("OMP_NUM_THREADS", str(cpu_threads(config.ranks, concurrent)))
     child_env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
     child_env.update(trial_cuda_env(gpus))
     progress = ProgressReader(out_dir / "progress.jsonl")

@@ -611,6 +611,7 @@ class Orchestrator:
                     trial, intermediate, flat, finished, record
                 ),
                 on_start=remember_group, stop=self.stop, stage_plan=plan,
+                concurrent=len(self.slots),
             )  # fmt: skip
         except OSError as exc:  # the trial folder cannot be written: no trial can run here
             self._finish(trial, "interrupted", f"cannot write {out} ({first_line(exc)})")

@@ -253,6 +253,7 @@ def run_trial(
     result["ranks"] = ranks
     result["metrics"]["time/trial_s"] = time.perf_counter() - started
     result["metrics"]["trial/ranks"] = config.ranks
+    result["metrics"]["trial/cpu_threads"] = torch.get_num_threads()  # per rank
     if process_started is not None:
         result["metrics"]["time/process_s"] = time.time() - process_started
     for key in {k for info in ranks for k in info if k.startswith("mem/")}:
