@@ -82,6 +82,10 @@ def test_import_dschat_inverts_export(case):
             values.pop(f"models.{role}")
             values.pop(f"{stage}.steps")
     assert "data.source" not in values  # the export names no data
+    # DeepSpeed-Chat always decodes greedily to fixed-length answers: an import says so, an
+    # export of a sampling trial notes the difference.
+    assert values.pop("ppo.decoding") == "greedy"
+    assert values.pop("ppo.min_answer_len") == values["ppo.max_answer_len"]
     assert config_from_dict(with_dotted(config.to_dict(), values)) == config
 
 

@@ -159,6 +159,9 @@ class PPOConfig:
     max_answer_len: int = 256
     min_answer_len: int = 1  # = max_answer_len: fixed-length answers, DeepSpeed-Chat's benchmark
     temperature: float = 1.0
+    # `sample` from the actor's distribution at `temperature`, or `greedy`: DeepSpeed-Chat's
+    # generate call passes no sampling arguments, so OPT checkpoints decode greedily there.
+    decoding: Literal["sample", "greedy"] = "sample"
     # How a ZeRO-3 actor's parameters reach every rank for generation: gathered once per
     # generate call (DeepSpeed's unwrap_model_for_generation), or layer by layer for every token
     # with synced_gpus (DeepSpeed-Chat's way; least memory).

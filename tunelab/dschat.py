@@ -224,10 +224,11 @@ def step3_command(config: TrialConfig) -> tuple[list[str], list[str]]:
             "DeepSpeed-Chat gathers a ZeRO-3 actor layer by layer for every generated token "
             "(ppo.zero3_generation: per_layer); this trial gathered it once per generate call."
         )
-    notes.append(
-        f"DeepSpeed-Chat decodes with the actor's generation config (greedy for OPT); this "
-        f"trial sampled at temperature {ppo.temperature:g}."
-    )
+    if ppo.decoding == "sample":
+        notes.append(
+            f"DeepSpeed-Chat decodes with the actor's generation config (greedy for OPT); this "
+            f"trial sampled at temperature {ppo.temperature:g} (ppo.decoding: greedy matches)."
+        )
     return argv, notes
 
 
@@ -253,6 +254,8 @@ def import_step3(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
         "ppo.generation_batches": args.generation_batches, "ppo.epochs": args.ppo_epochs,
         "ppo.max_prompt_len": args.max_prompt_seq_len,
         "ppo.max_answer_len": args.max_answer_seq_len,
+        # Its generate call: max_length = min_length = prompt + answer, no sampling arguments.
+        "ppo.min_answer_len": args.max_answer_seq_len, "ppo.decoding": "greedy",
         "actor.learning_rate": args.actor_learning_rate,
         "critic.learning_rate": args.critic_learning_rate,
         "hybrid_engine": False,

@@ -13,7 +13,7 @@ from tunelab.devices import cpu_supports_fp16
 
 LOOP_CASES = {
     "zero0": ["actor.zero_stage=0", "critic.zero_stage=0"],
-    "zero1": ["actor.zero_stage=1", "critic.zero_stage=1"],
+    "zero1-greedy": ["actor.zero_stage=1", "critic.zero_stage=1", "ppo.decoding=greedy"],
     "zero3": ["actor.zero_stage=3", "critic.zero_stage=3"],
     "zero3-lora-checkpointing": [
         "actor.zero_stage=3", "critic.zero_stage=3", "actor.lora_rank=8", "critic.lora_rank=8",

@@ -151,16 +151,18 @@ class PPOTrainer:
         """Sample answers; returns (seq [B, T], attention_mask [B, T], answer_mask [B, A], new
         tokens per row). Under ZeRO-3 see models.generation_weights for how the actor's
         parameters reach every rank (ppo.zero3_generation)."""
-        mode = self.ctx.config.ppo.zero3_generation
+        ppo = self.ctx.config.ppo
+        mode = ppo.zero3_generation
+        sampling = {"do_sample": False}  # greedy
+        if ppo.decoding == "sample":
+            sampling = {"do_sample": True, "temperature": ppo.temperature, "top_k": 0,
+                        "top_p": 1.0}  # fmt: skip
         kwargs = {
             "input_ids": prompt_ids,
             "attention_mask": prompt_mask,
             "max_new_tokens": self.answer_len,
             "min_new_tokens": self.ctx.config.ppo.min_answer_len,
-            "do_sample": True,
-            "temperature": self.ctx.config.ppo.temperature,
-            "top_k": 0,
-            "top_p": 1.0,
+            **sampling,
             "pad_token_id": self.pad_id,
             "eos_token_id": self.eos_id,
             "synced_gpus": is_zero3(self.actor) and mode == "per_layer",
