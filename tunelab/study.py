@@ -42,7 +42,14 @@ from tunelab.errors import InputError, StorageFault
 from tunelab.memory import MemoryPrediction, predict
 from tunelab.presets import resolve_model
 from tunelab.pruning import dominated
-from tunelab.records import OBJECTIVES_ATTR, PRUNED_STATUSES, SPEC_ATTR, TrialAttr
+from tunelab.records import (
+    OBJECTIVES_ATTR,
+    PRUNED_STATUSES,
+    SPEC_ATTR,
+    TrialAttr,
+    metric_attrs,
+    trial_metrics,
+)
 from tunelab.spec import (
     PRUNER_CLASSES,
     SAMPLER_CLASSES,
@@ -62,6 +69,7 @@ from tunelab.storage import (
     display_url,
     first_line,
     open_storage,
+    set_trial_user_attrs,
     storage_lock,
     with_retries,
 )
@@ -170,6 +178,7 @@ def _join_study(loaded: LoadedSpec, storage, shown: str) -> int:
     study.set_user_attr(BASE_ATTR, loaded.base_config)
     study.set_user_attr(HASH_ATTR, spec.search_hash())
     study.set_user_attr(OBJECTIVES_ATTR, [vars(o) for o in spec.objectives])
+    study.set_metric_names([o.metric for o in spec.objectives])  # optuna-dashboard's labels
     if created:
         for baseline in spec.baselines:
             attrs = {TrialAttr.BASELINE: baseline.name}
@@ -251,7 +260,7 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
             if odd:
                 status, reason, values = "error", f"objective metric {odd[0]} is not finite", None
     attrs = {
-        TrialAttr.STATUS: status, TrialAttr.REASON: reason, TrialAttr.METRICS: metrics,
+        **metric_attrs(metrics), TrialAttr.STATUS: status, TrialAttr.REASON: reason,
         TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
         TrialAttr.CONFIG: config.to_dict() if config else {},
         TrialAttr.PREDICTED: predicted or {},
@@ -274,8 +283,7 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
 
 def record_outcome(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]) -> None:
     """Write a record on its trial and tell Optuna (safe to repeat after a storage fault)."""
-    for key, value in record["attrs"].items():
-        trial.set_user_attr(key, value)
+    set_trial_user_attrs(study, trial._trial_id, record["attrs"])
     if record["values"] is not None:
         for name, violation in record["constraints"].items():
             trial.set_constraint(name, violation)
@@ -516,8 +524,8 @@ class Orchestrator:
     def _finished_metrics(self) -> list[dict[str, float]]:
         def read():
             trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            return [{**t.user_attrs.get(TrialAttr.PREDICTED, {}),
-                     **t.user_attrs.get(TrialAttr.METRICS, {})} for t in trials]  # fmt: skip
+            return [{**t.user_attrs.get(TrialAttr.PREDICTED, {}), **trial_metrics(t.user_attrs)}
+                    for t in trials]  # fmt: skip
 
         return self._store("reading finished trials", read)
 
