@@ -213,6 +213,24 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """Confirmation runs once the trial budget is used (tunelab.repeats): the `top_k` best
+    configurations per objective (by their single run) and the baseline run again, each
+    repeat with its own seed, until each has `repeats` runs; reports and export then use their
+    means and 95% intervals. They do not count against `budget.trials`. top_k 0: off."""
+
+    top_k: int = 0
+    repeats: int = 3  # runs per confirmed configuration, the first included
+
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(0, self, "top_k")
+        yield from at_least(2, self, "repeats")
+
+
+@dataclass(frozen=True)
 class Baseline:
     """A trial enqueued before any sampled one (e.g. DeepSpeed-Chat's published settings).
     `params` are knob values, among their choices or in their range; `overrides` fix config
@@ -268,6 +286,7 @@ class StudySpec:
     baselines: tuple[Baseline, ...] = ()
     resources: Resources = field(default_factory=Resources)
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
+    confirm: Confirm = field(default_factory=Confirm)
 
     def __post_init__(self) -> None:
         enforce(self)
