@@ -50,9 +50,9 @@ def test_markdown_states_the_storage_best_values_and_references_the_pngs(study, 
     )
     assert best_throughput == 5213
     assert "Best perf/ppo_e2e_tokens_per_s: 5213 tokens/s (trial #4: " in text
-    assert "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s)." in text
+    assert "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s); single runs" in text
     assert "Best mem/peak_host_rss_bytes: 480 MiB (trial #5: " in text
-    assert "20% less than the baseline 'dschat-single-gpu' (600 MiB)." in text
+    assert "20% less than the baseline 'dschat-single-gpu' (600 MiB); single runs" in text
     assert "| FAIL | oom | out of memory in ppo_train (host RSS 2.1 GiB) | 2 | 3, 8 |" in text
     for name in FIGURES:
         assert f"]({name})" in text

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from tunelab.records import TrialRecord, from_frozen_trial
+from tunelab.repeats import Verdict
 from tunelab.report import compare, data, plots
 from tunelab.report.render import (
     Image,
@@ -44,18 +45,41 @@ def _image(name: str, figure) -> Image:
 
 
 def gain_text(row: pd.Series) -> str:
-    """How a headline row's best value compares with the baseline's: "1.84x the baseline",
-    "38% less than the baseline", "+0.12 vs the baseline" (when a ratio means nothing); ""
-    without a best or a baseline value."""
+    """How a headline row's best value compares with the baseline's: "within noise of the
+    baseline" when both were repeated and their 95% intervals overlap (never a multiple);
+    else "1.84x the baseline", "38% less than the baseline", "+0.12 vs the baseline" (when a
+    ratio means nothing); "" without a best or a baseline value. `noise_note` qualifies it."""
     if pd.isna(row["trial"]) or math.isnan(row["baseline_value"]):
         return ""
+    if row["verdict"] == Verdict.WITHIN:
+        return "within noise of the baseline"
     if math.isnan(row["ratio"]):
-        return f"{row['difference']:+.4g} vs the baseline"
-    if row["direction"] == "maximize":
-        return f"{row['ratio']:.2f}x the baseline"
-    if row["change"] == 0:
-        return "the same as the baseline"
-    return f"{abs(row['change']):.0%} {'less' if row['change'] < 0 else 'more'} than the baseline"
+        text = f"{row['difference']:+.4g} vs the baseline"
+    elif row["direction"] == "maximize":
+        text = f"{row['ratio']:.2f}x the baseline"
+    elif row["change"] == 0:
+        text = "the same as the baseline"
+    else:
+        more = "less" if row["change"] < 0 else "more"
+        text = f"{abs(row['change']):.0%} {more} than the baseline"
+    return text
+
+
+def noise_note(row: pd.Series) -> str:
+    """What the gain is worth: "outside noise" (disjoint 95% intervals), or "single runs:
+    noise not measured"; "" when within noise (gain_text says so) or there is no gain."""
+    if not gain_text(row) or row["verdict"] == Verdict.WITHIN:
+        return ""
+    return {Verdict.OUTSIDE: "outside noise",
+            Verdict.UNKNOWN: "single runs, noise not measured"}[row["verdict"]]  # fmt: skip
+
+
+def measured_text(metric: str, mean: float, half_width: float, runs: int) -> str:
+    """A mean with its 95% interval and run count, or the one run's value."""
+    if runs >= 2:
+        return (f"{format_metric(metric, mean)} ± {format_metric(metric, half_width)} "
+                f"(mean of {runs} runs, 95% interval)")  # fmt: skip
+    return format_metric(metric, mean)
 
 
 def headline_sentence(row: pd.Series) -> str:
@@ -64,7 +88,8 @@ def headline_sentence(row: pd.Series) -> str:
     if pd.isna(row["trial"]):
         return f"No complete, feasible trial for {metric} yet."
     knobs = row["params"] or "no searched knobs"
-    best = f"Best {metric}: {format_metric(metric, row['value'])} (trial #{row['trial']}: {knobs})"
+    value = measured_text(metric, row["value"], row["half_width"], row["runs"])
+    best = f"Best {metric}: {value} (trial #{row['trial']}: {knobs})"
     if pd.isna(row["baseline"]):
         return f"{best}; this study has no baseline trial."
     if row["trial"] == row["baseline_trial"]:
@@ -74,8 +99,10 @@ def headline_sentence(row: pd.Series) -> str:
             f"{best}; the baseline '{row['baseline']}' (trial #{row['baseline_trial']}) has no "
             f"value (status {row['baseline_status']})."
         )
-    baseline_value = format_metric(metric, row["baseline_value"])
-    return f"{best}, {gain_text(row)} '{row['baseline']}' ({baseline_value})."
+    baseline_value = measured_text(metric, row["baseline_value"], row["baseline_half_width"],
+                                   row["baseline_runs"])  # fmt: skip
+    note = f"; {noise_note(row)}" if noise_note(row) else ""
+    return f"{best}, {gain_text(row)} '{row['baseline']}' ({baseline_value}){note}."
 
 
 def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -86,9 +113,12 @@ def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
             **({"study": row["study"]} if "study" in row else {}),
             "objective": row["objective"], "best trial": row["trial"],
             "value": format_metric(row["objective"], row["value"]),
+            "± 95%": format_metric(row["objective"], row["half_width"]), "runs": row["runs"],
             "knobs": row["params"], "baseline": row["baseline"],
             "baseline value": format_metric(row["objective"], row["baseline_value"]),
-            "gain": gain_text(row),
+            "baseline ± 95%": format_metric(row["objective"], row["baseline_half_width"]),
+            "baseline runs": row["baseline_runs"], "gain": gain_text(row),
+            "noise": row["verdict"] if gain_text(row) else "",
         }
         for _, row in frame.iterrows()
     ]  # fmt: skip

@@ -15,7 +15,14 @@ import pandas as pd
 from optuna.importance import get_param_importances
 
 from tunelab.memory import STAGES as MEMORY_STAGES
-from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite, ranked
+from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite
+from tunelab.repeats import (
+    configurations,
+    estimate,
+    ranked_configurations,
+    reference_baseline,
+    verdict,
+)
 from tunelab.spec import Objective
 
 if TYPE_CHECKING:
@@ -68,9 +75,8 @@ def category(record: TrialRecord) -> str:
 
 
 def baseline_of(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The baseline trial: the first by number whose record names a baseline."""
-    baselines = [r for r in records if r.baseline]
-    return min(baselines, key=lambda r: r.number) if baselines else None
+    """The baseline trial gains are measured against (tunelab.repeats.reference_baseline)."""
+    return reference_baseline(records)
 
 
 def format_params(params: Mapping[str, Any]) -> str:
@@ -82,31 +88,35 @@ def format_params(params: Mapping[str, Any]) -> str:
 
 
 def headline(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
-    """Per objective: the best trial, its knobs and its value against the baseline's.
+    """Per objective: the best configuration by its mean over its runs (its original trial
+    and confirmation runs), its knobs and its mean against the baseline configuration's.
 
+    `runs` and `half_width` (95% interval: mean ± t·sd/√n, NaN for one run) for both sides;
+    `verdict` (tunelab.repeats.Verdict) says whether the intervals show a difference.
     `ratio` (best / baseline) is set only when both values are positive, where a ratio means
     something; `change` = ratio - 1; `difference` = best - baseline always.
     """
     baseline = baseline_of(records)
+    groups = {c.number: c for c in configurations(records)}
     rows = []
     for index, objective in enumerate(objectives):
-        best = next(iter(ranked(records, index, objectives[index].direction)), None)
-        value = best.values[index] if best else math.nan
-        base_value = (
-            baseline.values[index]
-            if baseline is not None and baseline.values and is_finite(baseline.values[index])
-            else math.nan
-        )
+        ranking = ranked_configurations(records, index, objective.direction)
+        best, found = ranking[0] if ranking else (None, estimate([]))
+        base = (groups[baseline.number].objective(index) if baseline is not None
+                else estimate([]))  # fmt: skip
+        value, base_value = found.mean, base.mean
         ratio = value / base_value if value >= 0 and base_value > 0 else math.nan
         rows.append({
             "objective": objective.metric, "direction": objective.direction,
             "trial": best.number if best else None, "value": value,
-            "params": format_params(best.params) if best else "",
+            "runs": found.n, "half_width": found.half_width,
+            "params": format_params(best.original.params) if best else "",
             "baseline": baseline.baseline if baseline else None,
             "baseline_trial": baseline.number if baseline else None,
             "baseline_status": baseline.status if baseline else None,
-            "baseline_value": base_value, "ratio": ratio, "change": ratio - 1,
-            "difference": value - base_value,
+            "baseline_value": base_value, "baseline_runs": base.n,
+            "baseline_half_width": base.half_width, "verdict": verdict(found, base),
+            "ratio": ratio, "change": ratio - 1, "difference": value - base_value,
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     return frame.astype({"trial": "Int64", "baseline_trial": "Int64"}) if rows else frame
@@ -140,29 +150,36 @@ def pareto_mask(memory: Sequence[float], throughput: Sequence[float]) -> list[bo
 
 
 def pareto_points(records: Sequence[TrialRecord], memory: str) -> pd.DataFrame:
-    """One row per trial for the throughput-vs-memory plot.
+    """One row per configuration (a trial and its confirmation runs) for the
+    throughput-vs-memory plot.
 
-    Columns: number, state, status, feasible, zero_stage, category, memory_bytes (the `memory`
-    metric), tokens_per_s, predicted_bytes (predicted device peak, known before launch even for
-    pruned trials), measured (both measured values present), pareto (on the front of the
-    measured, COMPLETE, feasible trials).
+    Columns: number (the original trial's), state, status, feasible (in every complete run),
+    zero_stage, category, memory_bytes (mean of the `memory` metric), tokens_per_s (mean),
+    memory_half_width and tokens_half_width (95% intervals, NaN for one run), runs (complete
+    ones), predicted_bytes (predicted device peak, known before launch even for pruned
+    trials), measured (both measured values present), pareto (on the front of the measured,
+    COMPLETE, feasible configurations, by their means).
     """
-    rows = [
-        {
-            "number": r.number,
-            "state": r.state,
-            "status": r.status,
-            "feasible": r.feasible,
+    rows = []
+    for group in configurations(records):
+        r, complete = group.original, bool(group.complete)
+        memory_found, tokens_found = group.metric(memory), group.metric(THROUGHPUT)
+        rows.append({
+            "number": group.number,
+            "state": "COMPLETE" if complete else r.state,
+            "status": "ok" if complete else r.status,
+            "feasible": group.feasible,
             "zero_stage": knob(r, "actor.zero_stage"),
             "category": category(r),
-            "memory_bytes": r.metrics.get(memory, math.nan),
-            "tokens_per_s": r.metrics.get(THROUGHPUT, math.nan),
+            "memory_bytes": memory_found.mean, "tokens_per_s": tokens_found.mean,
+            "memory_half_width": memory_found.half_width,
+            "tokens_half_width": tokens_found.half_width,
+            "runs": len(group.complete),
             "predicted_bytes": r.predicted.get(PREDICTED_PEAK, math.nan),
-        }
-        for r in records
-    ]
-    columns = ["number", "state", "status", "feasible", "zero_stage", "category"]
-    columns += ["memory_bytes", "tokens_per_s", "predicted_bytes", "measured", "pareto"]
+        })  # fmt: skip
+    columns = ["number", "state", "status", "feasible", "zero_stage", "category",
+               "memory_bytes", "tokens_per_s", "memory_half_width", "tokens_half_width",
+               "runs", "predicted_bytes", "measured", "pareto"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns[:-2])
     frame["measured"] = (
         (frame["state"] == "COMPLETE")
@@ -235,11 +252,12 @@ def importance_table(importances: Sequence[Importance]) -> pd.DataFrame:
 def top_trials(
     records: Sequence[TrialRecord], objectives: Sequence[Objective], count: int = 5
 ) -> list[int]:
-    """Numbers of the `count` best trials by the first objective, then the baseline (when it
-    completed and is not among them) as the reference."""
+    """Original trial numbers of the `count` best configurations by the first objective (their
+    means), then the baseline (when it completed and is not among them) as the reference."""
     if not objectives:
         return []
-    numbers = [r.number for r in ranked(records, 0, objectives[0].direction)[:count]]
+    ranking = ranked_configurations(records, 0, objectives[0].direction)
+    numbers = [group.number for group, _ in ranking[:count]]
     baseline = baseline_of(records)
     if baseline is not None and baseline.state == "COMPLETE" and baseline.number not in numbers:
         numbers.append(baseline.number)
