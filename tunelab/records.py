@@ -10,7 +10,8 @@ Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in 
 Trial user attrs (TrialAttr below): status, reason, series (per step), config (the full
 trial config), predicted (flat memory prediction), wall_s, out_dir, log, worker, "baseline"
 (its name) and "fixed" (its overrides) for enqueued baseline trials, and "repeat_of" (the
-original trial's number) for confirmation runs (tunelab.repeats). Every metric
+original trial's number) for confirmation runs (tunelab.repeats), "samples" (decoded answers
+from metrics.json, when the trial wrote them). Every metric
 is its own user attr, keyed by its namespaced name ("perf/ppo_e2e_tokens_per_s"), so
 optuna-dashboard and `study.trials_dataframe()` see one numeric column per metric; a key
 holding "/" is a metric, TrialAttr names never do. The study's metric names are set with
@@ -50,6 +51,7 @@ class TrialAttr:
     FIXED = "fixed"  # a baseline's config overrides, knobs included (those are not sampled)
     INTERMEDIATE = "intermediate"  # {step: value} of the pruning metric (multi-objective)
     REPEAT_OF = "repeat_of"  # a confirmation run: the number of the trial it repeats
+    SAMPLES = "samples"  # decoded answers: [{prompt, answer, gold, score}, ...] when recorded
 
 
 # Studies recorded before metrics were flat kept them all in this one attr; still read.
@@ -78,6 +80,7 @@ class TrialRecord:
     out_dir: str | None = None
     feasible: bool = True
     repeat_of: int | None = None  # a confirmation run of that trial
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def is_metric_key(key: str) -> bool:
@@ -118,6 +121,7 @@ def from_frozen_trial(trial) -> TrialRecord:
         out_dir=attrs.get(TrialAttr.OUT_DIR),
         feasible=all(c <= 0 for c in trial.constraints.values()),
         repeat_of=attrs.get(TrialAttr.REPEAT_OF),
+        samples=attrs.get(TrialAttr.SAMPLES, []),
     )
 
 

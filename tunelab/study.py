@@ -300,6 +300,8 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
         attrs[TrialAttr.WALL_S] = outcome.wall_s
         attrs[TrialAttr.OUT_DIR] = str(outcome.out_dir)
         attrs[TrialAttr.LOG] = str(outcome.log_path)
+    if outcome and outcome.samples:
+        attrs[TrialAttr.SAMPLES] = outcome.samples
     if intermediate:
         attrs[TrialAttr.INTERMEDIATE] = intermediate
     constraints = {}

@@ -201,24 +201,71 @@ def time_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Sect
     )
 
 
-def reward_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
-    curves = data.reward_curves(records, numbers)
+def curves_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
+    curves = data.ppo_curves(records, numbers)
     if curves.empty:
-        return Section("Reward over PPO steps", ["No trial recorded reward series."])
+        return Section("Reward and KL over PPO steps", ["No trial recorded PPO series."])
     return Section(
-        "Reward over PPO steps",
+        "Reward and KL over PPO steps",
         [
             "ppo/score is the reward model's score, what PPO maximizes; ppo/gold is the gold "
-            "reward of the synthetic task (absent for other data). A score that rises while the "
-            "gold reward stays flat means the policy games the reward model."
+            "reward of the synthetic task (absent for other data); ppo/kl is the policy's KL "
+            "to the reference model. A score that rises while the gold reward stays flat means "
+            "the policy games the reward model; a KL that grows without a gold gain means it "
+            "drifts for nothing. Repeated configurations show their mean, the band ± one sd."
         ],
-        _image("rewards.png", plots.reward_figure(curves)),
+        _image("rewards.png", plots.curves_figure(curves)),
+    )
+
+
+def samples_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section | None:
+    """Decoded answers of the top trials, when the trials recorded them (else no section)."""
+    frame = data.sample_answers(records, numbers)
+    if frame.empty:
+        return None
+    return Section(
+        "Sample answers",
+        ["A few held-out prompts with each top trial's decoded answer, its gold reward and "
+         "the reward model's score: read them before trusting a reward."],
+        tables=[Table("", display(frame))],
+    )
+
+
+def optuna_section(study: optuna.Study, objectives: Sequence[Objective]) -> Section | None:
+    """Optuna's own optimisation history and parallel coordinates per objective
+    (optuna.visualization.matplotlib); none without a complete trial."""
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    searched = any(t.params for t in complete)  # parallel coordinates need knobs
+    images = []
+    for index, objective in enumerate(objectives):
+        target = {"target": lambda t, i=index: t.values[i], "target_name": objective.metric}
+        slug = objective.metric.replace("/", "_")
+        images.append(_image(f"history_{slug}.png", plots.optuna_figure(
+            optuna_plots.plot_optimization_history, study, **target)))  # fmt: skip
+        if searched:
+            images.append(_image(f"parallel_{slug}.png", plots.optuna_figure(
+                optuna_plots.plot_parallel_coordinate, study, **target)))  # fmt: skip
+    return Section(
+        "Optuna's views",
+        ["Optuna's optimisation history (each trial's value in the order run, best so far as "
+         "a line) and parallel coordinates (each trial's knobs joined, coloured by the value) "
+         "per objective, as optuna.visualization.matplotlib draws them; confirmation runs "
+         "appear as trials of their own."],
+        images=images,
     )
 
 
 def memory_section(records: Sequence[TrialRecord]) -> Section:
     states = data.model_states_memory(records)
     stages = data.stage_memory(records)
+    # A predicted device peak against the host's RSS compares nothing: on the CPU only the
+    # model states (the same quantity on both sides) are shown.
+    stages = stages[stages["measured"] != "host RSS"]
     if states.empty and stages.empty:
         return Section("Predicted vs measured memory", ["No trial recorded memory yet."])
     paragraphs = [
@@ -226,11 +273,11 @@ def memory_section(records: Sequence[TrialRecord]) -> Section:
         "memory model and measured on the live engines: the same quantity on both sides, so "
         "their ratio tests the model."
     ]
-    if (stages["measured"] == "host RSS").any():
+    if stages.empty:
         paragraphs.append(
-            "Stage peaks: on the CPU the measured figure is the host's peak RSS, which includes "
-            "the process baseline (interpreter, libraries, data), so it lies well above the "
-            "predicted device peak; only GPU trials (device allocated) compare like with like."
+            "Stage peaks are compared on a GPU only (torch.cuda's allocated bytes); these "
+            "trials ran on the CPU, whose host RSS also counts the interpreter, libraries and "
+            "data."
         )
     tables = [
         Table(f"Measured / predicted {name} per {by}:", display(data.ratio_summary(frame, by)))
@@ -280,8 +327,8 @@ def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.Da
     """index.html, report.md, the PNGs and `trials` as trials.csv into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
-        if section.image is not None:
-            (out_dir / section.image.name).write_bytes(section.image.png)
+        for image in section.all_images:
+            (out_dir / image.name).write_bytes(image.png)
     (out_dir / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
     trials.to_csv(out_dir / "trials.csv", index=False)
     index = out_dir / "index.html"
@@ -304,11 +351,14 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
         pareto_section(records),
         importance_section(study, objectives),
         time_section(records, top),
-        reward_section(records, top),
+        curves_section(records, top),
+        samples_section(records, top),
         memory_section(records),
+        optuna_section(study, objectives),
         failures_section(records),
         trials_section(records, objectives),
     ]
+    sections = [section for section in sections if section is not None]
     trials = data.trial_table(records, objectives, data.metric_names(records))
     return _write(Path(out_dir), f"tunelab report: {study.study_name}", sections, trials)
 
