@@ -89,6 +89,9 @@ def _write(tmp_path: Path, body: str) -> Path:
         ("space: {actor.offload_optimizer: {choices: [none, cpu], when: {actor.zero_stag: [1]}}}",
          "space.actor.offload_optimizer.when: unknown key 'actor.zero_stag'"),
         ("objectives: []", "objectives: give at least one"),
+        ("confirm: {top_k: 2, repeats: 1}", "confirm.repeats: must be >= 2, got 1"),
+        ("confirm: {top_k: -1}", "confirm.top_k: must be >= 0, got -1"),
+        ("confirm: {top: 2}", "confirm.top: unknown key (did you mean 'top_k'?)"),
     ],
 )  # fmt: skip
 def test_malformed_spec_is_one_line_naming_the_key(tmp_path, body, message):
