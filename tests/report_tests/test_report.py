@@ -65,6 +65,12 @@ def test_markdown_states_the_storage_best_values_and_references_the_pngs(study, 
     assert "Measured / predicted model states per engine" in text
 
 
+def test_optunas_plots_leave_matplotlib_style_as_it_was(report):
+    import matplotlib
+
+    assert matplotlib.rcParams["axes.facecolor"] == "white"  # Optuna switches to ggplot
+
+
 def test_trials_csv_matches_the_storage(study, report):
     table = pd.read_csv(report.parent / "trials.csv")
     assert len(table) == len(study.trials)

@@ -153,13 +153,18 @@ def pareto_section(records: Sequence[TrialRecord]) -> Section:
         return Section("Throughput vs memory", ["No complete trial measured both yet."])
     front = points[points["pareto"]].sort_values("memory_bytes")
     knobs = {r.number: data.format_params(r.params) for r in records}
-    table = front[["number", "zero_stage", "category", "memory_bytes", "tokens_per_s"]]
-    table = table.rename(columns={"memory_bytes": metric, "tokens_per_s": data.THROUGHPUT})
+    table = front[["number", "zero_stage", "category", "runs", "memory_bytes",
+                   "memory_half_width", "tokens_per_s", "tokens_half_width"]]  # fmt: skip
+    table = table.rename(columns={
+        "memory_bytes": metric, "memory_half_width": f"{metric} ± 95%",
+        "tokens_per_s": data.THROUGHPUT, "tokens_half_width": f"{data.THROUGHPUT} ± 95%",
+    })  # fmt: skip
     return Section(
         "Throughput vs memory",
         [
             f"y = {data.THROUGHPUT}; colour = the actor's ZeRO stage; marker = offload / LoRA. "
-            "Ringed points are Pareto-optimal among the complete, feasible trials: no other has "
+            "Ringed points are Pareto-optimal among the complete, feasible configurations (by "
+            "the means of their runs; bars: 95% intervals where repeated): no other has "
             "both more throughput and less memory. Failed and pruned trials have no "
             "measurement; the strip below places them at their predicted device peak.",
             _memory_note(metric),
@@ -252,8 +257,8 @@ def optuna_section(study: optuna.Study, objectives: Sequence[Objective]) -> Sect
                 optuna_plots.plot_parallel_coordinate, study, **target)))  # fmt: skip
     return Section(
         "Optuna's views",
-        ["Optuna's optimisation history (each trial's value in the order run, best so far as "
-         "a line) and parallel coordinates (each trial's knobs joined, coloured by the value) "
+        ["Optuna's optimisation history (each trial's value in the order run) and parallel "
+         "coordinates (each trial's knobs joined, coloured by the value) "
          "per objective, as optuna.visualization.matplotlib draws them; confirmation runs "
          "appear as trials of their own."],
         images=images,

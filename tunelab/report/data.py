@@ -229,7 +229,12 @@ def configuration_study(study: optuna.Study, records: Sequence[TrialRecord]) -> 
     """An in-memory study holding one COMPLETE trial per configuration, its values the means
     over its runs, so repeated configurations weigh once in Optuna's importance."""
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    means = optuna.create_study(directions=study.directions)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
+    try:
+        means = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for group in configurations(records):
         values = [group.objective(i).mean for i in range(len(study.directions))]
         if group.complete and all(map(is_finite, values)):

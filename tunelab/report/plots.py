@@ -10,6 +10,7 @@ import io
 import warnings
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -27,7 +28,7 @@ _DPI = 100
 def png(figure: Figure) -> bytes:
     """The figure as PNG bytes (Agg)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI)
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")  # legends outside too
     return buffer.getvalue()
 
 
@@ -214,7 +215,8 @@ def optuna_figure(plot, *args, **kwargs) -> Figure:
     import matplotlib.pyplot as pyplot
     from optuna.exceptions import ExperimentalWarning
 
-    with warnings.catch_warnings():
+    # They set pyplot's ggplot style globally: the context restores tunelab's afterwards.
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks them experimental
         axes = plot(*args, **kwargs)
     figure = np.atleast_1d(axes).flat[0].figure
