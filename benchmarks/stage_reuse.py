@@ -4,7 +4,8 @@
 
 Runs `tunelab run` on the spec as shipped (`measure: [ppo]`: SFT and RM trained once and
 reused) and on the same spec measuring every stage (each trial trains SFT and RM again, as
-every trial did before stage reuse), same sampler seed and budget, each in a fresh folder.
+every trial did before stage reuse), same sampler seed and budget, without confirmation runs,
+each in a fresh folder.
 Records the command wall times, the trials' own wall times and how many trials reused their
 SFT and RM. Writes reports/bench/stage_reuse.{json,md}. Timings: run on a quiet machine.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -22,7 +22,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import optuna
 import yaml
+
+from tunelab.records import trial_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"reuse": ["ppo"], "no reuse": ["sft", "rm", "ppo"]}
@@ -31,7 +34,7 @@ MODES = {"reuse": ["ppo"], "no reuse": ["sft", "rm", "ppo"]}
 def run_study(spec_path: Path, trials: int, measure: list[str], folder: Path) -> dict:
     """Run the spec with `trials` trials measuring `measure`; wall time and trial figures."""
     spec = yaml.safe_load(spec_path.read_text())
-    spec.update(budget={"trials": trials}, measure=measure,
+    spec.update(budget={"trials": trials}, measure=measure, confirm={"top_k": 0},
                 base=str((spec_path.parent / spec["base"]).resolve()))  # fmt: skip
     spec["name"] = f"{spec['name']}-{'-'.join(measure)}"
     path = folder / "spec.yaml"
@@ -42,10 +45,9 @@ def run_study(spec_path: Path, trials: int, measure: list[str], folder: Path) ->
     wall = time.perf_counter() - started
     if run.returncode != 0:
         raise SystemExit(f"study failed:\n{run.stderr[-3000:]}")
-    with sqlite3.connect(folder / "out" / "study.db") as db:  # read only, after the run
-        rows = db.execute("SELECT key, value_json FROM trial_user_attributes "
-                          "WHERE key = 'metrics'").fetchall()  # fmt: skip
-    metrics = [json.loads(value) for _, value in rows]
+    study = optuna.load_study(study_name=spec["name"],
+                              storage=f"sqlite:///{folder / 'out' / 'study.db'}")  # fmt: skip
+    metrics = [trial_metrics(trial.user_attrs) for trial in study.trials]
     return {
         "measure": measure,
         "command_wall_s": wall,

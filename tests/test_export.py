@@ -26,17 +26,33 @@ from .conftest import TINY
 OBJECTIVES = [{"metric": "perf/ppo_e2e_tokens_per_s", "direction": "maximize"}]
 
 
-def _study_with(config, value=1000.0):
+def _study_with(config, value=1000.0, repeats=(), repeat_of=0):
+    """A study of one trial of `config` and confirmation runs of trial `repeat_of` measuring
+    `repeats`."""
     study = optuna.create_study(directions=["maximize"])
     study.set_user_attr(OBJECTIVES_ATTR, OBJECTIVES)
-    study.add_trial(
-        optuna.trial.create_trial(
-            value=value, params={}, distributions={},
-            user_attrs={"status": "ok", "config": config.to_dict(),
-                        "metrics": {"perf/ppo_e2e_tokens_per_s": value}},
-        )
-    )  # fmt: skip
+    for measured, link in ((value, {}), *((v, {"repeat_of": repeat_of}) for v in repeats)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=measured, params={}, distributions={},
+                user_attrs={"status": "ok", "config": config.to_dict(),
+                            "perf/ppo_e2e_tokens_per_s": measured, **link},
+            )
+        )  # fmt: skip
     return study
+
+
+def test_export_figures_are_the_means_the_report_states(tmp_path):
+    study = _study_with(load_config(TINY), 1000.0, repeats=(900.0, 1100.0))
+    chosen = choose_trial(study)
+    assert chosen.number == 0 and choose_trial(study, number=2).number == 0  # a repeat's
+    files = export_files("s", chosen, OBJECTIVES)
+    figures = json.loads(files["study.json"])
+    assert figures["values"] == [1000.0] and figures["runs"] == [3]
+    assert figures["sd"] == [100.0] and figures["trials"] == [0, 1, 2]
+    assert figures["ci95_half_width"][0] == pytest.approx(4.303 * 100 / 3**0.5)
+    assert ("perf/ppo_e2e_tokens_per_s = 1000 ± 248 (mean ± 95% interval of 3 runs)"
+            in files["README.md"])  # fmt: skip
 
 
 def test_dschat_flags_follow_the_trial():

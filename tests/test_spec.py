@@ -94,6 +94,9 @@ def _write(tmp_path: Path, body: str) -> Path:
         ("objectives: [{metric: rm/eval_accuracy, direction: maximize}]\nmeasure: [ppo]",
          "objectives[0].metric: rm/eval_accuracy belongs to rm, which "
          "the study does not measure (measure: ['ppo'])"),
+        ("confirm: {top_k: 2, repeats: 1}", "confirm.repeats: must be >= 2, got 1"),
+        ("confirm: {top_k: -1}", "confirm.top_k: must be >= 0, got -1"),
+        ("confirm: {top: 2}", "confirm.top: unknown key (did you mean 'top_k'?)"),
     ],
 )  # fmt: skip
 def test_malformed_spec_is_one_line_naming_the_key(tmp_path, body, message):

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from tunelab.errors import InputError
 from tunelab.presets import PRESETS
+from tunelab.records import trial_metrics
 from tunelab.spec import load_spec
 from tunelab.storage import open_storage
 from tunelab.study import PGID_ATTR, create_or_resume
@@ -116,7 +117,8 @@ def test_failures_are_classified_and_the_study_goes_on(tmp_path, postgres_study_
     assert "not launched" in hybrid.user_attrs["reason"]
     ok = trials["ok"]  # ran after three failures
     assert ok.state == TrialState.COMPLETE
-    assert ok.values[0] == ok.user_attrs["metrics"]["perf/ppo_e2e_tokens_per_s"] > 0
+    assert ok.values[0] == ok.user_attrs["perf/ppo_e2e_tokens_per_s"] > 0  # one attr per metric
+    assert study.metric_names == ["perf/ppo_e2e_tokens_per_s"]  # optuna-dashboard's labels
     assert ok.user_attrs["series"]["ppo/score"] and ok.user_attrs["config"]["precision"] == "bf16"
     assert "[" + postgres_study_name + "] 4/4 trials | ok 1, failed 3, pruned 0" in run.stderr
 
@@ -286,12 +288,12 @@ def test_a_study_that_measures_ppo_trains_sft_and_rm_once(tmp_path):
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
     first, *later = sorted(study.trials, key=lambda t: t.number)
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    assert "sft/reused" not in first.user_attrs["metrics"]
+    assert "sft/reused" not in trial_metrics(first.user_attrs)
     for trial in later:
-        metrics = trial.user_attrs["metrics"]
+        metrics = trial_metrics(trial.user_attrs)
         assert metrics["sft/reused"] == metrics["rm/reused"] == 1
         for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/gold_start"):
-            assert metrics[name] == first.user_attrs["metrics"][name], name
+            assert metrics[name] == trial_metrics(first.user_attrs)[name], name
         # Neither reused stage ran, so the memory prediction leaves them out.
         assert "mem/sft/predicted_device_peak_bytes" not in trial.user_attrs["predicted"]
     assert "mem/sft/predicted_device_peak_bytes" in first.user_attrs["predicted"]

@@ -3,7 +3,8 @@
     EXPORT_DIR/ds_config_<engine>.json   one DeepSpeed config per engine, validated by
                                          DeepSpeed's own parser before it is written
     EXPORT_DIR/trial.yaml                the full trial configuration
-    EXPORT_DIR/study.json                where it came from and what the study measured
+    EXPORT_DIR/study.json                where it came from and what the study measured (means,
+                                         sd and 95% intervals over the configuration's runs)
     EXPORT_DIR/README.md                 the commands: `tunelab trial` and DeepSpeed-Chat step 3
 
 Building the files is pure (configs come from tunelab.dsconfig, the same functions the trial
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,21 @@ from tunelab import dsconfig
 from tunelab.config import TrialConfig, config_from_dict
 from tunelab.dschat import step3_command
 from tunelab.errors import InputError
-from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, ranked
+from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial
+from tunelab.repeats import Configuration, configurations, ranked_configurations
 
 
-def choose_trial(study, objective: str | None = None, number: int | None = None) -> TrialRecord:
-    """Trial `number`, or the best COMPLETE feasible trial for `objective` (default: the first)."""
+def choose_trial(study, objective: str | None = None, number: int | None = None) -> Configuration:
+    """The configuration of trial `number` (it and its confirmation runs), or the best one for
+    `objective` (default: the first) by its mean, as the report's headline chooses it."""
     records = [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
     if number is not None:
-        match = [r for r in records if r.number == number]
+        match = [c for c in configurations(records) if number in (r.number for r in c.runs)]
         if not match:
             raise InputError(f"study {study.study_name}: no trial {number}")
-        if match[0].state != "COMPLETE":
-            raise InputError(f"trial {number} is {match[0].status}, not a finished ok trial")
+        run = next(r for r in match[0].runs if r.number == number)
+        if run.state != "COMPLETE":
+            raise InputError(f"trial {number} is {run.status}, not a finished ok trial")
         return match[0]
     objectives = study.user_attrs.get(OBJECTIVES_ATTR, [])
     metrics = [o["metric"] for o in objectives]
@@ -48,10 +53,24 @@ def choose_trial(study, objective: str | None = None, number: int | None = None)
         raise InputError(
             f"--objective {objective}: the study's objectives are {', '.join(metrics)}"
         )
-    best = ranked(records, index, objectives[index]["direction"])
+    best = ranked_configurations(records, index, objectives[index]["direction"])
     if not best:
         raise InputError(f"study {study.study_name}: no complete feasible trial to export")
-    return best[0]
+    return best[0][0]
+
+
+def measured_line(objectives: list[dict], chosen: Configuration) -> str:
+    """What the study measured for the chosen configuration, per objective: mean ± 95%
+    half-width over its runs, or the one run's value."""
+    parts = []
+    for index, objective in enumerate(objectives):
+        found = chosen.objective(index)
+        if found.repeated:
+            parts.append(f"{objective['metric']} = {found.mean:.6g} ± {found.half_width:.3g} "
+                         f"(mean ± 95% interval of {found.n} runs)")  # fmt: skip
+        else:
+            parts.append(f"{objective['metric']} = {found.mean:.6g} (one run)")
+    return "; ".join(parts)
 
 
 def validate_ds_config(ds_config: dict, ranks: int, where: str) -> None:
@@ -72,8 +91,11 @@ def validate_ds_config(ds_config: dict, ranks: int, where: str) -> None:
         raise InputError(f"{where}: DeepSpeed rejects it ({exc})") from None
 
 
-def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -> dict[str, str]:
-    """File name -> text of an export (pure)."""
+def export_files(study_name: str, chosen: Configuration, objectives: list[dict]) -> dict[str, str]:
+    """File name -> text of an export (pure): the configuration's original trial, with the
+    study's figures as means over its runs (the report's headline figures)."""
+    record = chosen.original
+    estimates = [chosen.objective(index) for index in range(len(objectives))]
     config = config_from_dict(record.config, f"trial {record.number}:")
     files = {
         f"ds_config_{role}.json": json.dumps(ds, indent=2) + "\n"
@@ -85,8 +107,10 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
     )
     files["study.json"] = json.dumps(
         {"study": study_name, "trial": record.number, "params": record.params,
-         "objectives": objectives, "values": list(record.values or ()),
-         "metrics": record.metrics},
+         "objectives": objectives, "values": [e.mean for e in estimates],
+         "runs": [e.n for e in estimates], "sd": [_json_number(e.sd) for e in estimates],
+         "ci95_half_width": [_json_number(e.half_width) for e in estimates],
+         "trials": [r.number for r in chosen.complete], "metrics": record.metrics},
         indent=2,
     ) + "\n"  # fmt: skip
     argv, notes = step3_command(config)
@@ -98,13 +122,10 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
         else:
             groups[-1].append(item)
     launch = " \\\n    ".join(shlex.join(group) for group in groups)
-    measured = ", ".join(
-        f"{o['metric']} = {v:.6g}" for o, v in zip(objectives, record.values or (), strict=False)
-    )
     lines = [
         f"# Trial {record.number} of study {study_name}",
         "",
-        "Measured in the study: " + measured,
+        "Measured in the study: " + measured_line(objectives, chosen),
         "",
         stages_line(config),
         "",
@@ -136,6 +157,11 @@ def export_files(study_name: str, record: TrialRecord, objectives: list[dict]) -
     return files
 
 
+def _json_number(value: float) -> float | None:
+    """NaN (one run: no spread) as JSON's null."""
+    return None if math.isnan(value) else value
+
+
 def stages_line(config: TrialConfig) -> str:
     """Which of SFT and the reward model the trial trained, and which it was given."""
 
@@ -149,11 +175,12 @@ def stages_line(config: TrialConfig) -> str:
     ))  # fmt: skip
 
 
-def write_export(study, record: TrialRecord, out_dir: Path) -> Path:
-    """Validate a trial's DeepSpeed configs with DeepSpeed's parser, then write the files."""
+def write_export(study, chosen: Configuration, out_dir: Path) -> Path:
+    """Validate a configuration's DeepSpeed configs with DeepSpeed's parser, then write the
+    files."""
     objectives = study.user_attrs.get(OBJECTIVES_ATTR, [])
-    files = export_files(study.study_name, record, objectives)
-    ranks = record.config.get("ranks", 1)
+    files = export_files(study.study_name, chosen, objectives)
+    ranks = chosen.original.config.get("ranks", 1)
     for name, text in files.items():
         if name.startswith("ds_config_"):
             validate_ds_config(json.loads(text), ranks, name)

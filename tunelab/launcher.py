@@ -69,6 +69,7 @@ class TrialOutcome:
     returncode: int | None
     out_dir: Path
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # decoded answers, if any
 
     @property
     def log_path(self) -> Path:
@@ -274,6 +275,7 @@ def collect_outcome(
         returncode=returncode,
         out_dir=out_dir,
         ranks=result.get("ranks", []),
+        samples=result.get("samples", []),
     )
 
 
@@ -369,5 +371,5 @@ def launch_trial(
     if stopped is not None:
         status, reason = stopped
         return TrialOutcome(status, reason, outcome.metrics, outcome.series, wall_s,
-                            process.returncode, out_dir)  # fmt: skip
+                            process.returncode, out_dir, samples=outcome.samples)  # fmt: skip
     return outcome

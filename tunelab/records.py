@@ -7,16 +7,22 @@ Study user attrs:
     "tunelab:objectives"  [{"metric": ..., "direction": "maximize"|"minimize"}, ...]
 
 Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in spec order.
-Trial user attrs (TrialAttr below): status, reason, metrics (flat), series (per step),
-config (the full trial config), predicted (flat memory prediction), wall_s, out_dir, log,
-worker, and "baseline" (its name) and "fixed" (its overrides) for enqueued baseline trials.
-Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
+Trial user attrs (TrialAttr below): status, reason, series (per step), config (the full
+trial config), predicted (flat memory prediction), wall_s, out_dir, log, worker, "baseline"
+(its name) and "fixed" (its overrides) for enqueued baseline trials, and "repeat_of" (the
+original trial's number) for confirmation runs (tunelab.repeats), "samples" (decoded answers
+from metrics.json, when the trial wrote them). Every metric
+is its own user attr, keyed by its namespaced name ("perf/ppo_e2e_tokens_per_s"), so
+optuna-dashboard and `study.trials_dataframe()` see one numeric column per metric; a key
+holding "/" is a metric, TrialAttr names never do. The study's metric names are set with
+`study.set_metric_names` (the objectives' metrics, in order). Constraints go through Optuna's
+trial.set_constraint (feasible when <= 0).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +40,6 @@ PRUNED_STATUSES = ("pruned", "pruned_memory")
 class TrialAttr:
     STATUS = "status"
     REASON = "reason"
-    METRICS = "metrics"
     SERIES = "series"
     CONFIG = "config"
     PREDICTED = "predicted"
@@ -45,7 +50,12 @@ class TrialAttr:
     BASELINE = "baseline"
     FIXED = "fixed"  # a baseline's config overrides, knobs included (those are not sampled)
     INTERMEDIATE = "intermediate"  # {step: value} of the pruning metric (multi-objective)
+    REPEAT_OF = "repeat_of"  # a confirmation run: the number of the trial it repeats
+    SAMPLES = "samples"  # decoded answers: [{prompt, answer, gold, score}, ...] when recorded
 
+
+# Studies recorded before metrics were flat kept them all in this one attr; still read.
+_NESTED_METRICS = "metrics"
 
 SPEC_ATTR = "tunelab:spec"
 OBJECTIVES_ATTR = "tunelab:objectives"
@@ -69,6 +79,26 @@ class TrialRecord:
     baseline: str | None = None
     out_dir: str | None = None
     feasible: bool = True
+    repeat_of: int | None = None  # a confirmation run of that trial
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def is_metric_key(key: str) -> bool:
+    """Whether a trial user attr is a metric (namespaced names; TrialAttr names have no '/')."""
+    return "/" in key
+
+
+def metric_attrs(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The user attrs that record a trial's metrics: one per metric, under its own name (every
+    name tunelab.metrics allows is namespaced, so none collides with a TrialAttr)."""
+    return {name: value for name, value in metrics.items() if is_metric_key(name)}
+
+
+def trial_metrics(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's metrics from its user attrs (the one reader: report, export, compare and the
+    orchestrator's pruning all go through it)."""
+    flat = {key: value for key, value in user_attrs.items() if is_metric_key(key)}
+    return flat or dict(user_attrs.get(_NESTED_METRICS, {}))
 
 
 def from_frozen_trial(trial) -> TrialRecord:
@@ -82,7 +112,7 @@ def from_frozen_trial(trial) -> TrialRecord:
         reason=attrs.get(TrialAttr.REASON, ""),
         params=dict(trial.params),
         values=tuple(trial.values) if trial.values is not None else None,
-        metrics=attrs.get(TrialAttr.METRICS, {}),
+        metrics=trial_metrics(attrs),
         series=attrs.get(TrialAttr.SERIES, {}),
         config=attrs.get(TrialAttr.CONFIG, {}),
         predicted=attrs.get(TrialAttr.PREDICTED, {}),
@@ -90,6 +120,8 @@ def from_frozen_trial(trial) -> TrialRecord:
         baseline=attrs.get(TrialAttr.BASELINE),
         out_dir=attrs.get(TrialAttr.OUT_DIR),
         feasible=all(c <= 0 for c in trial.constraints.values()),
+        repeat_of=attrs.get(TrialAttr.REPEAT_OF),
+        samples=attrs.get(TrialAttr.SAMPLES, []),
     )
 
 

@@ -214,6 +214,24 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """Confirmation runs once the trial budget is used (tunelab.repeats): the `top_k` best
+    configurations per objective (by their single run) and the baseline run again, each
+    repeat with its own seed, until each has `repeats` runs; reports and export then use their
+    means and 95% intervals. They do not count against `budget.trials`. top_k 0: off."""
+
+    top_k: int = 0
+    repeats: int = 3  # runs per confirmed configuration, the first included
+
+    def __post_init__(self) -> None:
+        enforce(self)
+
+    def checks(self) -> Iterator[Problem]:
+        yield from at_least(0, self, "top_k")
+        yield from at_least(2, self, "repeats")
+
+
+@dataclass(frozen=True)
 class Baseline:
     """A trial enqueued before any sampled one (e.g. DeepSpeed-Chat's published settings).
     `params` are knob values, among their choices or in their range; `overrides` fix config
@@ -272,6 +290,7 @@ class StudySpec:
     # The stages whose figures the study compares; SFT and RM left out are trained once per
     # distinct setting and reused from the study's stage cache (tunelab.stagecache).
     measure: tuple[StageName, ...] = ("sft", "rm", "ppo")
+    confirm: Confirm = field(default_factory=Confirm)
 
     def __post_init__(self) -> None:
         enforce(self)

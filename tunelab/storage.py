@@ -129,6 +129,26 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
 
 
+def set_trial_user_attrs(study: optuna.Study, trial_id: int, attrs: dict) -> None:
+    """Set many user attrs of a running trial. On an RDB storage in one transaction (a trial's
+    ~110 metrics, one attr each, took 1.8 s as single commits on SQLite here, 0.19 s as one),
+    through Optuna's own per-attr upsert; elsewhere (journal) one call per attr."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDB in _CachedStorage
+    if not isinstance(backend, RDBStorage):
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )
+
+
 def _rdb_storage(url: str, **kwargs) -> RDBStorage:
     return RDBStorage(
         url,

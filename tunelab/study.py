@@ -42,7 +42,16 @@ from tunelab.errors import InputError, StorageFault
 from tunelab.memory import MemoryPrediction, predict
 from tunelab.presets import resolve_model
 from tunelab.pruning import dominated
-from tunelab.records import OBJECTIVES_ATTR, PRUNED_STATUSES, SPEC_ATTR, TrialAttr
+from tunelab.records import (
+    OBJECTIVES_ATTR,
+    PRUNED_STATUSES,
+    SPEC_ATTR,
+    TrialAttr,
+    from_frozen_trial,
+    metric_attrs,
+    trial_metrics,
+)
+from tunelab.repeats import repeat_seed, repeats_needed
 from tunelab.spec import (
     PRUNER_CLASSES,
     SAMPLER_CLASSES,
@@ -63,6 +72,7 @@ from tunelab.storage import (
     display_url,
     first_line,
     open_storage,
+    set_trial_user_attrs,
     storage_lock,
     with_retries,
 )
@@ -171,6 +181,7 @@ def _join_study(loaded: LoadedSpec, storage, shown: str) -> int:
     study.set_user_attr(BASE_ATTR, loaded.base_config)
     study.set_user_attr(HASH_ATTR, spec.search_hash())
     study.set_user_attr(OBJECTIVES_ATTR, [vars(o) for o in spec.objectives])
+    study.set_metric_names([o.metric for o in spec.objectives])  # optuna-dashboard's labels
     if created:
         for baseline in spec.baselines:
             attrs = {TrialAttr.BASELINE: baseline.name}
@@ -225,11 +236,40 @@ def suggest_params(
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial uses the budget: running, or finished by tunelab (an interrupted or
-    heartbeat-failed trial does not; its parameters are enqueued again)."""
+    heartbeat-failed trial does not; its parameters are enqueued again; nor does a
+    confirmation run, which comes after the budget)."""
+    if trial.user_attrs.get(TrialAttr.REPEAT_OF) is not None:
+        return False
     if trial.state == TrialState.RUNNING:
         return True
     status = trial.user_attrs.get(TrialAttr.STATUS)
     return trial.state.is_finished() and status not in (None, "interrupted")
+
+
+def enqueue_repeats(study: optuna.Study, spec: StudySpec) -> bool:
+    """Enqueue the confirmation runs the study still needs (spec.confirm, tunelab.repeats):
+    the original's params and fixed overrides, a seed of its own per repeat, `repeat_of` its
+    number. Only once every budget trial has finished, so the candidates are final. Returns
+    whether a confirmation run waits."""
+    trials = study.get_trials(deepcopy=False)
+    if spec.confirm.top_k == 0 or any(t.state == TrialState.RUNNING and counted(t)
+                                      for t in trials):  # fmt: skip
+        return False
+    directions = [o.direction for o in spec.objectives]
+    records = [from_frozen_trial(t) for t in trials]
+    wanted = spec.confirm.repeats
+    for number, count in repeats_needed(records, directions, spec.confirm.top_k, wanted).items():
+        original = trials[number]
+        seed = original.user_attrs.get(TrialAttr.CONFIG, {}).get("seed", 0)
+        for ordinal in range(wanted - count, wanted):
+            fixed = {**original.user_attrs.get(TrialAttr.FIXED, {}),
+                     "seed": repeat_seed(seed, ordinal)}  # fmt: skip
+            attrs = {TrialAttr.REPEAT_OF: number, TrialAttr.FIXED: fixed}
+            if original.user_attrs.get(TrialAttr.BASELINE):
+                attrs[TrialAttr.BASELINE] = original.user_attrs[TrialAttr.BASELINE]
+            study.enqueue_trial(original.params, user_attrs=attrs)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return any(t.user_attrs.get(TrialAttr.REPEAT_OF) is not None for t in waiting)
 
 
 # -- recording outcomes -----------------------------------------------------------------------
@@ -252,7 +292,7 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
             if odd:
                 status, reason, values = "error", f"objective metric {odd[0]} is not finite", None
     attrs = {
-        TrialAttr.STATUS: status, TrialAttr.REASON: reason, TrialAttr.METRICS: metrics,
+        **metric_attrs(metrics), TrialAttr.STATUS: status, TrialAttr.REASON: reason,
         TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
         TrialAttr.CONFIG: config.to_dict() if config else {},
         TrialAttr.PREDICTED: predicted or {},
@@ -261,6 +301,8 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
         attrs[TrialAttr.WALL_S] = outcome.wall_s
         attrs[TrialAttr.OUT_DIR] = str(outcome.out_dir)
         attrs[TrialAttr.LOG] = str(outcome.log_path)
+    if outcome and outcome.samples:
+        attrs[TrialAttr.SAMPLES] = outcome.samples
     if intermediate:
         attrs[TrialAttr.INTERMEDIATE] = intermediate
     constraints = {}
@@ -275,8 +317,7 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
 
 def record_outcome(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]) -> None:
     """Write a record on its trial and tell Optuna (safe to repeat after a storage fault)."""
-    for key, value in record["attrs"].items():
-        trial.set_user_attr(key, value)
+    set_trial_user_attrs(study, trial._trial_id, record["attrs"])
     if record["values"] is not None:
         for name, violation in record["constraints"].items():
             trial.set_constraint(name, violation)
@@ -408,6 +449,10 @@ def progress_line(loaded: LoadedSpec, trials: list, elapsed_s: float, walls: lis
               and "not run again" in t.user_attrs.get(TrialAttr.REASON, "")]  # fmt: skip
     if capped:
         parts.append(f"{len(capped)} interrupted past the retry cap ({MAX_RETRY})")
+    repeats = [t for t in trials if t.user_attrs.get(TrialAttr.REPEAT_OF) is not None]
+    if repeats:
+        finished = sum(t.state.is_finished() for t in repeats)
+        parts.append(f"confirmation runs {finished}/{len(repeats)}")
     bests = []
     for index, objective in enumerate(spec.objectives):
         if ok:
@@ -487,13 +532,14 @@ class Orchestrator:
 
         def ask() -> optuna.Trial | None:
             with budget_lock(self.url, self.spec.name):
-                if not self._budget_left():
-                    return None
                 sampler = self.study.sampler
-                if isinstance(sampler, GridSampler) and sampler.is_exhausted(self.study):
-                    self.grid_done = True
+                searching = self._budget_left()
+                if searching and isinstance(sampler, GridSampler):
+                    searching = not sampler.is_exhausted(self.study)
+                    self.grid_done = not searching
+                if not searching and not enqueue_repeats(self.study, self.spec):
                     return None
-                trial = self.study.ask()
+                trial = self.study.ask()  # a waiting trial first: baseline, retry or repeat
                 trial.set_user_attr(TrialAttr.WORKER, self.worker)
                 self._heartbeat(trial._trial_id)
                 return trial
@@ -517,8 +563,8 @@ class Orchestrator:
     def _finished_metrics(self) -> list[dict[str, float]]:
         def read():
             trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            return [{**t.user_attrs.get(TrialAttr.PREDICTED, {}),
-                     **t.user_attrs.get(TrialAttr.METRICS, {})} for t in trials]  # fmt: skip
+            return [{**t.user_attrs.get(TrialAttr.PREDICTED, {}), **trial_metrics(t.user_attrs)}
+                    for t in trials]  # fmt: skip
 
         return self._store("reading finished trials", read)
 
@@ -567,6 +613,7 @@ class Orchestrator:
 
     def _run_one(self, trial: optuna.Trial, gpus: list[int] | None) -> None:
         fixed = trial.user_attrs.get(TrialAttr.FIXED)
+        repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         params = self._store(f"trial {trial.number}: sampling",
                              lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
         try:
@@ -607,7 +654,7 @@ class Orchestrator:
             outcome = launcher.launch_trial(
                 config, out, timeout_s=self.spec.resources.trial_timeout_s,
                 launcher=self.spec.resources.launcher, gpus=gpus,
-                on_progress=lambda record: self._on_progress(
+                on_progress=lambda record: not repeat and self._on_progress(
                     trial, intermediate, flat, finished, record
                 ),
                 on_start=remember_group, stop=self.stop, stage_plan=plan,

@@ -12,7 +12,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tunelab.records import OBJECTIVES_ATTR, TrialAttr
+from tunelab.records import OBJECTIVES_ATTR, TrialAttr, metric_attrs
 
 MIB = 1024**2
 GIB = 1024**3
@@ -109,7 +109,7 @@ def completed(
     """A COMPLETE trial; its values are its metrics named by `objectives`."""
     trial_metrics = metrics(number, tokens_per_s, peak_bytes, gpu)
     attrs = {
-        TrialAttr.STATUS: "ok", TrialAttr.REASON: "", TrialAttr.METRICS: trial_metrics,
+        **metric_attrs(trial_metrics), TrialAttr.STATUS: "ok", TrialAttr.REASON: "",
         TrialAttr.SERIES: series(number), TrialAttr.CONFIG: config_with(params),
         TrialAttr.PREDICTED: predicted(number), TrialAttr.WALL_S: 13.4 + number,
         TrialAttr.OUT_DIR: f"runs/study/trial-{number:04d}", TrialAttr.WORKER: "w0",
@@ -128,7 +128,7 @@ def unfinished(number: int, state: TrialState, status: str, reason: str, params:
     """A FAIL or PRUNED trial: no values, the prediction, partial metrics for a failure."""
     attrs = {
         TrialAttr.STATUS: status, TrialAttr.REASON: reason,
-        TrialAttr.METRICS: {"sft/loss_final": 3.2} if state == TrialState.FAIL else {},
+        **metric_attrs({"sft/loss_final": 3.2} if state == TrialState.FAIL else {}),
         TrialAttr.SERIES: {}, TrialAttr.CONFIG: config_with(params),
         TrialAttr.PREDICTED: predicted(number), TrialAttr.WALL_S: 2.0,
     }  # fmt: skip

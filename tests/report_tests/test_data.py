@@ -13,12 +13,14 @@ from optuna.trial import TrialState, create_trial
 from tests.report_tests.studies import (
     BASELINE,
     CPU_OBJECTIVES,
+    DISTRIBUTIONS,
     MIB,
     OOM,
     PRUNED_MEMORY,
     UNSUPPORTED,
     cpu_study,
     gpu_study,
+    knobs,
 )
 from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial
 from tunelab.report import data
@@ -149,40 +151,75 @@ def test_memory_metric_prefers_device_memory():
     assert data.common_memory_metric([cpu_records, gpu_records]) == data.HOST_PEAK
 
 
-def test_param_importances_per_objective(cpu):
-    study, _, objectives = cpu
+def test_importance_needs_optunas_own_minimum():
+    # PED-ANOVA keeps the best ceil(0.1 n) and asks for at least 5 of them: n >= 41.
+    assert data.importance_minimum() == 41
+
+
+def knob_study(count: int) -> optuna.Study:
+    """`count` complete trials over the report studies' knobs; the ZeRO stage decides both
+    throughput (up) and memory (down), the other knobs add little."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr(OBJECTIVES_ATTR, CPU_OBJECTIVES)
+    for number in range(count):
+        params = knobs(number % 4, ("none", "cpu")[number // 4 % 2], (0, 8)[number // 8 % 2],
+                       (8, 16)[number // 16 % 2])  # fmt: skip
+        values = [1000.0 * (1 + number % 4) + number % 5, 900.0 - 100 * (number % 4)]
+        distributions = {k: DISTRIBUTIONS[k] for k in params}
+        study.add_trial(create_trial(values=values, params=params, distributions=distributions))
+    return study
+
+
+def test_param_importances_per_objective():
+    study = knob_study(41)
+    objectives = objectives_of(study)
     importances = data.param_importances(study, objectives)
     assert [item.objective for item in importances] == [THROUGHPUT, HOST_PEAK]
     for item in importances:
         assert item.note == ""
         assert set(item.importances) == set(study.trials[0].params)
         assert sum(item.importances.values()) == pytest.approx(1)
-        # In this study the ZeRO stage decides both throughput and memory.
         assert next(iter(item.importances)) == "actor.zero_stage"
     table = data.importance_table(importances)
     assert len(table) == 8 and list(table.columns) == ["objective", "param", "importance"]
 
 
+def test_repeats_weigh_once_in_importance():
+    study = knob_study(3)
+    study.add_trial(create_trial(values=[3000.0, 700.0], params=study.trials[1].params,
+                                 distributions=study.trials[1].distributions,
+                                 user_attrs={"repeat_of": 1}))  # fmt: skip
+    means = data.configuration_study(study, records_of(study))
+    assert [t.values for t in means.trials] == [[1000.0, 900.0], [2500.5, 750.0],
+                                                [3002.0, 700.0]]  # fmt: skip
+    note = data.importance_obstacle(records_of(study), objectives_of(study), 0)
+    assert note.endswith("needs at least 41 configurations (5 in its top 10%), this study has 3")
+
+
 def small_study(params: list[dict], values: list[float]) -> optuna.Study:
     study = optuna.create_study(directions=["maximize"])
     choices = CategoricalDistribution(["a", "b"])
-    for knobs, value in zip(params, values, strict=True):
-        distributions = dict.fromkeys(knobs, choices)
-        study.add_trial(create_trial(params=knobs, distributions=distributions, values=[value]))
+    for point, value in zip(params, values, strict=True):
+        distributions = dict.fromkeys(point, choices)
+        study.add_trial(create_trial(params=point, distributions=distributions, values=[value]))
     study.add_trial(
         create_trial(state=TrialState.FAIL, params={"k": "b"}, distributions={"k": choices})
     )
     return study
 
 
+TOO_FEW = ("too few complete trials for importance: Optuna's PED-ANOVA needs at least 41 "
+           "configurations (5 in its top 10%), this study has ")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("params", "values", "note"),
     [
-        ([], [], "needs at least 2 complete trials (this study has 0)"),
-        ([{"k": "a"}], [1.0], "needs at least 2 complete trials (this study has 1)"),
+        ([], [], TOO_FEW + "0"),
+        ([{"k": "a"}] * 7, [float(v) for v in range(7)], TOO_FEW + "7"),
         (
-            [{"k": "a"}, {"k": "a"}, {"k": "a"}],
-            [1.0, 2.0, 3.0],
+            [{"k": "a"}] * 41,
+            [float(v) for v in range(41)],
             "no searched knob takes more than one value among the complete trials",
         ),
     ],
@@ -210,22 +247,40 @@ def test_time_breakdown_seconds_per_stage(cpu):
     assert frame.loc[0, "baseline"] == BASELINE
 
 
-def test_reward_curves_per_step_and_without_gold(cpu):
+def test_ppo_curves_per_step_and_without_gold(cpu):
     _, records, _ = cpu
-    frame = data.reward_curves(records, [4, 0])
-    assert len(frame) == 2 * 2 * 20
+    frame = data.ppo_curves(records, [4, 0])
+    assert len(frame) == 2 * 3 * 20  # score, gold, KL
     gold = frame[(frame["number"] == 4) & (frame["series"] == "ppo/gold")]
     assert gold["step"].tolist() == list(range(20))
     assert gold["value"].iloc[-1] == pytest.approx(0.26 + 0.014 * 19)
     no_gold = record(0, series={"ppo/score": [1.0, 2.0]})
-    assert data.reward_curves([no_gold], [0])["series"].tolist() == ["ppo/score"] * 2
+    assert data.ppo_curves([no_gold], [0])["series"].tolist() == ["ppo/score"] * 2
+    kl = frame[(frame["number"] == 0) & (frame["series"] == "ppo/kl")]
+    assert kl["value"].tolist() == pytest.approx([0.1 * s for s in range(20)])
 
 
-def test_reward_curves_place_a_thinned_series_at_its_steps():
+def test_ppo_curves_of_a_repeated_configuration_are_means_with_sd():
+    runs = [record(0, series={"ppo/kl": [0.0, 1.0]}),
+            record(1, series={"ppo/kl": [0.0, 3.0]}, repeat_of=0)]  # fmt: skip
+    frame = data.ppo_curves(runs, [0])
+    assert frame["value"].tolist() == [0.0, 2.0] and frame["runs"].tolist() == [2, 2]
+    assert frame["sd"].tolist() == pytest.approx([0.0, math.sqrt(2)])
+
+
+def test_sample_answers_of_the_top_trials_when_recorded():
+    sample = {"prompt": "p", "answer": "a", "gold": 1.0, "score": 0.5}
+    runs = [record(0, samples=[sample] * 5), record(1)]
+    frame = data.sample_answers(runs, [0, 1], per_trial=2)
+    assert frame.to_dict("records") == [{"number": 0, **sample}] * 2
+    assert data.sample_answers([record(1)], [1]).empty
+
+
+def test_ppo_curves_place_a_thinned_series_at_its_steps():
     # 1000 PPO steps stored as 200 points, every 5th (tunelab.study thins long series).
     thinned = record(0, series={"ppo/score": [float(s) for s in range(0, 1000, 5)]},
                      metrics={"ppo/steps": 1000})  # fmt: skip
-    frame = data.reward_curves([thinned], [0])
+    frame = data.ppo_curves([thinned], [0])
     assert frame["step"].tolist() == list(range(0, 1000, 5))
     assert (frame["step"] == frame["value"]).all()
     assert data.series_steps(3, 3) == [0, 1, 2]

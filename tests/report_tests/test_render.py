@@ -11,6 +11,7 @@ import pytest
 
 from tests.report_tests.studies import cpu_study
 from tunelab.records import TrialRecord, from_frozen_trial
+from tunelab.repeats import Verdict
 from tunelab.report import data
 from tunelab.report.build import gain_text, headline_sentence
 from tunelab.report.render import (
@@ -69,12 +70,14 @@ def test_headline_sentences_in_plain_words_and_numbers():
     assert headline_sentence(throughput) == (
         "Best perf/ppo_e2e_tokens_per_s: 5213 tokens/s (trial #4: actor.zero_stage=2, "
         "actor.offload_optimizer=none, actor.lora_rank=8, batch.train_micro=8), "
-        "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s)."
+        "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s); single runs, noise not "
+        "measured."
     )
     assert headline_sentence(memory) == (
         "Best mem/peak_host_rss_bytes: 480 MiB (trial #5: actor.zero_stage=3, "
         "actor.offload_optimizer=cpu, actor.lora_rank=8, batch.train_micro=8), "
-        "20% less than the baseline 'dschat-single-gpu' (600 MiB)."
+        "20% less than the baseline 'dschat-single-gpu' (600 MiB); single runs, noise not "
+        "measured."
     )
 
 
@@ -99,6 +102,38 @@ def headline_row(direction: str, value: float, baseline_value: float) -> pd.Seri
 )
 def test_gain_text(direction, value, baseline_value, text):
     assert gain_text(headline_row(direction, value, baseline_value)) == text
+
+
+def repeated_row(best: list[float], baseline: list[float]) -> pd.Series:
+    """A headline row of a baseline and one configuration, each run len(...) times."""
+    objective = Objective("ppo/gold_gain", "maximize")
+    records = [TrialRecord(0, "COMPLETE", "ok", "", {"x": 0}, (baseline[0],), baseline="b"),
+               TrialRecord(1, "COMPLETE", "ok", "", {"x": 1}, (best[0],))]  # fmt: skip
+    for original, values in ((0, baseline), (1, best)):
+        records += [TrialRecord(len(records), "COMPLETE", "ok", "", {"x": original}, (value,),
+                                repeat_of=original) for value in values[1:]]  # fmt: skip
+    return data.headline(records, [objective]).iloc[0]
+
+
+def test_a_gain_inside_the_baselines_interval_is_within_noise_never_a_multiple():
+    # The issue's case: gold gain 0.176-0.282 over repeats of one configuration.
+    row = repeated_row(best=[0.35, 0.21, 0.28], baseline=[0.19, 0.28, 0.24])
+    assert row["verdict"] == Verdict.WITHIN and row["runs"] == row["baseline_runs"] == 3
+    assert gain_text(row) == "within noise of the baseline"
+    sentence = headline_sentence(row)
+    assert "x the baseline" not in sentence
+    assert sentence == (
+        "Best ppo/gold_gain: 0.28 ± 0.1739 (mean of 3 runs, 95% interval) (trial #1: x=1), "
+        "within noise of the baseline 'b' (0.2367 ± 0.112 (mean of 3 runs, 95% interval))."
+    )
+
+
+def test_a_gain_outside_both_intervals_is_a_multiple_outside_noise():
+    row = repeated_row(best=[0.50, 0.52, 0.51], baseline=[0.19, 0.20, 0.21])
+    assert row["verdict"] == Verdict.OUTSIDE
+    assert headline_sentence(row).endswith(
+        "2.55x the baseline 'b' (0.2 ± 0.02484 (mean of 3 runs, 95% interval)); outside noise."
+    )
 
 
 def test_headline_sentence_without_baseline_or_best_or_when_the_baseline_is_best():

@@ -17,7 +17,8 @@ from tunelab.records import OBJECTIVES_ATTR
 from tunelab.report import write_comparison, write_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-FIGURES = ("pareto.png", "importance.png", "time.png", "rewards.png", "memory.png")
+FIGURES = ("pareto.png", "time.png", "rewards.png", "memory.png",
+           "history_perf_ppo_e2e_tokens_per_s.png", "parallel_mem_peak_host_rss_bytes.png")
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,24 @@ def test_markdown_states_the_storage_best_values_and_references_the_pngs(study, 
     )
     assert best_throughput == 5213
     assert "Best perf/ppo_e2e_tokens_per_s: 5213 tokens/s (trial #4: " in text
-    assert "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s)." in text
+    assert "1.84x the baseline 'dschat-single-gpu' (2831 tokens/s); single runs" in text
     assert "Best mem/peak_host_rss_bytes: 480 MiB (trial #5: " in text
-    assert "20% less than the baseline 'dschat-single-gpu' (600 MiB)." in text
+    assert "20% less than the baseline 'dschat-single-gpu' (600 MiB); single runs" in text
     assert "| FAIL | oom | out of memory in ppo_train (host RSS 2.1 GiB) | 2 | 3, 8 |" in text
     for name in FIGURES:
         assert f"]({name})" in text
+    # 7 complete trials: below PED-ANOVA's 41, so no importance figure.
+    assert "too few complete trials for importance" in text and "importance.png" not in text
+    # A CPU study: stage peaks (device vs host RSS) are not compared, model states are.
+    assert "Stage peaks are compared on a GPU only" in text
+    assert "Measured / predicted peak per stage" not in text
+    assert "Measured / predicted model states per engine" in text
+
+
+def test_optunas_plots_leave_matplotlib_style_as_it_was(report):
+    import matplotlib
+
+    assert matplotlib.rcParams["axes.facecolor"] == "white"  # Optuna switches to ggplot
 
 
 def test_trials_csv_matches_the_storage(study, report):
@@ -83,7 +96,8 @@ def test_report_of_a_study_without_complete_trials(trials, tmp_path):
     index = write_report(study, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "No complete, feasible trial for perf/ppo_e2e_tokens_per_s yet." in text
-    assert "needs at least 2 complete trials (this study has 0)" in text
+    assert "too few complete trials for importance" in text
+    assert "this study has 0" in text
     assert "<img" not in index.read_text()
     assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials)
 

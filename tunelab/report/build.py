@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from tunelab.records import TrialRecord, from_frozen_trial
+from tunelab.repeats import Verdict
 from tunelab.report import compare, data, plots
 from tunelab.report.render import (
     Image,
@@ -44,18 +45,41 @@ def _image(name: str, figure) -> Image:
 
 
 def gain_text(row: pd.Series) -> str:
-    """How a headline row's best value compares with the baseline's: "1.84x the baseline",
-    "38% less than the baseline", "+0.12 vs the baseline" (when a ratio means nothing); ""
-    without a best or a baseline value."""
+    """How a headline row's best value compares with the baseline's: "within noise of the
+    baseline" when both were repeated and their 95% intervals overlap (never a multiple);
+    else "1.84x the baseline", "38% less than the baseline", "+0.12 vs the baseline" (when a
+    ratio means nothing); "" without a best or a baseline value. `noise_note` qualifies it."""
     if pd.isna(row["trial"]) or math.isnan(row["baseline_value"]):
         return ""
+    if row["verdict"] == Verdict.WITHIN:
+        return "within noise of the baseline"
     if math.isnan(row["ratio"]):
-        return f"{row['difference']:+.4g} vs the baseline"
-    if row["direction"] == "maximize":
-        return f"{row['ratio']:.2f}x the baseline"
-    if row["change"] == 0:
-        return "the same as the baseline"
-    return f"{abs(row['change']):.0%} {'less' if row['change'] < 0 else 'more'} than the baseline"
+        text = f"{row['difference']:+.4g} vs the baseline"
+    elif row["direction"] == "maximize":
+        text = f"{row['ratio']:.2f}x the baseline"
+    elif row["change"] == 0:
+        text = "the same as the baseline"
+    else:
+        more = "less" if row["change"] < 0 else "more"
+        text = f"{abs(row['change']):.0%} {more} than the baseline"
+    return text
+
+
+def noise_note(row: pd.Series) -> str:
+    """What the gain is worth: "outside noise" (disjoint 95% intervals), or "single runs:
+    noise not measured"; "" when within noise (gain_text says so) or there is no gain."""
+    if not gain_text(row) or row["verdict"] == Verdict.WITHIN:
+        return ""
+    return {Verdict.OUTSIDE: "outside noise",
+            Verdict.UNKNOWN: "single runs, noise not measured"}[row["verdict"]]  # fmt: skip
+
+
+def measured_text(metric: str, mean: float, half_width: float, runs: int) -> str:
+    """A mean with its 95% interval and run count, or the one run's value."""
+    if runs >= 2:
+        return (f"{format_metric(metric, mean)} ± {format_metric(metric, half_width)} "
+                f"(mean of {runs} runs, 95% interval)")  # fmt: skip
+    return format_metric(metric, mean)
 
 
 def headline_sentence(row: pd.Series) -> str:
@@ -64,7 +88,8 @@ def headline_sentence(row: pd.Series) -> str:
     if pd.isna(row["trial"]):
         return f"No complete, feasible trial for {metric} yet."
     knobs = row["params"] or "no searched knobs"
-    best = f"Best {metric}: {format_metric(metric, row['value'])} (trial #{row['trial']}: {knobs})"
+    value = measured_text(metric, row["value"], row["half_width"], row["runs"])
+    best = f"Best {metric}: {value} (trial #{row['trial']}: {knobs})"
     if pd.isna(row["baseline"]):
         return f"{best}; this study has no baseline trial."
     if row["trial"] == row["baseline_trial"]:
@@ -74,8 +99,10 @@ def headline_sentence(row: pd.Series) -> str:
             f"{best}; the baseline '{row['baseline']}' (trial #{row['baseline_trial']}) has no "
             f"value (status {row['baseline_status']})."
         )
-    baseline_value = format_metric(metric, row["baseline_value"])
-    return f"{best}, {gain_text(row)} '{row['baseline']}' ({baseline_value})."
+    baseline_value = measured_text(metric, row["baseline_value"], row["baseline_half_width"],
+                                   row["baseline_runs"])  # fmt: skip
+    note = f"; {noise_note(row)}" if noise_note(row) else ""
+    return f"{best}, {gain_text(row)} '{row['baseline']}' ({baseline_value}){note}."
 
 
 def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -86,9 +113,12 @@ def _headline_table(frame: pd.DataFrame) -> pd.DataFrame:
             **({"study": row["study"]} if "study" in row else {}),
             "objective": row["objective"], "best trial": row["trial"],
             "value": format_metric(row["objective"], row["value"]),
+            "± 95%": format_metric(row["objective"], row["half_width"]), "runs": row["runs"],
             "knobs": row["params"], "baseline": row["baseline"],
             "baseline value": format_metric(row["objective"], row["baseline_value"]),
-            "gain": gain_text(row),
+            "baseline ± 95%": format_metric(row["objective"], row["baseline_half_width"]),
+            "baseline runs": row["baseline_runs"], "gain": gain_text(row),
+            "noise": row["verdict"] if gain_text(row) else "",
         }
         for _, row in frame.iterrows()
     ]  # fmt: skip
@@ -123,13 +153,18 @@ def pareto_section(records: Sequence[TrialRecord]) -> Section:
         return Section("Throughput vs memory", ["No complete trial measured both yet."])
     front = points[points["pareto"]].sort_values("memory_bytes")
     knobs = {r.number: data.format_params(r.params) for r in records}
-    table = front[["number", "zero_stage", "category", "memory_bytes", "tokens_per_s"]]
-    table = table.rename(columns={"memory_bytes": metric, "tokens_per_s": data.THROUGHPUT})
+    table = front[["number", "zero_stage", "category", "runs", "memory_bytes",
+                   "memory_half_width", "tokens_per_s", "tokens_half_width"]]  # fmt: skip
+    table = table.rename(columns={
+        "memory_bytes": metric, "memory_half_width": f"{metric} ± 95%",
+        "tokens_per_s": data.THROUGHPUT, "tokens_half_width": f"{data.THROUGHPUT} ± 95%",
+    })  # fmt: skip
     return Section(
         "Throughput vs memory",
         [
             f"y = {data.THROUGHPUT}; colour = the actor's ZeRO stage; marker = offload / LoRA. "
-            "Ringed points are Pareto-optimal among the complete, feasible trials: no other has "
+            "Ringed points are Pareto-optimal among the complete, feasible configurations (by "
+            "the means of their runs; bars: 95% intervals where repeated): no other has "
             "both more throughput and less memory. Failed and pruned trials have no "
             "measurement; the strip below places them at their predicted device peak.",
             _memory_note(metric),
@@ -171,24 +206,71 @@ def time_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Sect
     )
 
 
-def reward_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
-    curves = data.reward_curves(records, numbers)
+def curves_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
+    curves = data.ppo_curves(records, numbers)
     if curves.empty:
-        return Section("Reward over PPO steps", ["No trial recorded reward series."])
+        return Section("Reward and KL over PPO steps", ["No trial recorded PPO series."])
     return Section(
-        "Reward over PPO steps",
+        "Reward and KL over PPO steps",
         [
             "ppo/score is the reward model's score, what PPO maximizes; ppo/gold is the gold "
-            "reward of the synthetic task (absent for other data). A score that rises while the "
-            "gold reward stays flat means the policy games the reward model."
+            "reward of the synthetic task (absent for other data); ppo/kl is the policy's KL "
+            "to the reference model. A score that rises while the gold reward stays flat means "
+            "the policy games the reward model; a KL that grows without a gold gain means it "
+            "drifts for nothing. Repeated configurations show their mean, the band ± one sd."
         ],
-        _image("rewards.png", plots.reward_figure(curves)),
+        _image("rewards.png", plots.curves_figure(curves)),
+    )
+
+
+def samples_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section | None:
+    """Decoded answers of the top trials, when the trials recorded them (else no section)."""
+    frame = data.sample_answers(records, numbers)
+    if frame.empty:
+        return None
+    return Section(
+        "Sample answers",
+        ["A few held-out prompts with each top trial's decoded answer, its gold reward and "
+         "the reward model's score: read them before trusting a reward."],
+        tables=[Table("", display(frame))],
+    )
+
+
+def optuna_section(study: optuna.Study, objectives: Sequence[Objective]) -> Section | None:
+    """Optuna's own optimisation history and parallel coordinates per objective
+    (optuna.visualization.matplotlib); none without a complete trial."""
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    searched = any(t.params for t in complete)  # parallel coordinates need knobs
+    images = []
+    for index, objective in enumerate(objectives):
+        target = {"target": lambda t, i=index: t.values[i], "target_name": objective.metric}
+        slug = objective.metric.replace("/", "_")
+        images.append(_image(f"history_{slug}.png", plots.optuna_figure(
+            optuna_plots.plot_optimization_history, study, **target)))  # fmt: skip
+        if searched:
+            images.append(_image(f"parallel_{slug}.png", plots.optuna_figure(
+                optuna_plots.plot_parallel_coordinate, study, **target)))  # fmt: skip
+    return Section(
+        "Optuna's views",
+        ["Optuna's optimisation history (each trial's value in the order run) and parallel "
+         "coordinates (each trial's knobs joined, coloured by the value) "
+         "per objective, as optuna.visualization.matplotlib draws them; confirmation runs "
+         "appear as trials of their own."],
+        images=images,
     )
 
 
 def memory_section(records: Sequence[TrialRecord]) -> Section:
     states = data.model_states_memory(records)
     stages = data.stage_memory(records)
+    # A predicted device peak against the host's RSS compares nothing: on the CPU only the
+    # model states (the same quantity on both sides) are shown.
+    stages = stages[stages["measured"] != "host RSS"]
     if states.empty and stages.empty:
         return Section("Predicted vs measured memory", ["No trial recorded memory yet."])
     paragraphs = [
@@ -196,11 +278,11 @@ def memory_section(records: Sequence[TrialRecord]) -> Section:
         "memory model and measured on the live engines: the same quantity on both sides, so "
         "their ratio tests the model."
     ]
-    if (stages["measured"] == "host RSS").any():
+    if stages.empty:
         paragraphs.append(
-            "Stage peaks: on the CPU the measured figure is the host's peak RSS, which includes "
-            "the process baseline (interpreter, libraries, data), so it lies well above the "
-            "predicted device peak; only GPU trials (device allocated) compare like with like."
+            "Stage peaks are compared on a GPU only (torch.cuda's allocated bytes); these "
+            "trials ran on the CPU, whose host RSS also counts the interpreter, libraries and "
+            "data."
         )
     tables = [
         Table(f"Measured / predicted {name} per {by}:", display(data.ratio_summary(frame, by)))
@@ -250,8 +332,8 @@ def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.Da
     """index.html, report.md, the PNGs and `trials` as trials.csv into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
-        if section.image is not None:
-            (out_dir / section.image.name).write_bytes(section.image.png)
+        for image in section.all_images:
+            (out_dir / image.name).write_bytes(image.png)
     (out_dir / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
     trials.to_csv(out_dir / "trials.csv", index=False)
     index = out_dir / "index.html"
@@ -274,11 +356,14 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
         pareto_section(records),
         importance_section(study, objectives),
         time_section(records, top),
-        reward_section(records, top),
+        curves_section(records, top),
+        samples_section(records, top),
         memory_section(records),
+        optuna_section(study, objectives),
         failures_section(records),
         trials_section(records, objectives),
     ]
+    sections = [section for section in sections if section is not None]
     trials = data.trial_table(records, objectives, data.metric_names(records))
     return _write(Path(out_dir), f"tunelab report: {study.study_name}", sections, trials)
 

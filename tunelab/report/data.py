@@ -2,24 +2,32 @@
 
 Every figure and every table of a report is drawn or rendered from a frame built here, so the
 numbers are tested without drawing. Only `param_importances` needs the Optuna study itself.
+Trials are judged as configurations (tunelab.repeats): a trial and its confirmation runs.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+import optuna
 import pandas as pd
-from optuna.importance import get_param_importances
+from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
 from tunelab.memory import STAGES as MEMORY_STAGES
-from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite, ranked
+from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite
+from tunelab.repeats import (
+    configurations,
+    estimate,
+    ranked_configurations,
+    reference_baseline,
+    verdict,
+)
 from tunelab.spec import Objective
-
-if TYPE_CHECKING:
-    import optuna
 
 STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")  # timed phases
 ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
@@ -27,7 +35,10 @@ THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
 DEVICE_PEAK = "mem/peak_device_allocated_bytes"
 HOST_PEAK = "mem/peak_host_rss_bytes"
 PREDICTED_PEAK = "mem/predicted_device_peak_bytes"
-REWARD_SERIES = ("ppo/score", "ppo/gold")  # reward-model score, gold reward (synthetic data)
+# Reward-model score, gold reward (synthetic data), KL to the reference per PPO step.
+CURVE_SERIES = ("ppo/score", "ppo/gold", "ppo/kl")
+SAMPLE_FIELDS = ("prompt", "answer", "gold", "score")  # a trial's "samples" entries
+PED_ANOVA_TOP_TRIALS = 5  # PedAnovaImportanceEvaluator's docstring: trials above its quantile
 # The metrics the trial table shows (when any trial has them); trials.csv carries them all.
 KEY_METRICS = (
     THROUGHPUT, DEVICE_PEAK, HOST_PEAK, PREDICTED_PEAK, "ppo/gold_gain", "ppo/score_gain",
@@ -68,9 +79,8 @@ def category(record: TrialRecord) -> str:
 
 
 def baseline_of(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The baseline trial: the first by number whose record names a baseline."""
-    baselines = [r for r in records if r.baseline]
-    return min(baselines, key=lambda r: r.number) if baselines else None
+    """The baseline trial gains are measured against (tunelab.repeats.reference_baseline)."""
+    return reference_baseline(records)
 
 
 def format_params(params: Mapping[str, Any]) -> str:
@@ -82,31 +92,35 @@ def format_params(params: Mapping[str, Any]) -> str:
 
 
 def headline(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
-    """Per objective: the best trial, its knobs and its value against the baseline's.
+    """Per objective: the best configuration by its mean over its runs (its original trial
+    and confirmation runs), its knobs and its mean against the baseline configuration's.
 
+    `runs` and `half_width` (95% interval: mean ± t·sd/√n, NaN for one run) for both sides;
+    `verdict` (tunelab.repeats.Verdict) says whether the intervals show a difference.
     `ratio` (best / baseline) is set only when both values are positive, where a ratio means
     something; `change` = ratio - 1; `difference` = best - baseline always.
     """
     baseline = baseline_of(records)
+    groups = {c.number: c for c in configurations(records)}
     rows = []
     for index, objective in enumerate(objectives):
-        best = next(iter(ranked(records, index, objectives[index].direction)), None)
-        value = best.values[index] if best else math.nan
-        base_value = (
-            baseline.values[index]
-            if baseline is not None and baseline.values and is_finite(baseline.values[index])
-            else math.nan
-        )
+        ranking = ranked_configurations(records, index, objective.direction)
+        best, found = ranking[0] if ranking else (None, estimate([]))
+        base = (groups[baseline.number].objective(index) if baseline is not None
+                else estimate([]))  # fmt: skip
+        value, base_value = found.mean, base.mean
         ratio = value / base_value if value >= 0 and base_value > 0 else math.nan
         rows.append({
             "objective": objective.metric, "direction": objective.direction,
             "trial": best.number if best else None, "value": value,
-            "params": format_params(best.params) if best else "",
+            "runs": found.n, "half_width": found.half_width,
+            "params": format_params(best.original.params) if best else "",
             "baseline": baseline.baseline if baseline else None,
             "baseline_trial": baseline.number if baseline else None,
             "baseline_status": baseline.status if baseline else None,
-            "baseline_value": base_value, "ratio": ratio, "change": ratio - 1,
-            "difference": value - base_value,
+            "baseline_value": base_value, "baseline_runs": base.n,
+            "baseline_half_width": base.half_width, "verdict": verdict(found, base),
+            "ratio": ratio, "change": ratio - 1, "difference": value - base_value,
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     return frame.astype({"trial": "Int64", "baseline_trial": "Int64"}) if rows else frame
@@ -140,29 +154,36 @@ def pareto_mask(memory: Sequence[float], throughput: Sequence[float]) -> list[bo
 
 
 def pareto_points(records: Sequence[TrialRecord], memory: str) -> pd.DataFrame:
-    """One row per trial for the throughput-vs-memory plot.
+    """One row per configuration (a trial and its confirmation runs) for the
+    throughput-vs-memory plot.
 
-    Columns: number, state, status, feasible, zero_stage, category, memory_bytes (the `memory`
-    metric), tokens_per_s, predicted_bytes (predicted device peak, known before launch even for
-    pruned trials), measured (both measured values present), pareto (on the front of the
-    measured, COMPLETE, feasible trials).
+    Columns: number (the original trial's), state, status, feasible (in every complete run),
+    zero_stage, category, memory_bytes (mean of the `memory` metric), tokens_per_s (mean),
+    memory_half_width and tokens_half_width (95% intervals, NaN for one run), runs (complete
+    ones), predicted_bytes (predicted device peak, known before launch even for pruned
+    trials), measured (both measured values present), pareto (on the front of the measured,
+    COMPLETE, feasible configurations, by their means).
     """
-    rows = [
-        {
-            "number": r.number,
-            "state": r.state,
-            "status": r.status,
-            "feasible": r.feasible,
+    rows = []
+    for group in configurations(records):
+        r, complete = group.original, bool(group.complete)
+        memory_found, tokens_found = group.metric(memory), group.metric(THROUGHPUT)
+        rows.append({
+            "number": group.number,
+            "state": "COMPLETE" if complete else r.state,
+            "status": "ok" if complete else r.status,
+            "feasible": group.feasible,
             "zero_stage": knob(r, "actor.zero_stage"),
             "category": category(r),
-            "memory_bytes": r.metrics.get(memory, math.nan),
-            "tokens_per_s": r.metrics.get(THROUGHPUT, math.nan),
+            "memory_bytes": memory_found.mean, "tokens_per_s": tokens_found.mean,
+            "memory_half_width": memory_found.half_width,
+            "tokens_half_width": tokens_found.half_width,
+            "runs": len(group.complete),
             "predicted_bytes": r.predicted.get(PREDICTED_PEAK, math.nan),
-        }
-        for r in records
-    ]
-    columns = ["number", "state", "status", "feasible", "zero_stage", "category"]
-    columns += ["memory_bytes", "tokens_per_s", "predicted_bytes", "measured", "pareto"]
+        })  # fmt: skip
+    columns = ["number", "state", "status", "feasible", "zero_stage", "category",
+               "memory_bytes", "tokens_per_s", "memory_half_width", "tokens_half_width",
+               "runs", "predicted_bytes", "measured", "pareto"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns[:-2])
     frame["measured"] = (
         (frame["state"] == "COMPLETE")
@@ -176,20 +197,52 @@ def pareto_points(records: Sequence[TrialRecord], memory: str) -> pd.DataFrame:
     return frame[columns]
 
 
+def importance_minimum() -> int:
+    """The fewest configurations Optuna's PED-ANOVA evaluator works from: its docstring asks
+    for "at least 5 trials above target_quantile", and it keeps the ceil(quantile x n) best
+    (its _QuantileFilter), so with the default quantile 0.1 that is n = 41. The quantile is
+    read from the installed evaluator's signature."""
+    quantile = inspect.signature(PedAnovaImportanceEvaluator).parameters["target_quantile"]
+    return next(n for n in itertools.count(1)
+                if math.ceil(quantile.default * n) >= PED_ANOVA_TOP_TRIALS)  # fmt: skip
+
+
 def importance_obstacle(
     records: Sequence[TrialRecord], objectives: Sequence[Objective], index: int
 ) -> str | None:
-    """Why parameter importance cannot be computed for objective `index`, or None if it can."""
-    complete = [
-        r for r in records if r.state == "COMPLETE" and r.values and is_finite(r.values[index])
-    ]
-    if len(complete) < 2:
-        return f"needs at least 2 complete trials (this study has {len(complete)})"
-    names = {name for r in complete for name in r.params}
-    varying = [n for n in names if len({repr(r.params.get(n)) for r in complete}) > 1]
-    if not varying:
+    """Why parameter importance cannot be computed for objective `index`, or None if it can.
+    Counted over configurations (confirmation runs averaged into their original)."""
+    complete = [c for c in configurations(records) if is_finite(c.objective(index).mean)]
+    needed = importance_minimum()
+    if len(complete) < needed:
+        return (f"too few complete trials for importance: Optuna's PED-ANOVA needs at least "
+                f"{needed} configurations ({PED_ANOVA_TOP_TRIALS} in its top 10%), this study "
+                f"has {len(complete)}")  # fmt: skip
+    params = [c.original.params for c in complete]
+    names = {name for p in params for name in p}
+    if not any(len({repr(p.get(n)) for p in params}) > 1 for n in names):
         return "no searched knob takes more than one value among the complete trials"
     return None
+
+
+def configuration_study(study: optuna.Study, records: Sequence[TrialRecord]) -> optuna.Study:
+    """An in-memory study holding one COMPLETE trial per configuration, its values the means
+    over its runs, so repeated configurations weigh once in Optuna's importance."""
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
+    try:
+        means = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for group in configurations(records):
+        values = [group.objective(i).mean for i in range(len(study.directions))]
+        if group.complete and all(map(is_finite, values)):
+            original = frozen[group.number]
+            means.add_trial(optuna.trial.create_trial(
+                values=values, params=original.params, distributions=original.distributions,
+            ))  # fmt: skip
+    return means
 
 
 def _lower_is_better(objective: Objective, index: int):
@@ -207,8 +260,10 @@ class Importance(NamedTuple):
 
 def param_importances(study: optuna.Study, objectives: Sequence[Objective]) -> list[Importance]:
     """Per objective, Optuna's default importance evaluator (PED-ANOVA in Optuna 5) over the
-    study's COMPLETE trials, or a note saying why it cannot be computed."""
+    study's configurations (means of their runs), or a note saying why it cannot be
+    computed."""
     records = [from_frozen_trial(t) for t in study.get_trials(deepcopy=False)]
+    means = configuration_study(study, records)
     results = []
     for index, objective in enumerate(objectives):
         obstacle = importance_obstacle(records, objectives, index)
@@ -217,7 +272,7 @@ def param_importances(study: optuna.Study, objectives: Sequence[Objective]) -> l
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "computes the importances ... low target values"
-            found = get_param_importances(study, target=_lower_is_better(objective, index))
+            found = get_param_importances(means, target=_lower_is_better(objective, index))
         results.append(Importance(objective.metric, dict(found), ""))
     return results
 
@@ -235,11 +290,12 @@ def importance_table(importances: Sequence[Importance]) -> pd.DataFrame:
 def top_trials(
     records: Sequence[TrialRecord], objectives: Sequence[Objective], count: int = 5
 ) -> list[int]:
-    """Numbers of the `count` best trials by the first objective, then the baseline (when it
-    completed and is not among them) as the reference."""
+    """Original trial numbers of the `count` best configurations by the first objective (their
+    means), then the baseline (when it completed and is not among them) as the reference."""
     if not objectives:
         return []
-    numbers = [r.number for r in ranked(records, 0, objectives[0].direction)[:count]]
+    ranking = ranked_configurations(records, 0, objectives[0].direction)
+    numbers = [group.number for group, _ in ranking[:count]]
     baseline = baseline_of(records)
     if baseline is not None and baseline.state == "COMPLETE" and baseline.number not in numbers:
         numbers.append(baseline.number)
@@ -274,18 +330,42 @@ def series_steps(count: int, total: int) -> list[int]:
     return [int(i * stride) for i in range(count)]
 
 
-def reward_curves(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
-    """Long form per PPO step (0-based, warm-up included): number, series, step, value."""
+def ppo_curves(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
+    """Long form per PPO step (0-based, warm-up included) of the CURVE_SERIES of the given
+    configurations (original trial numbers): number, series, step, value (the mean over the
+    configuration's complete runs), sd (NaN for one run), runs."""
+    groups = {c.number: c for c in configurations(records)}
     rows = []
-    for r in _chosen(records, numbers):
-        for name in REWARD_SERIES:
-            values = r.series.get(name, [])
-            steps = series_steps(len(values), int(r.metrics.get("ppo/steps", len(values))))
-            rows += [
-                {"number": r.number, "series": name, "step": step, "value": value}
-                for step, value in zip(steps, values, strict=True)
-            ]
-    return pd.DataFrame(rows, columns=["number", "series", "step", "value"])
+    for number in numbers:
+        group = groups[number]
+        runs = group.complete or list(group.runs[:1])
+        for name in CURVE_SERIES:
+            per_step: dict[int, list[float]] = {}
+            for r in runs:
+                values = r.series.get(name, [])
+                steps = series_steps(len(values), int(r.metrics.get("ppo/steps", len(values))))
+                for step, value in zip(steps, values, strict=True):
+                    per_step.setdefault(step, []).append(value)
+            for step, values in sorted(per_step.items()):
+                found = estimate(values)
+                rows.append({"number": number, "series": name, "step": step,
+                             "value": found.mean, "sd": found.sd, "runs": found.n})  # fmt: skip
+    return pd.DataFrame(rows, columns=["number", "series", "step", "value", "sd", "runs"])
+
+
+def sample_answers(
+    records: Sequence[TrialRecord], numbers: Sequence[int], per_trial: int = 3
+) -> pd.DataFrame:
+    """The first `per_trial` decoded answers each given trial recorded (its "samples":
+    prompt, answer, gold reward, reward-model score), what a user reads before trusting a
+    reward: number, prompt, answer, gold, score."""
+    by_number = {r.number: r for r in records}
+    rows = [
+        {"number": number, **{key: sample.get(key) for key in SAMPLE_FIELDS}}
+        for number in numbers
+        for sample in by_number[number].samples[:per_trial]
+    ]
+    return pd.DataFrame(rows, columns=["number", *SAMPLE_FIELDS])
 
 
 def stage_memory(records: Sequence[TrialRecord]) -> pd.DataFrame:

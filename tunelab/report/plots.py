@@ -7,15 +7,17 @@ Each function takes the frame its data function returns and draws nothing else.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from tunelab.report.data import REWARD_SERIES, STAGES, Importance
+from tunelab.report.data import CURVE_SERIES, STAGES, Importance
 from tunelab.report.render import GIB, MIB
 
 MARKERS = {"plain": "o", "offload": "s", "lora": "^", "lora+offload": "D"}
@@ -26,7 +28,7 @@ _DPI = 100
 def png(figure: Figure) -> bytes:
     """The figure as PNG bytes (Agg)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI)
+    figure.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")  # legends outside too
     return buffer.getvalue()
 
 
@@ -65,6 +67,13 @@ def pareto_figure(
     top, strip = figure.subplots(2, 1, height_ratios=[4, 1])
     colours = _colours(points[colour_by])
     scale, unit = _byte_scale(measured["memory_bytes"])
+    repeated = measured[measured["runs"] > 1]
+    top.errorbar(
+        repeated["memory_bytes"] / scale, repeated["tokens_per_s"],
+        xerr=repeated["memory_half_width"].fillna(0) / scale,
+        yerr=repeated["tokens_half_width"].fillna(0), fmt="none", ecolor="grey", elinewidth=1,
+        capsize=3,
+    )  # fmt: skip
     for (key, category), group in measured.groupby(
         [points[colour_by].astype(str), "category"], sort=False
     ):
@@ -92,7 +101,8 @@ def pareto_figure(
             )  # fmt: skip
     top.set_xlabel(f"{memory_metric} ({unit})")
     top.set_ylabel("PPO end-to-end tokens/s")
-    top.set_title("Throughput vs peak memory (ringed: Pareto-optimal; hollow: infeasible)")
+    top.set_title("Throughput vs peak memory (ringed: Pareto-optimal; hollow: infeasible; "
+                  "bars: 95% intervals of repeats)", fontsize=10)  # fmt: skip
     top.grid(alpha=0.3)
     colour_legend = top.legend(
         handles=[Line2D([], [], color=c, marker="o", ls="") for c in colours.values()],
@@ -176,19 +186,41 @@ def time_figure(breakdown: pd.DataFrame) -> Figure:
     return figure
 
 
-def reward_figure(curves: pd.DataFrame) -> Figure:
-    """One panel per reward series present (score, gold): a line per trial over PPO steps.
+def curves_figure(curves: pd.DataFrame) -> Figure:
+    """One panel per PPO series present (score, gold, KL): a line per configuration over PPO
+    steps, a band of ± one sd across its runs where it was repeated.
 
-    curves: `data.reward_curves`, not empty."""
-    present = [name for name in REWARD_SERIES if (curves["series"] == name).any()]
+    curves: `data.ppo_curves`, not empty."""
+    present = [name for name in CURVE_SERIES if (curves["series"] == name).any()]
     figure = Figure(figsize=(4.5 * len(present), 3.6), layout="constrained")
     for axes, name in zip(np.atleast_1d(figure.subplots(1, len(present))), present, strict=True):
         for number, group in curves[curves["series"] == name].groupby("number", sort=False):
-            axes.plot(group["step"], group["value"], label=f"#{number}")
+            runs = int(group["runs"].max())
+            label = f"#{number}" + (f" (mean of {runs})" if runs > 1 else "")
+            (line,) = axes.plot(group["step"], group["value"], label=label)
+            if runs > 1:
+                axes.fill_between(group["step"], group["value"] - group["sd"],
+                                  group["value"] + group["sd"], color=line.get_color(),
+                                  alpha=0.2, linewidth=0)  # fmt: skip
         axes.set_title(name)
         axes.set_xlabel("PPO step")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
+    return figure
+
+
+def optuna_figure(plot, *args, **kwargs) -> Figure:
+    """A figure drawn by one of optuna.visualization.matplotlib's functions (they draw on
+    pyplot figures; the figure is closed in pyplot and returned for `png`)."""
+    import matplotlib.pyplot as pyplot
+    from optuna.exceptions import ExperimentalWarning
+
+    # They set pyplot's ggplot style globally: the context restores tunelab's afterwards.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks them experimental
+        axes = plot(*args, **kwargs)
+    figure = np.atleast_1d(axes).flat[0].figure
+    pyplot.close(figure)
     return figure
 
 

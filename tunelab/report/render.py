@@ -93,6 +93,11 @@ class Section:
     paragraphs: Sequence[str] = ()
     image: Image | None = None
     tables: Sequence[Table] = ()
+    images: Sequence[Image] = ()  # more figures, after the tables
+
+    @property
+    def all_images(self) -> list[Image]:
+        return ([self.image] if self.image is not None else []) + list(self.images)
 
 
 def _markdown_cell(text: Any) -> str:
@@ -119,6 +124,7 @@ def to_markdown(title: str, sections: Sequence[Section]) -> str:
             parts.append(f"![{section.title}]({section.image.name})")
         for table in section.tables:
             parts += [table.caption, markdown_table(table.frame)]
+        parts += [f"![{section.title}]({image.name})" for image in section.images]
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
@@ -156,6 +162,7 @@ def to_html(title: str, sections: Sequence[Section]) -> str:
         if section.image is not None:
             body.append(_html_image(section.image, section.title))
         body += [_html_table(table) for table in section.tables]
+        body += [_html_image(image, section.title) for image in section.images]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
