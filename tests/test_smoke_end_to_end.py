@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from tests.browser import assert_page_is_whole, needs_chromium
-from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial, ranked
+from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial
+from tunelab.repeats import ranked_configurations
 from tunelab.report.render import format_metric
 
 from .conftest import ROOT
@@ -46,6 +47,9 @@ def test_smoke_covers_the_space_and_classifies_the_hybrid_engine(smoke):
     hybrid = [r for r in records if r.config.get("hybrid_engine")]
     assert [r.status for r in hybrid] == ["unsupported"]  # the baseline, never launched
     assert "[smoke] 10/10 trials" in log
+    repeats = [r for r in records if r.repeat_of is not None]
+    assert repeats and all(r.status == "ok" for r in repeats)
+    assert "confirmation runs" in log
 
 
 def test_running_it_again_resumes(smoke):
@@ -71,9 +75,12 @@ def test_report_opens_in_chromium_and_matches_storage(smoke, chromium, tmp_path)
     text = (tmp_path / "report" / "report.md").read_text()
     records = [from_frozen_trial(t) for t in study.trials]
     for index_, objective in enumerate(study.user_attrs[OBJECTIVES_ATTR]):
-        best = ranked(records, index_, objective["direction"])[0]
-        value = format_metric(objective["metric"], best.values[index_])
-        assert f"Best {objective['metric']}: {value} (trial #{best.number}:" in text
+        best, estimate = ranked_configurations(records, index_, objective["direction"])[0]
+        assert estimate.n == 3  # confirmed: the headline is a mean with its interval
+        value = format_metric(objective["metric"], estimate.mean)
+        assert f"Best {objective['metric']}: {value} ± " in text
+        assert f"(mean of 3 runs, 95% interval) (trial #{best.number}:" in text
+    assert "noise" in text  # every headline against the baseline says where it stands
     table = pd.read_csv(tmp_path / "report" / "trials.csv").set_index("number")
     assert len(table) == len(study.trials)
     for trial in study.trials:
@@ -88,7 +95,7 @@ def test_export_then_reproduce_prints_the_table(smoke, tmp_path):
     export = tmp_path / "export"
     run = tunelab("export", out, "--out", export, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    best = ranked([from_frozen_trial(t) for t in study.trials], 0, "maximize")[0]
+    best, _ = ranked_configurations([from_frozen_trial(t) for t in study.trials], 0, "maximize")[0]
     assert f"exported trial {best.number} of smoke" in run.stdout
     reproduce = tunelab("reproduce", export, "--repeats", "1", "--out", tmp_path / "reruns")
     assert reproduce.returncode == 0, reproduce.stderr[-2000:]
