@@ -343,3 +343,17 @@ def test_trial_table_rows_columns_and_cells(cpu):
     assert (failed["status"], failed["reason"]) == ("oom", OOM)
     assert math.isnan(failed[THROUGHPUT])
     assert table.set_index("number").loc[9, "feasible"] == False  # noqa: E712
+
+
+def test_stage_sources_count_trained_given_and_reused_stages():
+    records = [
+        record(0, metrics={"x/y": 1.0}, config={"sft": {"steps": 40}, "rm": {"steps": 40}}),
+        record(1, metrics={"sft/reused": 1, "rm/reused": 1},
+               config={"sft": {"steps": 40}, "rm": {"steps": 40}}),
+        record(2, metrics={"rm/reused": 1}, config={"sft": {"steps": 0}, "rm": {"steps": 40}}),
+        record(3, state="PRUNED", status="pruned_memory"),  # never launched
+    ]  # fmt: skip
+    assert data.stage_sources(records) == {
+        "sft": {"trained": 1, "given": 1, "reused": 1},
+        "rm": {"trained": 1, "given": 0, "reused": 2},
+    }

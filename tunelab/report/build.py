@@ -325,7 +325,13 @@ def _overview(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -
     states = ", ".join(f"{count} {state.lower()}" for state, count in counts.items())
     goals = ", ".join(f"{o.metric} ({o.direction})" for o in objectives)
     trials = "1 trial" if len(records) == 1 else f"{len(records)} trials"
-    return f"{trials} ({states or 'none yet'}); objectives: {goals or 'none'}."
+    sources = []
+    for stage, counts in data.stage_sources(records).items():
+        told = [f"{how} in {n}" for how, n in counts.items() if n]
+        if told and told != [f"trained in {sum(counts.values())}"]:  # say it when not plain
+            sources.append(f"{stage.upper()} {', '.join(told)}")
+    stages = f" Stages: {'; '.join(sources)} (launched trials)." if sources else ""
+    return f"{trials} ({states or 'none yet'}); objectives: {goals or 'none'}.{stages}"
 
 
 def _write(out_dir: Path, title: str, sections: Sequence[Section], trials: pd.DataFrame) -> Path:

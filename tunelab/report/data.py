@@ -307,6 +307,23 @@ def _chosen(records: Sequence[TrialRecord], numbers: Sequence[int]) -> list[Tria
     return [by_number[n] for n in numbers]
 
 
+def stage_sources(records: Sequence[TrialRecord]) -> dict[str, dict[str, int]]:
+    """Per stage (sft, rm), how many launched trials `trained` it, took it `given` (0 steps: a
+    checkpoint used as is) or `reused` it from the study's stage cache (spec `measure`)."""
+    counts = {stage: {"trained": 0, "given": 0, "reused": 0} for stage in ("sft", "rm")}
+    for r in records:
+        if not r.metrics:  # never launched, or nothing recorded
+            continue
+        for stage, count in counts.items():
+            if r.metrics.get(f"{stage}/reused") == 1:
+                count["reused"] += 1
+            elif r.config.get(stage, {}).get("steps") == 0:
+                count["given"] += 1
+            else:
+                count["trained"] += 1
+    return counts
+
+
 def time_breakdown(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
     """Seconds per stage (columns STAGES, NaN when missing) of the given trials, in order, with
     their baseline name."""
