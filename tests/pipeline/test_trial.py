@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from tunelab.data import gold_reward
 from tunelab.devices import cpu_supports_fp16
 
 LOOP_CASES = {
@@ -74,16 +75,29 @@ def test_predicted_and_measured_memory_side_by_side(default_trial):
     assert result["memory"]["predicted"]["ranks"] == 1
 
 
+def test_end_of_ppo_answers_are_kept_decoded(default_trial):
+    """A few answers of the end evaluation, as text, with their rewards (what a user reads
+    before trusting a reward)."""
+    result, out = default_trial
+    samples = json.loads((out / "metrics.json").read_text())["samples"]
+    assert samples == result["samples"] and len(samples) == 3
+    for sample in samples:
+        assert sample["prompt"].startswith("review of")
+        assert sample["answer"].strip() and "[PAD]" not in sample["answer"]
+        assert -1.0 <= sample["gold"] <= 1.0 and isinstance(sample["score"], float)
+        assert sample["gold"] == pytest.approx(gold_reward(sample["answer"]))
+
+
 def test_reward_model_is_clearly_above_chance(default_trial):
     metrics = default_trial[0]["metrics"]
-    assert metrics["rm/eval_accuracy"] >= 0.8  # 64 held-out pairs; chance is 0.5
+    assert metrics["rm/eval_accuracy"] >= 0.8  # 256 held-out pairs; chance is 0.5
     assert metrics["rm/eval_accuracy"] > metrics["rm/eval_accuracy_start"] + 0.2
     assert metrics["rm/loss_final"] < 0.5 < metrics["rm/loss_first"]
 
 
 def test_ppo_raises_gold_reward_by_a_real_margin(default_trial):
     metrics = default_trial[0]["metrics"]
-    # Gold reward lies in [-1, 1]; 64 held-out prompts give a standard error near 0.04.
+    # Gold reward lies in [-1, 1]; 256 held-out prompts give a standard error near 0.02.
     assert metrics["ppo/gold_gain"] >= 0.15
     assert metrics["ppo/gold_end"] == pytest.approx(
         metrics["ppo/gold_start"] + metrics["ppo/gold_gain"]

@@ -7,6 +7,8 @@ leaves out), then PPO epochs over the experience (`ppo_train`). The maths lives 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,20 @@ def _concat(experiences: list[Experience]) -> Experience:
         return None if parts[0] is None else torch.cat(parts)
 
     return Experience(**{name: cat(name) for name in Experience.__dataclass_fields__})
+
+
+@contextlib.contextmanager
+def own_random_stream(seed: int, device: torch.device) -> Iterator[None]:
+    """Draws inside come from `seed`; outside, torch's stream (CPU, and `device` on a GPU) goes
+    on as if they had not happened. Evaluation runs in one, so what training draws cannot
+    change what evaluation draws, nor the reverse."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+SAMPLES = 3  # decoded answers of the end-of-PPO evaluation kept in metrics.json ("samples")
 
 
 class PPOTrainer:
@@ -273,34 +289,60 @@ class PPOTrainer:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward-model score and gold reward of answers to the held-out prompts."""
-        ctx = self.ctx
+    def evaluate(self, samples: int = 0) -> dict:
+        """Mean reward-model score and gold reward of answers to the held-out prompts, and
+        `samples` of them decoded (this rank's first rows): {prompt, answer, gold, score}.
+
+        Sampling draws from its own stream, seeded alike for every evaluation (eval_seed): the
+        start and end of a trial, and every trial of a study, answer the same prompts with the
+        same draws (common random numbers), so their difference is the policy's, not luck's."""
+        ctx, config = self.ctx, self.ctx.config
         self.set_training(False)
         prompts, runtime = ctx.data.eval_prompts, ctx.runtime
+        seed = config.seed + 4 if config.eval_seed is None else config.eval_seed
         totals = {"score": 0.0, "gold": 0.0, "count": 0.0}
-        for rows, counted in eval_batches(
-            len(prompts.ids), ctx.config.batch.generation_micro, runtime.rank, runtime.world_size
-        ):
-            seq, mask, answer_mask, _ = self.generate(*prompts.rows(rows, runtime.device))
-            with torch.no_grad():
-                scores = sequence_scores(self.reward, seq, mask)
-            weight = torch.tensor(counted, dtype=torch.float32)
-            totals["score"] += (scores.cpu() * weight).sum().item()
-            gold = self.gold_rewards(seq, answer_mask)
-            if gold is not None:
-                totals["gold"] += (gold * weight).sum().item()
-            totals["count"] += weight.sum().item()
+        decoded: list[dict] = []
+        batches = eval_batches(
+            len(prompts.ids), config.batch.generation_micro, runtime.rank, runtime.world_size
+        )
+        with own_random_stream(seed + runtime.rank, runtime.device):
+            for rows, counted in batches:
+                seq, mask, answer_mask, _ = self.generate(*prompts.rows(rows, runtime.device))
+                with torch.no_grad():
+                    scores = sequence_scores(self.reward, seq, mask).float().cpu()
+                weight = torch.tensor(counted, dtype=torch.float32)
+                gold = self.gold_rewards(seq, answer_mask)
+                totals["score"] += (scores * weight).sum().item()
+                totals["gold"] += 0.0 if gold is None else (gold * weight).sum().item()
+                totals["count"] += weight.sum().item()
+                wanted = min(samples - len(decoded), sum(counted))
+                decoded += self._decoded(seq[:wanted], answer_mask[:wanted], scores, gold)
         means = {name: runtime.all_mean(value) for name, value in totals.items()}
-        result = {"score": means["score"] / means["count"]}
+        result = {"score": means["score"] / means["count"], "samples": decoded}
         if self.synthetic:
             result["gold"] = means["gold"] / means["count"]
         return result
 
+    def _decoded(self, seq, answer_mask, scores, gold) -> list[dict]:
+        """Prompt and answer texts of the rows of `seq` with their score and gold reward."""
+        decode = self.ctx.tokenizer.decode
+        return [
+            {
+                "prompt": decode(row[: self.prompt_len].tolist(), skip_special_tokens=True),
+                "answer": decode(
+                    (row[self.prompt_len :] * mask).tolist(), skip_special_tokens=True
+                ),
+                "gold": None if gold is None else gold[i].item(),
+                "score": scores[i].item(),
+            }
+            for i, (row, mask) in enumerate(zip(seq, answer_mask, strict=True))
+        ]
+
 
 def run_ppo(ctx: TrialContext, handoff: dict):
     """PPO for ppo.steps iterations from the SFT and RM weights in `handoff` (emptied once the
-    engines are built, so host memory is freed); returns (metrics, per-step series)."""
+    engines are built, so host memory is freed); returns (metrics, per-step series, decoded
+    samples of the end evaluation)."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
     # PPO's random stream starts from the seed, not from what SFT and RM drew: a trial whose
@@ -372,13 +414,14 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             )
             ctx.progress.write("ppo", step, {"perf/ppo_e2e_tokens_per_s": tokens_per_s})
     with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
-        end = trainer.evaluate()
+        end = trainer.evaluate(samples=SAMPLES)
     trainer.close()
     for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step"):
         series[f"time/{phase}_s"] = timer.series(phase)
     timed = ctx.timed_steps("ppo", ppo.steps)
     generated_tokens = sum(generated[s] for s in timed)
-    return {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, generated_tokens)}, series
+    metrics = {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, generated_tokens)}
+    return metrics, series, end["samples"]
 
 
 def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,
