@@ -88,6 +88,21 @@ def test_end_of_ppo_answers_are_kept_decoded(default_trial):
         assert sample["gold"] == pytest.approx(gold_reward(sample["answer"]))
 
 
+def test_nonpad_throughput_sits_below_the_padded_one(default_trial):
+    """Answers end at eos and prompts are left-padded: fewer real tokens than positions."""
+    from tunelab.metrics import is_metric_name
+
+    metrics = default_trial[0]["metrics"]
+    assert [name for name in metrics if not is_metric_name(name)] == []
+    for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_e2e"):
+        nonpad = metrics[f"perf/{phase}_nonpad_tokens_per_s"]
+        assert 0 < nonpad < metrics[f"perf/{phase}_tokens_per_s"], phase
+    # Generation's real tokens per answer: the mean answer length (warm-up steps included).
+    generate = "perf/ppo_generate_nonpad_tokens_per_s", "perf/ppo_generate_samples_per_s"
+    per_answer = metrics[generate[0]] / metrics[generate[1]]
+    assert per_answer == pytest.approx(metrics["ppo/answer_tokens_mean"], rel=0.1)
+
+
 def test_reward_model_is_clearly_above_chance(default_trial):
     metrics = default_trial[0]["metrics"]
     assert metrics["rm/eval_accuracy"] >= 0.8  # 256 held-out pairs; chance is 0.5
