@@ -195,3 +195,13 @@ def test_absurd_learning_rate_diverges(in_process_trials, tiny_config, tmp_path)
     result = in_process_trials(tiny_config("sft.learning_rate=1e6"), tmp_path)
     assert result["status"] == "diverged"
     assert "non-finite loss at sft step" in result["reason"]
+
+
+def test_clip_range_acts_from_the_second_ppo_epoch(in_process_trials, tiny_config, tmp_path):
+    """One epoch of one micro-batch leaves the ratio at exactly 1 (clip_fraction 0, as in every
+    trial before the shipped studies asked for 2 epochs); the second epoch starts from updated
+    weights, so some tokens leave the clip range."""
+    short = ["sft.steps=3", "rm.steps=3", "ppo.steps=3", "data.eval_size=16"]
+    result = in_process_trials(tiny_config(*short, "ppo.epochs=2"), tmp_path)
+    assert result["status"] == "ok", result["reason"]
+    assert result["metrics"]["ppo/clip_fraction"] > 0
