@@ -103,3 +103,10 @@ def test_a_section_given_in_part_keeps_its_own_defaults(tmp_path):
     assert config.actor.dropout == 0.0  # the actor's default (DeepSpeed-Chat's scripts)
     assert config.critic.learning_rate == 5e-6 and config.critic.dropout is None
     assert config.rm.learning_rate == 5e-6 and config.rm.steps == 5
+
+
+def test_eval_seed_is_fixed_by_default_and_checked():
+    assert load_config(TINY).eval_seed == 0  # every trial evaluated on the same draws
+    assert load_config(TINY, ["eval_seed=null"]).eval_seed is None  # the trial's own seed
+    with pytest.raises(InputError, match=r"eval_seed: must lie in \[0, 2\*\*32\), got -1"):
+        load_config(TINY, ["eval_seed=-1"])

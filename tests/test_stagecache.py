@@ -22,7 +22,7 @@ def test_keys_follow_what_determines_the_weights(tmp_path):
         assert stage_key(load_config(TINY, same), "sft") == key, same
     for other in (["sft.learning_rate=1e-3"], ["actor.lora_rank=8"], ["seed=5"],
                   ["precision=fp32"], ["batch.train_micro=8", "batch.generation_micro=16"],
-                  ["ppo.max_answer_len=12"], ["actor.dropout=0.1"]):  # fmt: skip
+                  ["ppo.max_answer_len=12"], ["actor.dropout=0.1"], ["eval_seed=3"]):  # fmt: skip
         assert stage_key(load_config(TINY, other), "sft") != key, other
     assert stage_key(base, "rm") != stage_key(load_config(TINY, ["critic.lora_rank=8"]), "rm")
     data = tmp_path / "pairs.jsonl"

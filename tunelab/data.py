@@ -122,10 +122,12 @@ def _synthetic_response(rng: random.Random, sentiment: float) -> str:
     return " ".join(words)
 
 
-def synthetic_preferences(count: int, seed: int) -> list[PreferenceExample]:
-    """`count` prompts, each with two responses of random sentiment; the better one is chosen."""
+def synthetic_preferences(count: int, seed: int | str,
+                          exclude: frozenset[PreferenceExample] = frozenset()):  # fmt: skip
+    """`count` prompts, each with two responses of random sentiment; the better one is chosen.
+    Examples in `exclude` (a held-out set) are drawn again."""
     rng = random.Random(seed)
-    examples = []
+    examples: list[PreferenceExample] = []
     while len(examples) < count:
         prompt = f"{PROMPT_PREFIX} {' '.join(rng.choices(NEUTRAL_WORDS, k=rng.randint(2, 4)))} :"
         first = _synthetic_response(rng, rng.uniform(-1, 1))
@@ -134,7 +136,9 @@ def synthetic_preferences(count: int, seed: int) -> list[PreferenceExample]:
             continue
         if gold_reward(first) < gold_reward(second):
             first, second = second, first
-        examples.append(PreferenceExample(prompt, first, second))
+        example = PreferenceExample(prompt, first, second)
+        if example not in exclude:
+            examples.append(example)
     return examples
 
 
@@ -284,13 +288,17 @@ def read_preference_source(source: str) -> tuple[list[PreferenceExample], list |
 
 
 def load_preferences(source: str, train_size: int, eval_size: int, seed: int,
-                     eval_source: str | None = None):  # fmt: skip
-    """(train, held-out) examples. `synthetic` generates them; a file or folder gives its own
-    evaluation split where it has one (or `eval_source`), else its first `eval_size` rows are
-    held out. At most `eval_size` held-out rows are used."""
+                     eval_source: str | None = None, eval_seed: int | None = None):  # fmt: skip
+    """(train, held-out) examples. `synthetic` generates them, the held-out set from
+    `eval_seed` (None: the trial's `seed`), so trials with different seeds are evaluated on the
+    same prompts; a file or folder gives its own evaluation split where it has one (or
+    `eval_source`), else its first `eval_size` rows are held out. At most `eval_size` held-out
+    rows are used."""
     if source == "synthetic":
-        examples = synthetic_preferences(train_size + eval_size, seed)
-        return examples[eval_size:], examples[:eval_size]
+        held_out = synthetic_preferences(
+            eval_size, f"held-out:{seed if eval_seed is None else eval_seed}"
+        )
+        return synthetic_preferences(train_size, seed, frozenset(held_out)), held_out
     train, held_out = read_preference_source(source)
     if eval_source is not None:
         held_out = load_preference_file(eval_source)

@@ -25,6 +25,9 @@ PATTERNS = tuple(
         r"|policy_loss_final|answer_tokens_mean)",
         rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process|data|setup|eval|handoff)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
+        # Tokens that are not padding (answers up to eos for generation; prompt + answer for the
+        # rest), next to tokens_per_s, which counts every padded position the hardware computes
+        r"perf/(ppo_generate|ppo_experience|ppo_train|ppo_e2e)_nonpad_tokens_per_s",
         r"perf/(ppo_generate_latency_s|ppo_generate_per_token_latency_s|peak_tflops)",
         r"mem/(peak_host_rss|peak_device_allocated|peak_device_reserved)_bytes",
         # NVML's device memory used minus torch's reserved: CUDA context, NCCL, other libraries
@@ -43,7 +46,8 @@ PATTERNS = tuple(
 
 # Examples for "did you mean" hints.
 COMMON = (
-    "perf/ppo_e2e_tokens_per_s", "perf/ppo_e2e_samples_per_s", "perf/ppo_generate_tokens_per_s",
+    "perf/ppo_e2e_tokens_per_s", "perf/ppo_e2e_nonpad_tokens_per_s", "perf/ppo_e2e_samples_per_s",
+    "perf/ppo_generate_tokens_per_s", "perf/ppo_generate_nonpad_tokens_per_s",
     "perf/ppo_train_tflops_per_rank", "time/ppo_step_s", "mem/peak_host_rss_bytes",
     "mem/peak_device_allocated_bytes", "mem/predicted_device_peak_bytes", "ppo/gold_gain",
     "ppo/score_gain", "ppo/kl_final", "rm/eval_accuracy", "sft/loss_final",

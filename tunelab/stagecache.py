@@ -55,7 +55,8 @@ def stage_key(config: TrialConfig, stage: str) -> str:
     data = config.data
     content = {
         "format": FORMAT, "stage": stage, "source": source, "source_files": _fingerprint(source),
-        "data": [data.source, data.train_size, data.eval_size, data.eval_source],
+        "data": [data.source, data.train_size, data.eval_size, data.eval_source,
+                 config.eval_seed],
         "data_files": [_fingerprint(s) for s in (data.source, data.eval_source) if s],
         # The tokenizer of a preset is trained on the data; of a checkpoint, it is the actor's.
         "tokenizer": config.models.actor,

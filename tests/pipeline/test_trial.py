@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from tunelab.data import gold_reward
 from tunelab.devices import cpu_supports_fp16
 
 LOOP_CASES = {
@@ -74,16 +75,44 @@ def test_predicted_and_measured_memory_side_by_side(default_trial):
     assert result["memory"]["predicted"]["ranks"] == 1
 
 
+def test_end_of_ppo_answers_are_kept_decoded(default_trial):
+    """A few answers of the end evaluation, as text, with their rewards (what a user reads
+    before trusting a reward)."""
+    result, out = default_trial
+    samples = json.loads((out / "metrics.json").read_text())["samples"]
+    assert samples == result["samples"] and len(samples) == 3
+    for sample in samples:
+        assert sample["prompt"].startswith("review of")
+        assert sample["answer"].strip() and "[PAD]" not in sample["answer"]
+        assert -1.0 <= sample["gold"] <= 1.0 and isinstance(sample["score"], float)
+        assert sample["gold"] == pytest.approx(gold_reward(sample["answer"]))
+
+
+def test_nonpad_throughput_sits_below_the_padded_one(default_trial):
+    """Answers end at eos and prompts are left-padded: fewer real tokens than positions."""
+    from tunelab.metrics import is_metric_name
+
+    metrics = default_trial[0]["metrics"]
+    assert [name for name in metrics if not is_metric_name(name)] == []
+    for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_e2e"):
+        nonpad = metrics[f"perf/{phase}_nonpad_tokens_per_s"]
+        assert 0 < nonpad < metrics[f"perf/{phase}_tokens_per_s"], phase
+    # Generation's real tokens per answer: the mean answer length (warm-up steps included).
+    generate = "perf/ppo_generate_nonpad_tokens_per_s", "perf/ppo_generate_samples_per_s"
+    per_answer = metrics[generate[0]] / metrics[generate[1]]
+    assert per_answer == pytest.approx(metrics["ppo/answer_tokens_mean"], rel=0.1)
+
+
 def test_reward_model_is_clearly_above_chance(default_trial):
     metrics = default_trial[0]["metrics"]
-    assert metrics["rm/eval_accuracy"] >= 0.8  # 64 held-out pairs; chance is 0.5
+    assert metrics["rm/eval_accuracy"] >= 0.8  # 256 held-out pairs; chance is 0.5
     assert metrics["rm/eval_accuracy"] > metrics["rm/eval_accuracy_start"] + 0.2
     assert metrics["rm/loss_final"] < 0.5 < metrics["rm/loss_first"]
 
 
 def test_ppo_raises_gold_reward_by_a_real_margin(default_trial):
     metrics = default_trial[0]["metrics"]
-    # Gold reward lies in [-1, 1]; 64 held-out prompts give a standard error near 0.04.
+    # Gold reward lies in [-1, 1]; 256 held-out prompts give a standard error near 0.02.
     assert metrics["ppo/gold_gain"] >= 0.15
     assert metrics["ppo/gold_end"] == pytest.approx(
         metrics["ppo/gold_start"] + metrics["ppo/gold_gain"]
@@ -166,3 +195,13 @@ def test_absurd_learning_rate_diverges(in_process_trials, tiny_config, tmp_path)
     result = in_process_trials(tiny_config("sft.learning_rate=1e6"), tmp_path)
     assert result["status"] == "diverged"
     assert "non-finite loss at sft step" in result["reason"]
+
+
+def test_clip_range_acts_from_the_second_ppo_epoch(in_process_trials, tiny_config, tmp_path):
+    """One epoch of one micro-batch leaves the ratio at exactly 1 (clip_fraction 0, as in every
+    trial before the shipped studies asked for 2 epochs); the second epoch starts from updated
+    weights, so some tokens leave the clip range."""
+    short = ["sft.steps=3", "rm.steps=3", "ppo.steps=3", "data.eval_size=16"]
+    result = in_process_trials(tiny_config(*short, "ppo.epochs=2"), tmp_path)
+    assert result["status"] == "ok", result["reason"]
+    assert result["metrics"]["ppo/clip_fraction"] > 0

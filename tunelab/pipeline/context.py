@@ -64,6 +64,14 @@ class TrialContext:
         log.info("rank %d: %s engine, ZeRO-%d, %d parameters (%d trained), weights: %s",
                  self.runtime.rank, role, stage, total, trainable, weights)  # fmt: skip
 
+    def adapters(self, role: str) -> int | None:
+        """Weights the `role` engine trains under LoRA (adapters, and a value head), for
+        tunelab.flops; None when it fine-tunes every weight."""
+        settings = self.config.actor if role in ("sft", "actor") else self.config.critic
+        if settings.lora_rank == 0:
+            return None
+        return self.engines[role]["trainable_parameters"]
+
     def source_weights(self, source: ModelSource) -> str:
         """How a model built straight from a source gets its weights, in words."""
         if source.hf_path is None:

@@ -7,6 +7,8 @@ leaves out), then PPO epochs over the experience (`ppo_train`). The maths lives 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,20 @@ def _concat(experiences: list[Experience]) -> Experience:
         return None if parts[0] is None else torch.cat(parts)
 
     return Experience(**{name: cat(name) for name in Experience.__dataclass_fields__})
+
+
+@contextlib.contextmanager
+def own_random_stream(seed: int, device: torch.device) -> Iterator[None]:
+    """Draws inside come from `seed`; outside, torch's stream (CPU, and `device` on a GPU) goes
+    on as if they had not happened. Evaluation runs in one, so what training draws cannot
+    change what evaluation draws, nor the reverse."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+SAMPLES = 3  # decoded answers of the end-of-PPO evaluation kept in metrics.json ("samples")
 
 
 class PPOTrainer:
@@ -275,34 +291,60 @@ class PPOTrainer:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward-model score and gold reward of answers to the held-out prompts."""
-        ctx = self.ctx
+    def evaluate(self, samples: int = 0) -> dict:
+        """Mean reward-model score and gold reward of answers to the held-out prompts, and
+        `samples` of them decoded (this rank's first rows): {prompt, answer, gold, score}.
+
+        Sampling draws from its own stream, seeded alike for every evaluation (eval_seed): the
+        start and end of a trial, and every trial of a study, answer the same prompts with the
+        same draws (common random numbers), so their difference is the policy's, not luck's."""
+        ctx, config = self.ctx, self.ctx.config
         self.set_training(False)
         prompts, runtime = ctx.data.eval_prompts, ctx.runtime
+        seed = config.seed + 4 if config.eval_seed is None else config.eval_seed
         totals = {"score": 0.0, "gold": 0.0, "count": 0.0}
-        for rows, counted in eval_batches(
-            len(prompts.ids), ctx.config.batch.generation_micro, runtime.rank, runtime.world_size
-        ):
-            seq, mask, answer_mask, _ = self.generate(*prompts.rows(rows, runtime.device))
-            with torch.no_grad():
-                scores = sequence_scores(self.reward, seq, mask)
-            weight = torch.tensor(counted, dtype=torch.float32)
-            totals["score"] += (scores.cpu() * weight).sum().item()
-            gold = self.gold_rewards(seq, answer_mask)
-            if gold is not None:
-                totals["gold"] += (gold * weight).sum().item()
-            totals["count"] += weight.sum().item()
+        decoded: list[dict] = []
+        batches = eval_batches(
+            len(prompts.ids), config.batch.generation_micro, runtime.rank, runtime.world_size
+        )
+        with own_random_stream(seed + runtime.rank, runtime.device):
+            for rows, counted in batches:
+                seq, mask, answer_mask, _ = self.generate(*prompts.rows(rows, runtime.device))
+                with torch.no_grad():
+                    scores = sequence_scores(self.reward, seq, mask).float().cpu()
+                weight = torch.tensor(counted, dtype=torch.float32)
+                gold = self.gold_rewards(seq, answer_mask)
+                totals["score"] += (scores * weight).sum().item()
+                totals["gold"] += 0.0 if gold is None else (gold * weight).sum().item()
+                totals["count"] += weight.sum().item()
+                wanted = min(samples - len(decoded), sum(counted))
+                decoded += self._decoded(seq[:wanted], answer_mask[:wanted], scores, gold)
         means = {name: runtime.all_mean(value) for name, value in totals.items()}
-        result = {"score": means["score"] / means["count"]}
+        result = {"score": means["score"] / means["count"], "samples": decoded}
         if self.synthetic:
             result["gold"] = means["gold"] / means["count"]
         return result
 
+    def _decoded(self, seq, answer_mask, scores, gold) -> list[dict]:
+        """Prompt and answer texts of the rows of `seq` with their score and gold reward."""
+        decode = self.ctx.tokenizer.decode
+        return [
+            {
+                "prompt": decode(row[: self.prompt_len].tolist(), skip_special_tokens=True),
+                "answer": decode(
+                    (row[self.prompt_len :] * mask).tolist(), skip_special_tokens=True
+                ),
+                "gold": None if gold is None else gold[i].item(),
+                "score": scores[i].item(),
+            }
+            for i, (row, mask) in enumerate(zip(seq, answer_mask, strict=True))
+        ]
+
 
 def run_ppo(ctx: TrialContext, handoff: dict):
     """PPO for ppo.steps iterations from the SFT and RM weights in `handoff` (emptied once the
-    engines are built, so host memory is freed); returns (metrics, per-step series)."""
+    engines are built, so host memory is freed); returns (metrics, per-step series, decoded
+    samples of the end evaluation)."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
     # PPO's random stream starts from the seed, not from what SFT and RM drew: a trial whose
@@ -320,12 +362,15 @@ def run_ppo(ctx: TrialContext, handoff: dict):
         start = trainer.evaluate()
     prompts = ctx.data.prompts
     series: dict[str, list[float]] = {}
-    generated: list[int] = []  # new tokens (answer width x rows) per step, this rank
+    # This rank's tokens per step: "generated" = answer width x rows (padding after an early
+    # eos included), "answer" = answer tokens up to eos, "sequence" = non-pad prompt + answer.
+    tokens: dict[str, list[int]] = {"generated": [], "answer": [], "sequence": []}
     for step in range(config.ppo.steps):
         with ctx.timed_phase("ppo_step", step):
             trainer.set_training(False)
             experiences = []
-            generated.append(0)
+            for counts in tokens.values():
+                counts.append(0)
             for gen_batch in range(ppo.generation_batches):
                 rows = batch_indices(
                     len(prompts.ids),
@@ -341,7 +386,9 @@ def run_ppo(ctx: TrialContext, handoff: dict):
                     )
                 with ctx.timed_phase("ppo_experience", step), ctx.memory.stage("ppo_experience"):
                     experiences.append(trainer.make_experience(seq, mask, answer_mask))
-                generated[-1] += new_tokens * len(rows)
+                tokens["generated"][-1] += new_tokens * len(rows)
+                tokens["answer"][-1] += int(answer_mask.sum().item())
+                tokens["sequence"][-1] += int(mask.sum().item())
             experience = _concat(experiences)
             trainer.set_training(True)
             with ctx.timed_phase("ppo_train", step), ctx.memory.stage("ppo_train"):
@@ -374,42 +421,66 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             )
             ctx.progress.write("ppo", step, {"perf/ppo_e2e_tokens_per_s": tokens_per_s})
     with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
-        end = trainer.evaluate()
+        end = trainer.evaluate(samples=SAMPLES)
     trainer.close()
     for phase in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step"):
         series[f"time/{phase}_s"] = timer.series(phase)
     timed = ctx.timed_steps("ppo", ppo.steps)
-    generated_tokens = sum(generated[s] for s in timed)
-    return {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, generated_tokens)}, series
+    timed_tokens = {name: sum(counts[s] for s in timed) for name, counts in tokens.items()}
+    metrics = {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, timed_tokens)}
+    return metrics, series, end["samples"]
+
+
+def nonpad_throughput(seconds: dict[str, float], answer_tokens: int, sequence_tokens: int):
+    """`perf/<phase>_nonpad_tokens_per_s` of PPO's phases from their `seconds` (training's per
+    epoch: each epoch goes over the same tokens): answer tokens up to eos for generation, what
+    the phases read of prompt and answer without padding for the others."""
+    return {
+        f"perf/{phase}_nonpad_tokens_per_s": (
+            answer_tokens if phase == "ppo_generate" else sequence_tokens
+        )
+        / max(time, 1e-9)
+        for phase, time in seconds.items()
+    }
 
 
 def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,
-                 generated_tokens: int) -> dict:  # fmt: skip
-    """Figures over the `timed` steps (after warm-up, none skipped by fp16 loss scaling)."""
+                 tokens: dict[str, int]) -> dict:  # fmt: skip
+    """Figures over the `timed` steps (after warm-up, none skipped by fp16 loss scaling);
+    `tokens`: this rank's token counts over them (see run_ppo)."""
     config, timer, world = ctx.config, ctx.timer, ctx.runtime.world_size
     ppo, batch = config.ppo, config.batch
     steps = len(timed)
     rows_per_rank = batch.generation_micro * ppo.generation_batches  # per rank per step
     seq_len, prompt_len = ctx.sequence_len, ppo.max_prompt_len
     gen_calls = steps * ppo.generation_batches
-    new_per_call = generated_tokens / max(gen_calls * batch.generation_micro, 1)
+    new_per_call = tokens["generated"] / max(gen_calls * batch.generation_micro, 1)
     actor, critic = ctx.actor_shape, ctx.critic_shape
+    # LoRA adapters run in forwards too (a frozen reference or reward model has none).
+    actor_adapters, critic_adapters = ctx.adapters("actor"), ctx.adapters("critic")
     gen_flops = gen_calls * generation_flops(
-        actor, batch.generation_micro, prompt_len, round(new_per_call)
+        actor, batch.generation_micro, prompt_len, round(new_per_call), actor_adapters or 0
     )
+    # Actor and reference compute logits for the answer only (logits_to_keep = A + 1);
+    # critic and reward model have no LM head.
+    logits = ppo.max_answer_len + 1
     exp_flops = steps * (
-        2 * forward_flops(actor, rows_per_rank, seq_len)
-        + 2 * forward_flops(critic, rows_per_rank, seq_len, lm_head=False)
+        forward_flops(actor, rows_per_rank, seq_len, logits, actor_adapters or 0)
+        + forward_flops(actor, rows_per_rank, seq_len, logits)
+        + forward_flops(critic, rows_per_rank, seq_len, 0, critic_adapters or 0)
+        + forward_flops(critic, rows_per_rank, seq_len, 0)
     )
     train = (
         steps
         * ppo.epochs
         * (
-            train_flops(actor, rows_per_rank, seq_len)
-            + train_flops(critic, rows_per_rank, seq_len, False)
+            train_flops(actor, rows_per_rank, seq_len, logits, actor_adapters)
+            + train_flops(critic, rows_per_rank, seq_len, 0, critic_adapters)
         )
     )
     samples = steps * rows_per_rank * world
+    # Summed over ranks: padded generated tokens, and the non-pad ones (ranks' answers differ).
+    total = {name: round(ctx.runtime.all_mean(count) * world) for name, count in tokens.items()}
     gen_s, exp_s, train_s, step_s = (
         timer.seconds(n, timed)
         for n in ("ppo_generate", "ppo_experience", "ppo_train", "ppo_step")
@@ -433,7 +504,7 @@ def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,
         "ppo/policy_loss_final": final("ppo/policy_loss"),
         "ppo/answer_tokens_mean": sum(series["ppo/answer_tokens"])
         / len(series["ppo/answer_tokens"]),
-        **throughput("ppo_generate", gen_s, samples, generated_tokens * world, gen_flops),
+        **throughput("ppo_generate", gen_s, samples, total["generated"], gen_flops),
         "perf/ppo_generate_latency_s": gen_s / max(gen_calls, 1),
         "perf/ppo_generate_per_token_latency_s": gen_s / max(gen_calls * new_per_call, 1e-9),
         **throughput("ppo_experience", exp_s, samples, samples * seq_len, exp_flops),
@@ -441,6 +512,17 @@ def _ppo_metrics(ctx: TrialContext, timed: list[int], start, end, series,
             "ppo_train", train_s, samples * ppo.epochs, samples * ppo.epochs * seq_len, train
         ),
         **throughput("ppo_e2e", step_s, samples, samples * seq_len, gen_flops + exp_flops + train),
+        # Tokens that are not padding: answers up to eos (generation), prompt + answer (others).
+        **nonpad_throughput(
+            {
+                "ppo_generate": gen_s,
+                "ppo_experience": exp_s,
+                "ppo_train": train_s / ppo.epochs,
+                "ppo_e2e": step_s,
+            },
+            total["answer"],
+            total["sequence"],
+        ),
         "time/ppo_step_s": step_s / steps,
         # DeepSpeed-Chat's "End-to-End" is generation + training only.
         "time/ppo_dschat_e2e_s": (gen_s + train_s) / steps,

@@ -105,7 +105,8 @@ def run_rm(ctx: TrialContext):
     timed = ctx.timed_steps("rm", config.rm.steps)
     pairs = len(timed) * batch * accum * runtime.world_size
     # A pair is two sequences through the backbone (no LM head).
-    flops = len(timed) * train_flops(ctx.critic_shape, 2 * batch * accum, ctx.sequence_len, False)
+    flops = len(timed) * train_flops(ctx.critic_shape, 2 * batch * accum, ctx.sequence_len,
+                                     logits=0, adapters=ctx.adapters("rm"))  # fmt: skip
     metrics = {
         **stage_metrics(ctx, "rm", losses),
         "rm/eval_accuracy_start": accuracy_start,

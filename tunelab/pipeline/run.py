@@ -89,7 +89,8 @@ def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs
     critic_source = resolve_model(config.models.critic)
     data = config.data
     train, held_out = load_preferences(
-        data.source, data.train_size, data.eval_size, config.seed, data.eval_source
+        data.source, data.train_size, data.eval_size, config.seed, data.eval_source,
+        config.eval_seed,
     )
     texts = [text for e in train + held_out for text in (e.prompt, e.chosen, e.rejected)]
     tokenizer = build_tokenizer(actor_source, texts)
@@ -166,7 +167,8 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
                       "trained_by": str(out_dir) if out_dir else None}  # fmt: skip
             save_stage_entry(Path(cached["path"]), handoff[stage], record)
     log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
-    ppo_metrics, ppo_series = run_ppo(ctx, handoff)  # drops the hand-off once engines hold it
+    # run_ppo drops the hand-off once the engines hold it.
+    ppo_metrics, ppo_series, result["samples"] = run_ppo(ctx, handoff)
     _release_memory()
     result["metrics"].update(ppo_metrics)
     for role, engine in ctx.engines.items():

@@ -58,7 +58,10 @@ def run_sft(ctx: TrialContext):
             ctx.timer.seconds("sft", timed),
             samples,
             samples * ctx.sequence_len,
-            len(timed) * train_flops(ctx.actor_shape, batch * accum, ctx.sequence_len),
+            len(timed)
+            * train_flops(
+                ctx.actor_shape, batch * accum, ctx.sequence_len, adapters=ctx.adapters("sft")
+            ),
         ),
     }
     return metrics, weights, losses
