@@ -64,4 +64,6 @@ def test_flops_follow_6n_rule():
     assert train_flops(shape, 4, 512) == 3 * forward_flops(shape, 4, 512)
     # Generation = prefill + one-token steps; never less than a forward over the prompt.
     assert generation_flops(shape, 2, 256, 256) > forward_flops(shape, 2, 256)
-    assert generation_flops(shape, 2, 256, 0) == forward_flops(shape, 2, 256)
+    # Logits only where a token is chosen: none without answer tokens, the last position for one.
+    assert generation_flops(shape, 2, 256, 0) == forward_flops(shape, 2, 256, logits=0)
+    assert generation_flops(shape, 2, 256, 1) == forward_flops(shape, 2, 256, logits=1)
