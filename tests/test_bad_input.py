@@ -197,7 +197,7 @@ def test_estimate_of_a_config_whose_what_if_setting_is_refused(capsys):
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, command):
     target = {"trial": TINY, "run": ROOT / "studies" / "smoke.yaml", "reproduce": None}[command]
     if command == "reproduce":
-        target = ROOT / "exports" / "smoke-trial5"
+        target = ROOT / "exports" / "smoke-trial8"
     code, _, err = cli(capsys, command, target, "--out", "/dev/null/x")
     one_line_error(code, err, "--out /dev/null/x: cannot write there (Not a directory)")
 
