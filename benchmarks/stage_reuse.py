@@ -1,13 +1,17 @@
 """What stage reuse saves: one PPO-coefficient study run twice, side by side in one run.
 
     python benchmarks/stage_reuse.py [--trials 6] [--spec studies/ppo-coefficients.yaml]
+                                     [--stage-steps 40 200]
 
 Runs `tunelab run` on the spec as shipped (`measure: [ppo]`: SFT and RM trained once and
 reused) and on the same spec measuring every stage (each trial trains SFT and RM again, as
 every trial did before stage reuse), same sampler seed and budget, without confirmation runs,
 each in a fresh folder.
 Records the command wall times, the trials' own wall times and how many trials reused their
-SFT and RM. Writes reports/bench/stage_reuse.{json,md}. Timings: run on a quiet machine.
+SFT and RM. Answers are fixed-length (ppo.min_answer_len = max), so a trial's PPO time does
+not follow its sampled trajectory; `--stage-steps` runs the pair once per SFT/RM step count
+(the shipped spec trains 40 each; a real SFT or reward-model run is far longer than its PPO
+study's trials). Writes reports/bench/stage_reuse.{json,md}. Timings: run on a quiet machine.
 """
 
 from __future__ import annotations
@@ -31,11 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = {"reuse": ["ppo"], "no reuse": ["sft", "rm", "ppo"]}
 
 
-def run_study(spec_path: Path, trials: int, measure: list[str], folder: Path) -> dict:
+def run_study(spec_path: Path, trials: int, measure: list[str], stage_steps: int,
+              folder: Path) -> dict:  # fmt: skip
     """Run the spec with `trials` trials measuring `measure`; wall time and trial figures."""
     spec = yaml.safe_load(spec_path.read_text())
     spec.update(budget={"trials": trials}, measure=measure, confirm={"top_k": 0},
                 base=str((spec_path.parent / spec["base"]).resolve()))  # fmt: skip
+    base = yaml.safe_load(Path(spec["base"]).read_text())
+    answer = spec["base_overrides"].get("ppo.max_answer_len", base["ppo"]["max_answer_len"])
+    spec["base_overrides"] = {**spec["base_overrides"], "sft.steps": stage_steps,
+                              "rm.steps": stage_steps, "ppo.min_answer_len": answer}  # fmt: skip
     spec["name"] = f"{spec['name']}-{'-'.join(measure)}"
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -50,6 +59,7 @@ def run_study(spec_path: Path, trials: int, measure: list[str], folder: Path) ->
     metrics = [trial_metrics(trial.user_attrs) for trial in study.trials]
     return {
         "measure": measure,
+        "stage_steps": stage_steps,
         "command_wall_s": wall,
         "trial_walls_s": [m["time/process_s"] for m in metrics],
         "reused_trials": sum(m.get("sft/reused", 0) == 1 for m in metrics),
@@ -61,34 +71,45 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--spec", default="studies/ppo-coefficients.yaml")
+    parser.add_argument("--stage-steps", type=int, nargs="+", default=[40])
     args = parser.parse_args()
-    results = {}
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, measure in MODES.items():
-            folder = Path(tmp) / label.replace(" ", "-")
-            folder.mkdir()
-            results[label] = run_study(ROOT / args.spec, args.trials, measure, folder)
-    ratio = results["reuse"]["command_wall_s"] / results["no reuse"]["command_wall_s"]
+        for steps in args.stage_steps:
+            for label, measure in MODES.items():
+                folder = Path(tmp) / f"{label.replace(' ', '-')}-{steps}"
+                folder.mkdir()
+                results.append(run_study(ROOT / args.spec, args.trials, measure, steps, folder))
+    ratios = {
+        steps: next(r for r in results if r["stage_steps"] == steps and r["measure"] == ["ppo"])[
+            "command_wall_s"] / next(r for r in results if r["stage_steps"] == steps
+                                     and r["measure"] != ["ppo"])["command_wall_s"]
+        for steps in args.stage_steps
+    }  # fmt: skip
     record = {
         "command": "python benchmarks/stage_reuse.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}",
         "results": results,
-        "wall_ratio": ratio,
+        "wall_ratio": ratios,
     }
     out = ROOT / "reports" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_reuse.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# Stage reuse: {args.spec}, {args.trials} trials", "",
              f"`{record['command'].strip()}` on {record['date']} ({record['machine']}).", "",
-             "| measure | study wall (s) | trial walls (s) | trials reusing SFT+RM |",
-             "|---|---|---|---|"]  # fmt: skip
-    for result in results.values():
+             "| SFT/RM steps | measure | study wall (s) | trial walls (s) | trials reusing |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for result in results:
         walls = ", ".join(f"{w:.1f}" for w in result["trial_walls_s"])
-        lines.append(f"| {result['measure']} | {result['command_wall_s']:.1f} | {walls} | "
-                     f"{result['reused_trials']} |")  # fmt: skip
-    lines += ["", f"Study wall time with reuse: {ratio:.2f}x of the same study without it "
-              "(same sampler seed, so the same PPO coefficients).", ""]  # fmt: skip
+        lines.append(f"| {result['stage_steps']} | {result['measure']} | "
+                     f"{result['command_wall_s']:.1f} | {walls} | {result['reused_trials']} |")
+    lines.append("")
+    for steps, ratio in ratios.items():
+        lines.append(f"With {steps} SFT and RM steps, the study's wall time with reuse is "
+                     f"{ratio:.2f}x of the same study without it (same sampler seed, so the "
+                     "same PPO coefficients).")  # fmt: skip
+    lines.append("")
     (out / "stage_reuse.md").write_text("\n".join(lines))
     print((out / "stage_reuse.md").read_text())
 
