@@ -10,6 +10,7 @@ PPO defaults are DeepSpeed-Chat's (dschat/rlhf/ppo_trainer.py), which hard-codes
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from tunelab.errors import InputError
 Precision = Literal["fp32", "bf16", "fp16"]
 Offload = Literal["none", "cpu"]
 Device = Literal["auto", "cpu", "cuda"]
+Tracker = Literal["none", "csv", "tensorboard", "wandb"]
+# The package each tracker needs beside DeepSpeed (its csv monitor needs none).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 SEED_LIMIT = 2**32  # numpy's and transformers.set_seed's seeds lie in [0, 2**32)
 
 
@@ -217,12 +221,21 @@ class TrialConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     warmup_steps: int = 1  # per stage, excluded from timing
     peak_tflops: float | None = None  # device peak for MFU; None = tunelab.gpus table by name
+    # Opt-in: the trained engines' losses and PPO's per-step curves through DeepSpeed's own
+    # monitor (csv, tensorboard or wandb), written under DIR/tracker/ of the trial.
+    tracker: Tracker = "none"
 
     def __post_init__(self) -> None:
         enforce(self)
 
     def checks(self) -> Iterator[Problem]:
         batch = self.batch
+        if self.tracker in TRACKER_PACKAGES and not importlib.util.find_spec(
+            TRACKER_PACKAGES[self.tracker]
+        ):
+            yield ("tracker", f"{self.tracker} needs the {TRACKER_PACKAGES[self.tracker]} "
+                   f"package here (pip install {TRACKER_PACKAGES[self.tracker]}); csv needs "
+                   "none")  # fmt: skip
         for name in ("seed", "eval_seed"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < SEED_LIMIT:

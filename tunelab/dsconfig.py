@@ -119,3 +119,23 @@ def engine_ds_configs(config: TrialConfig) -> dict[str, dict]:
             config, 3 if config.critic.zero_stage == 3 else 0, config.offload_reward
         ),
     }
+
+
+TRACKED_ENGINES = ("sft", "rm", "actor", "critic")  # the trained ones
+
+
+def with_tracker(ds_configs: dict[str, dict], tracker: str, output_path: str) -> dict[str, dict]:
+    """`ds_configs` with DeepSpeed's monitor section for `tracker` in each trained engine
+    (csv and tensorboard write under `output_path`/<engine>; wandb logs to project tunelab,
+    one group per engine); as given for `none`. Apart from engine_ds_configs, so an export
+    never carries a trial folder's path."""
+    if tracker == "none":
+        return ds_configs
+    section = {"csv": "csv_monitor", "tensorboard": "tensorboard", "wandb": "wandb"}[tracker]
+    tracked = dict(ds_configs)
+    for engine in TRACKED_ENGINES:
+        monitor = {"enabled": True, "output_path": output_path, "job_name": engine}
+        if tracker == "wandb":
+            monitor = {"enabled": True, "project": "tunelab", "group": engine}
+        tracked[engine] = {**ds_configs[engine], section: monitor}
+    return tracked

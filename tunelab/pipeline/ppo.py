@@ -409,6 +409,9 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             record["ppo/gold"] = runtime.all_mean(experience.gold.mean().item())
         for name, value in record.items():
             series.setdefault(name, []).append(value)
+        if config.tracker != "none":  # the actor's DeepSpeed monitor (rank 0 writes)
+            trainer.actor.monitor.write_events([(name, value, step) for name, value
+                                                in record.items()])  # fmt: skip
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
         if timed:

@@ -81,6 +81,14 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _engine_configs(config: TrialConfig, out_dir) -> dict[str, dict]:
+    """tunelab.dsconfig's engine configs, with the tracker writing into the trial's folder."""
+    configs = dsconfig.engine_ds_configs(config)
+    if out_dir is None:  # nowhere to write to
+        return configs
+    return dsconfig.with_tracker(configs, config.tracker, str(Path(out_dir) / "tracker"))
+
+
 def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs=None):
     """Data, tokenizer, model sources and meters of a trial. `ds_configs` defaults to the ones
     tunelab.dsconfig derives (an export's JSON files can stand in for them)."""
@@ -104,7 +112,7 @@ def build_context(config: TrialConfig, runtime, memory, out_dir=None, ds_configs
         critic_source=critic_source,
         actor_shape=_shape(actor_source),
         critic_shape=_shape(critic_source),
-        ds_configs=ds_configs or dsconfig.engine_ds_configs(config),
+        ds_configs=ds_configs or _engine_configs(config, out_dir),
         timer=PhaseTimer(runtime.synchronize),
         memory=memory,
         progress=ProgressLog(out_dir / "progress.jsonl" if out_dir and runtime.is_main else None),

@@ -41,6 +41,8 @@ def train_steps(
                 step_loss += loss.item() / batch.grad_accum
         ctx.note_skipped(stage, step, engine, skipped_before)
         losses.append(runtime.all_mean(step_loss))
+        if engine.monitor.enabled:  # the opt-in tracker (config `tracker`): rank 0 writes
+            engine.monitor.write_events([(f"{stage}/loss", losses[-1], step)])
     return losses
 
 
