@@ -41,7 +41,7 @@ TINY_TEXT = (ROOT / "studies" / "trials" / "tiny.yaml").read_text()
 SMOKE_TEXT = (ROOT / "studies" / "smoke.yaml").read_text()
 TINY = yaml.safe_load(TINY_TEXT)
 SMOKE = yaml.safe_load(SMOKE_TEXT)
-EXPORT = ROOT / "exports" / "smoke-trial5"
+EXPORT = ROOT / "exports" / "smoke-trial8"
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
