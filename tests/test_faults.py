@@ -145,6 +145,34 @@ def test_processes_starting_at_once_on_an_empty_database(tmp_path, server):
         assert {t.user_attrs["status"] for t in study.trials} == {"unsupported"}
 
 
+def test_a_reader_never_writes_into_tables_a_creator_is_making(tmp_path):
+    """Optuna's RDBStorage writes the alembic version row when it finds none; a read-only
+    open (report, a test polling a study) of a database whose `studies` table exists but whose
+    creation is unfinished must wait for the creator, not take that row (the creator then
+    failed with a UNIQUE constraint: the CI failure of the SIGKILL study test)."""
+    import threading
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    from tunelab.storage import open_storage, storage_lock
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    opened = threading.Event()
+    with storage_lock(url, "tunelab:create-tables"):  # a creator, halfway
+        engine = sqlalchemy.create_engine(url)
+        models.BaseModel.metadata.create_all(engine)  # tables, but no alembic version yet
+        reader = threading.Thread(target=lambda: (open_storage(url, create=False), opened.set()))
+        reader.start()
+        assert not opened.wait(1.0)  # the reader waits for the creator
+        with engine.connect() as connection:
+            assert not sqlalchemy.inspect(connection).has_table("alembic_version")
+        engine.dispose()
+        optuna.storages.RDBStorage(url)  # the creator finishes: the version row
+    reader.join(timeout=30)
+    assert opened.is_set()
+
+
 # -- storage faults mid-study ---------------------------------------------------------------
 
 

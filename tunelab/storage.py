@@ -119,8 +119,12 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         if journal is not None:
             return JournalStorage(JournalFileBackend(str(journal)))
         if not create:
-            _check_has_studies(url)
-            return _rdb_storage(url, skip_table_creation=True)
+            # Under the creators' lock: Optuna's RDBStorage writes the alembic version row
+            # when it finds none, so a reader opening a database whose tables a creator has
+            # half made would take that row from under it (and the creator would fail).
+            with storage_lock(url, "tunelab:create-tables"):
+                _check_has_studies(url)
+                return _rdb_storage(url, skip_table_creation=True)
         with storage_lock(url, "tunelab:create-tables"):
             return _rdb_storage(url)
     except InputError:
