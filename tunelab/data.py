@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunelab._typed import read_text
 from tunelab.errors import InputError
@@ -164,30 +165,28 @@ def _check_row(row: object, where: str) -> PreferenceExample:
     return PreferenceExample(row["prompt"], row["chosen"], row["rejected"])
 
 
+def _parse_json(text: str, path: Path, line: int | None) -> Any:
+    """`text` as JSON; an InputError naming the file and line (`line` None: the whole file,
+    whose error gives its own line) when it is not."""
+    where = f"{path}:{line}" if line is not None else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        number = line if line is not None else exc.lineno
+        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply") from None
+
+
 def _json_rows(path: Path) -> list[PreferenceExample]:
     """JSON lines, or one JSON array of rows (both are DeepSpeed-Chat's `.json`)."""
     text = read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise InputError(f"{path}: nested too deeply") from None
+        rows = _parse_json(text, path, None)
         return [_check_row(row, f"{path}: row {number}") for number, row
                 in enumerate(rows, start=1)]  # fmt: skip
-    examples = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise InputError(f"{path}:{number}: nested too deeply") from None
-        examples.append(_check_row(row, f"{path}:{number}"))
-    return examples
+    return [_check_row(_parse_json(line, path, number), f"{path}:{number}")
+            for number, line in enumerate(text.split("\n"), start=1) if line.strip()]  # fmt: skip
 
 
 def _parquet_rows(path: Path) -> list[PreferenceExample]:
