@@ -90,7 +90,7 @@ def trial_argv(
     DeepSpeed launcher (which sets that variable itself) through --include."""
     entry = ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
     if config.ranks == 1:
-        return [sys.executable, "-m", "tunelab.pipeline.run", *entry]
+        return [sys.executable, "-m", "tunelab.pipeline", *entry]
     if launcher == "deepspeed":
         where = (
             ["--include", "localhost:" + ",".join(map(str, gpus))]
@@ -99,12 +99,12 @@ def trial_argv(
         )
         return [
             sys.executable, "-m", "deepspeed.launcher.runner", *where,
-            "--master_port", str(_free_port()), "--module", "tunelab.pipeline.run", *entry,
+            "--master_port", str(_free_port()), "--module", "tunelab.pipeline", *entry,
         ]  # fmt: skip
     # --standalone: torchrun picks a free rendezvous port itself (no race between workers).
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(config.ranks), "--module", "tunelab.pipeline.run", *entry,
+        "--nproc_per_node", str(config.ranks), "--module", "tunelab.pipeline", *entry,
     ]  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Trial process entry point: read trial.json, run SFT -> RM -> PPO, write metrics.json.
 
-    python -m tunelab.pipeline.run --config DIR/trial.json --out DIR        (one rank)
-    torchrun --nproc_per_node 2 -m tunelab.pipeline.run --config ... --out DIR
+    python -m tunelab.pipeline --config DIR/trial.json --out DIR        (one rank)
+    torchrun --nproc_per_node 2 -m tunelab.pipeline --config ... --out DIR
 
 Every rank writes rank<N>.json (its status and memory); rank 0 also writes metrics.json with
 the status, the flat namespaced metrics, per-step series and per-rank memory.
@@ -41,6 +41,7 @@ from tunelab.pipeline.ppo import run_ppo
 from tunelab.pipeline.rm import run_rm
 from tunelab.pipeline.runtime import start_runtime
 from tunelab.pipeline.sft import run_sft
+from tunelab.pipeline.startup import freeze_imported_objects, remember_cpu_info
 from tunelab.pipeline.telemetry import MemoryTracker, PhaseTimer, ProgressLog
 from tunelab.presets import ModelSource, resolve_model, shape_from_hf_config
 
@@ -309,7 +310,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tunelab.pipeline.run")
+    parser = argparse.ArgumentParser(prog="tunelab.pipeline")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -325,10 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_dict(json.loads(args.config.read_text()), f"{args.config}:")
     plan_file = args.out / STAGE_PLAN
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    remember_cpu_info()
+    freeze_imported_objects()
     result = run_trial(config, args.out, psutil.Process().create_time(), plan)
     log.info("status %s %s", result["status"], result["reason"])
     return 0 if result["status"] == "ok" else 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())
