@@ -4,7 +4,8 @@
 
 Runs `tunelab trial <config>` (a fresh process each time) and splits the wall time measured
 around the command with the trial's own figures (`time/*` metrics):
-  start     command wall - time/process_s: interpreter and launcher start, process exit
+  start     command wall - time/process_s: `tunelab trial` and the interpreter starting up to
+            the trial entry point's first line, process exit
   imports   time/process_s - time/trial_s: torch, DeepSpeed, transformers, peft, distributed init
   data      time/data_s: synthetic data, tokenizer, encoding
   setup     time/setup_s: models built and six DeepSpeed engines initialised
@@ -29,6 +30,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("start", "imports", "data", "setup", "eval", "handoff", "steps")
+# Found with `python -m cProfile -m tunelab.pipeline --config DIR/trial.json --out DIR` and
+# `python -X importtime`; the numbers are the 2-core machine's (2026-11-29).
+LEFT_OUTSIDE = [
+    "## What was cut, and what is left outside the steps", "",
+    "- Cut (tunelab/pipeline/startup.py): DeepSpeed's op builders asked py-cpuinfo for the CPU "
+    "twice per trial, a Python subprocess of 1.1 s each (now kept in a file per CPU); "
+    "`gc.collect()` calls (DeepSpeed's optimizers, tunelab's memory release) walked every "
+    "imported object, 0.3 s a call (imports now run with the collector off, their objects "
+    "frozen). The median wall was 12.59 s with 3.98 s of setup before (commit fd61876).",
+    "- imports: torch 0.7 s, peft 1.3 s (its constants import transformers' BLOOM model and "
+    "generation modules), transformers 0.35 s, DeepSpeed 0.15 s. Every trial is its own "
+    "process (isolation: memory, CUDA state, a crash ends one trial), so each pays them; a "
+    "pre-imported parent forking trials would break CUDA (a parent that has asked the driver "
+    "for devices cannot fork a child that uses them).",
+    "- setup and the first step of each stage: DeepSpeed imports its Muon optimizer in every "
+    "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
+    "TorchInductor (about 1.1 s once per process); cutting it would mean stubbing a DeepSpeed "
+    "module, which tunelab does not do.",
+    "- eval (held-out accuracy, PPO start/end evaluation) is measurement the study reports.", "",
+]
 
 
 def split(wall: float, metrics: dict[str, float]) -> dict[str, float]:
@@ -76,7 +97,8 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(f"{r[k]:.2f}" for k in ("wall", *PARTS)) + " |")
     share = 1 - median["steps"] / median["wall"]
     lines += ["", f"Outside the stages' steps: {share:.0%} of the median wall. "
-              "Parts as in the module docstring of benchmarks/trial_wall.py.", ""]  # fmt: skip
+              "Parts as in the module docstring of benchmarks/trial_wall.py.", "",
+              *LEFT_OUTSIDE]  # fmt: skip
     (out / "trial_wall.md").write_text("\n".join(lines))
     print((out / "trial_wall.md").read_text())
 

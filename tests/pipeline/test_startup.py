@@ -78,7 +78,7 @@ def test_the_entry_point_collects_again_once_imports_are_frozen():
         "import gc, runpy, sys\n"
         "import tunelab.pipeline.run as run\n"
         "seen = {}\n"
-        "def fake_main():\n"
+        "def fake_main(process_started):\n"
         "    seen['during_imports'] = gc.isenabled()\n"
         "    run.freeze_imported_objects()\n"
         "    seen['after'] = gc.isenabled(); seen['frozen'] = gc.get_freeze_count() > 0\n"

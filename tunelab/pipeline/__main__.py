@@ -9,9 +9,11 @@ on before the trial runs.
 
 import gc
 import sys
+import time
 
+started = time.time()  # psutil's process start is only as exact as the boot time (1 s)
 gc.disable()
 
 from tunelab.pipeline.run import main  # noqa: E402
 
-sys.exit(main())
+sys.exit(main(process_started=started))

@@ -223,7 +223,7 @@ def run_trial(
     """Run one trial in this process (one rank of it); returns the result rank 0 writes.
 
     Failures become a status and a one-line reason (the traceback goes to the log).
-    `process_started` (epoch seconds) adds the process's whole wall time, imports included;
+    `process_started` (epoch seconds) adds the process's wall time since then, imports included;
     `plan` is the stage-cache plan (the launcher's DIR/stages.json).
     """
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -309,7 +309,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, process_started: float | None = None) -> int:
+    """`process_started`: epoch seconds at the entry point's first line (time/process_s)."""
     parser = argparse.ArgumentParser(prog="tunelab.pipeline")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -328,6 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     remember_cpu_info()
     freeze_imported_objects()
-    result = run_trial(config, args.out, psutil.Process().create_time(), plan)
+    result = run_trial(config, args.out, process_started, plan)
     log.info("status %s %s", result["status"], result["reason"])
     return 0 if result["status"] == "ok" else 3
