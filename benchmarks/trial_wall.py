@@ -42,8 +42,9 @@ LEFT_OUTSIDE = [
     "- imports: torch 0.7 s, peft 1.3 s (its constants import transformers' BLOOM model and "
     "generation modules), transformers 0.35 s, DeepSpeed 0.15 s. Every trial is its own "
     "process (isolation: memory, CUDA state, a crash ends one trial), so each pays them; a "
-    "pre-imported parent forking trials would break CUDA (a parent that has asked the driver "
-    "for devices cannot fork a child that uses them).",
+    "pre-imported parent forking trials would break CUDA: importing DeepSpeed calls "
+    "`torch.cuda.is_available()`, which starts the CUDA runtime, and a forked child of such a "
+    "process cannot use CUDA.",
     "- setup and the first step of each stage: DeepSpeed imports its Muon optimizer in every "
     "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
     "TorchInductor (about 1.1 s once per process); cutting it would mean stubbing a DeepSpeed "
