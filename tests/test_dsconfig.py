@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from tunelab.dsconfig import ENGINE_ROLES, engine_ds_configs
+from tunelab.dsconfig import engine_ds_configs
+from tunelab.records import ENGINES
 
 
 def test_batch_keys_follow_ranks(tiny_config):
     configs = engine_ds_configs(
         tiny_config("ranks=4", "batch.train_micro=8", "batch.grad_accum=2")
     )
-    for role in ENGINE_ROLES:
+    for role in ENGINES:
         assert configs[role]["train_batch_size"] == 8 * 2 * 4
         assert configs[role]["train_micro_batch_size_per_gpu"] == 8
         assert configs[role]["gradient_accumulation_steps"] == 2

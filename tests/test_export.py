@@ -11,7 +11,6 @@ import torch
 
 from tunelab.config import load_config
 from tunelab.dschat import step3_command, step3_parser
-from tunelab.dsconfig import ENGINE_ROLES
 from tunelab.errors import InputError
 from tunelab.export import (
     choose_trial,
@@ -19,7 +18,7 @@ from tunelab.export import (
     reproduce_table,
     write_export,
 )
-from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial
+from tunelab.records import ENGINES, OBJECTIVES_ATTR, from_frozen_trial
 
 from .conftest import TINY
 
@@ -102,7 +101,7 @@ def test_export_files_are_complete_and_round_trip(tmp_path):
     study = _study_with(config)
     record = choose_trial(study)
     files = export_files("s", record, OBJECTIVES)
-    assert set(files) == {f"ds_config_{r}.json" for r in ENGINE_ROLES} | {
+    assert set(files) == {f"ds_config_{r}.json" for r in ENGINES} | {
         "trial.yaml", "study.json", "README.md"}  # fmt: skip
     written = write_export(study, record, tmp_path)
     assert load_config(written / "trial.yaml") == config
@@ -145,7 +144,7 @@ def test_engines_from_exported_json_run_a_ppo_step(in_process_trials, tmp_path):
     study = _study_with(config)
     export = write_export(study, choose_trial(study), tmp_path / "export")
     ds_configs = {
-        r: json.loads((export / f"ds_config_{r}.json").read_text()) for r in ENGINE_ROLES
+        r: json.loads((export / f"ds_config_{r}.json").read_text()) for r in ENGINES
     }
     runtime = start_runtime(config)
     memory = MemoryTracker(runtime.device)

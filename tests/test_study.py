@@ -21,9 +21,11 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from tunelab.config import config_from_dict
 from tunelab.errors import InputError
+from tunelab.prelaunch import predicted_memory
 from tunelab.presets import PRESETS
-from tunelab.records import trial_metrics
+from tunelab.records import TrialAttr, from_frozen_trial, trial_metrics
 from tunelab.spec import load_spec
 from tunelab.storage import open_storage
 from tunelab.study import PGID_ATTR, create_or_resume
@@ -229,6 +231,7 @@ def test_memory_budget_prunes_before_launch(tmp_path):
     z3 = trials["z3"]
     assert z3.state == TrialState.PRUNED and z3.user_attrs["status"] == "pruned_memory"
     assert z3.user_attrs["predicted"]["mem/predicted_device_peak_bytes"] > 0.5 * 2**30
+    assert z3.user_attrs["predicted"] == from_frozen_trial(z3).predicted  # never launched
     assert PGID_ATTR not in z3.user_attrs  # never launched
     assert not (out / "trials" / f"{z3.number:04d}").exists()
     assert trials["z2"].state == TrialState.COMPLETE
@@ -294,6 +297,12 @@ def test_a_study_that_measures_ppo_trains_sft_and_rm_once(tmp_path):
         assert metrics["sft/reused"] == metrics["rm/reused"] == 1
         for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/gold_start"):
             assert metrics[name] == trial_metrics(first.user_attrs)[name], name
-        # Neither reused stage ran, so the memory prediction leaves them out.
-        assert "mem/sft/predicted_device_peak_bytes" not in trial.user_attrs["predicted"]
-    assert "mem/sft/predicted_device_peak_bytes" in first.user_attrs["predicted"]
+    for trial in study.trials:
+        # One prediction per trial: the trial's own, the one the orchestrator checked before
+        # launch (same function, same inputs); reused stages did not run, so it leaves them out.
+        recorded = from_frozen_trial(trial).predicted
+        assert TrialAttr.PREDICTED not in trial.user_attrs
+        reused = ["sft", "rm"] if trial in later else []
+        config = config_from_dict(trial.user_attrs["config"])
+        assert recorded == predicted_memory(config, False, reused).flat_metrics()
+        assert ("mem/sft/predicted_device_peak_bytes" in recorded) == (trial is first)

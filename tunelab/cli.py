@@ -140,6 +140,7 @@ def trial_summary(outcome) -> str:
 def _cmd_trial(args) -> int:
     from tunelab.config import check_inputs, load_config
     from tunelab.launcher import launch_trial
+    from tunelab.records import Status
 
     config = load_config(args.config, args.overrides)
     check_inputs(config)
@@ -147,7 +148,7 @@ def _cmd_trial(args) -> int:
     _build_ops_for(config, args.out)
     outcome = launch_trial(config, args.out, timeout_s=args.timeout, launcher=args.launcher)
     print(trial_summary(outcome))
-    return 0 if outcome.status == "ok" else 1
+    return 0 if outcome.status == Status.OK else 1
 
 
 def _cmd_estimate(args) -> int:
@@ -343,6 +344,7 @@ def _dotted(mapping: dict, key: str):
 def _cmd_reproduce(args) -> int:
     from tunelab.export import read_export, reproduce_table
     from tunelab.launcher import launch_trial
+    from tunelab.records import Status
 
     config, figures = read_export(args.export_dir)
     out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
@@ -351,7 +353,7 @@ def _cmd_reproduce(args) -> int:
     for repeat in range(args.repeats):
         outcome = launch_trial(config, out / f"repeat{repeat}", timeout_s=args.timeout)
         print(f"repeat {repeat}: {outcome.status} {outcome.reason}".rstrip(), file=sys.stderr)
-        runs.append(outcome.metrics if outcome.status == "ok" else {})
+        runs.append(outcome.metrics if outcome.status == Status.OK else {})
     table = reproduce_table(figures, runs)
     print(f"study {figures['study']}, trial {figures['trial']}, {args.repeats} repeats:")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

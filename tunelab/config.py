@@ -28,6 +28,7 @@ from tunelab._typed import (
     to_mapping,
 )
 from tunelab.errors import InputError
+from tunelab.records import STAGES
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Offload = Literal["none", "cpu"]
@@ -260,7 +261,7 @@ class TrialConfig:
         if self.warmup_steps < 0:
             yield "warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         short = [f"{stage} ({stage}.steps={getattr(self, stage).steps})"
-                 for stage in ("sft", "rm", "ppo")
+                 for stage in STAGES
                  if 0 < getattr(self, stage).steps <= self.warmup_steps]  # 0: a given stage
         if short:
             yield "warmup_steps", f"{self.warmup_steps} leaves no timed step in {', '.join(short)}"

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.config import EngineConfig, TrialConfig
+from tunelab.records import TRAINED_ENGINES
 
 # Engines of one trial: the supervised stages, then the four models of PPO.
-ENGINE_ROLES = ("sft", "rm", "actor", "critic", "reference", "reward")
 
 _ADAM_BETAS = [0.9, 0.95]  # DeepSpeed-Chat's AdamW betas
 
@@ -99,7 +99,7 @@ def hybrid_engine_section(config: TrialConfig) -> dict[str, Any]:
 
 
 def engine_ds_configs(config: TrialConfig) -> dict[str, dict]:
-    """Every engine's DeepSpeed config, keyed by ENGINE_ROLES.
+    """Every engine's DeepSpeed config, keyed by tunelab.records.ENGINES.
 
     The reference follows the actor's ZeRO stage only when it is 3 (else stage 0), the reward
     model the critic's, as in DeepSpeed-Chat's rlhf_engine.py.
@@ -121,7 +121,6 @@ def engine_ds_configs(config: TrialConfig) -> dict[str, dict]:
     }
 
 
-TRACKED_ENGINES = ("sft", "rm", "actor", "critic")  # the trained ones
 
 
 def with_tracker(ds_configs: dict[str, dict], tracker: str, output_path: str) -> dict[str, dict]:
@@ -133,7 +132,7 @@ def with_tracker(ds_configs: dict[str, dict], tracker: str, output_path: str) ->
         return ds_configs
     section = {"csv": "csv_monitor", "tensorboard": "tensorboard", "wandb": "wandb"}[tracker]
     tracked = dict(ds_configs)
-    for engine in TRACKED_ENGINES:
+    for engine in TRAINED_ENGINES:
         monitor = {"enabled": True, "output_path": output_path, "job_name": engine}
         if tracker == "wandb":
             monitor = {"enabled": True, "project": "tunelab", "group": engine}

@@ -1,5 +1,7 @@
 """Errors tunelab reports to the user as one line (exit code 2), never as a traceback."""
 
+from tunelab.records import Status
+
 
 class InputError(Exception):
     """Bad user input: a config, spec, override or data file. The message names what and where."""
@@ -12,16 +14,16 @@ class StorageFault(Exception):
 class TrialFailure(Exception):
     """A trial that cannot finish; `status` is how the study classifies it."""
 
-    status = "error"
+    status = Status.ERROR
 
 
 class UnsupportedError(TrialFailure):
     """The device cannot run this precision or option (fp16 on the CPU, hybrid engine off CUDA)."""
 
-    status = "unsupported"
+    status = Status.UNSUPPORTED
 
 
 class DivergedError(TrialFailure):
     """A loss became NaN or infinite."""
 
-    status = "diverged"
+    status = Status.DIVERGED

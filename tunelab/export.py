@@ -27,7 +27,7 @@ from tunelab import dsconfig
 from tunelab.config import TrialConfig, config_from_dict
 from tunelab.dschat import step3_command
 from tunelab.errors import InputError
-from tunelab.records import OBJECTIVES_ATTR, from_frozen_trial
+from tunelab.records import ENGINES, OBJECTIVES_ATTR, from_frozen_trial
 from tunelab.repeats import Configuration, configurations, ranked_configurations
 
 
@@ -139,7 +139,7 @@ def export_files(study_name: str, chosen: Configuration, objectives: list[dict])
         "## DeepSpeed configs",
         "",
         "One per engine, each accepted by DeepSpeed's config parser: "
-        + ", ".join(f"`ds_config_{role}.json`" for role in dsconfig.ENGINE_ROLES)
+        + ", ".join(f"`ds_config_{role}.json`" for role in ENGINES)
         + ". Pass them to `deepspeed.initialize(config=...)` for the supervised stages (sft, rm),"
         " the PPO actor and critic (trained) and the reference and reward models (inference).",
         "",

@@ -25,6 +25,7 @@ import psutil
 
 from tunelab.config import TrialConfig
 from tunelab.devices import trial_cuda_env
+from tunelab.records import Status
 
 Launcher = Literal["torchrun", "deepspeed"]
 
@@ -239,32 +240,34 @@ def collect_outcome(
     `killed` for a signal from outside without it."""
     result = _read_json(out_dir / "metrics.json")
     ranks = sorted(out_dir.glob("rank*.json"))
-    failed_ranks = [r for r in map(_read_json, ranks) if r and r.get("status") != "ok"]
-    if result is not None and (result["status"] != "ok" or not failed_ranks):
-        status, reason = result["status"], result["reason"]
+    failed_ranks = [r for r in map(_read_json, ranks) if r and r.get("status") != Status.OK]
+    if result is not None and (result["status"] != Status.OK or not failed_ranks):
+        status, reason = Status(result["status"]), result["reason"]
     elif failed_ranks:
         first = failed_ranks[0]
-        status, reason = first["status"], f"rank {first['rank']}: {first['reason']}"
+        status, reason = Status(first["status"]), f"rank {first['rank']}: {first['reason']}"
     elif returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode).name
         if oom_evidence:
-            status, reason = "oom", f"killed by {sig} ({oom_evidence})"
+            status, reason = Status.OOM, f"killed by {sig} ({oom_evidence})"
         elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
-            status, reason = "oom", f"ended by {sig}; the log reports an allocation failure"
+            status, reason = Status.OOM, f"ended by {sig}; the log reports an allocation failure"
         elif -returncode not in _KILL_SIGNALS:  # SIGSEGV, SIGABRT, ...: the process crashed
-            status, reason = "error", f"trial process crashed ({sig}); see its log"
+            status, reason = Status.ERROR, f"trial process crashed ({sig}); see its log"
         else:
             status, reason = (
-                "killed",
+                Status.KILLED,
                 f"ended by {sig} from outside tunelab (no OOM kill in the kernel log or the "
                 "memory cgroup)",
             )
-    elif oom_evidence:
-        status, reason = "oom", f"trial process exited with code {returncode} ({oom_evidence})"
-    elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
-        status, reason = "oom", f"trial process exited with code {returncode}; log reports OOM"
     else:
-        status, reason = "error", f"trial process exited with code {returncode} and no metrics"
+        exited = f"trial process exited with code {returncode}"
+        if oom_evidence:
+            status, reason = Status.OOM, f"{exited} ({oom_evidence})"
+        elif _log_tail_mentions(out_dir / "trial.log", *_OOM_NEEDLES):
+            status, reason = Status.OOM, f"{exited}; log reports OOM"
+        else:
+            status, reason = Status.ERROR, f"{exited} and no metrics"
     result = result or {}
     return TrialOutcome(
         status=status,
@@ -354,11 +357,11 @@ def launch_trial(
                 for record in progress.new_records():
                     if on_progress is not None and on_progress(record) and stopped is None:
                         where = f"{record['stage']} step {record['step']}"
-                        stopped = ("pruned", f"stopped early at {where}")
+                        stopped = (Status.PRUNED, f"stopped early at {where}")
                 if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    stopped = ("timeout", f"exceeded the {timeout_s:g} s trial timeout")
+                    stopped = (Status.TIMEOUT, f"exceeded the {timeout_s:g} s trial timeout")
                 if stop is not None and stop.is_set():
-                    stopped = ("interrupted", "the orchestrator was stopped")
+                    stopped = (Status.INTERRUPTED, "the orchestrator was stopped")
                 if stopped is not None:
                     kill_process_tree(process)
                     break

@@ -54,6 +54,7 @@ from typing import Any
 from tunelab.config import EngineConfig, TrialConfig
 from tunelab.dsconfig import engine_ds_configs
 from tunelab.presets import ModelShape
+from tunelab.stagecache import STAGES as REUSABLE_STAGES
 
 GIB = 2**30
 # DeepSpeed 0.19's defaults for what a config leaves out (deepspeed/runtime/zero/config.py).
@@ -67,6 +68,12 @@ DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 CUDA_CONTEXT_BYTES = GIB
 NCCL_BUFFER_BYTES = GIB // 2
 STAGES = ("setup", "sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
+# Each engine (tunelab.records.ENGINES) -> (the stage whose prediction holds it, its role there).
+ENGINE_STAGES = {
+    "sft": ("sft", "actor"), "rm": ("rm", "critic"), "actor": ("ppo_train", "actor"),
+    "critic": ("ppo_train", "critic"), "reference": ("ppo_train", "reference"),
+    "reward": ("ppo_train", "reward"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -533,12 +540,26 @@ class MemoryPrediction:
         for name, stage in self.stages.items():
             metrics[f"mem/{name}/predicted_device_peak_bytes"] = stage.device_peak
             metrics[f"mem/{name}/predicted_host_peak_bytes"] = stage.host_peak
+        for engine, (stage, role) in ENGINE_STAGES.items():
+            if stage in self.stages:  # absent: a stage given or reused, not trained
+                states = self.stages[stage].engines[role]
+                metrics[f"mem/{engine}/predicted_model_states_bytes"] = states.model_states.total
         return metrics
 
 
 def device_headroom(ranks: int) -> int:
     """CUDA context per rank, plus NCCL's buffers when ranks communicate."""
     return CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if ranks > 1 else 0)
+
+
+def trial_prediction(
+    config: TrialConfig, actor: ModelShape, critic: ModelShape, on_cuda: bool,
+    reused: Collection[str] = (),
+) -> MemoryPrediction:
+    """The prediction a trial records, the same whether the orchestrator makes it before launch
+    or the trial itself (which knows a hub model's shape): device headroom for a CUDA trial,
+    none for one on the CPU; `reused` stages left out."""
+    return predict(config, actor, critic, None if on_cuda else 0, reused)
 
 
 def predict(
@@ -640,7 +661,7 @@ def predict(
             },
         ),
     }
-    for stage in ("sft", "rm"):
+    for stage in REUSABLE_STAGES:
         if not getattr(config, stage).steps or stage in reused:
             del stages[stage]
     return MemoryPrediction(

@@ -7,16 +7,18 @@ Study user attrs:
     "tunelab:objectives"  [{"metric": ..., "direction": "maximize"|"minimize"}, ...]
 
 Trial params: the searched knobs by dotted name ("actor.zero_stage"), values in spec order.
-Trial user attrs (TrialAttr below): status, reason, series (per step), config (the full
-trial config), predicted (flat memory prediction), wall_s, out_dir, log, worker, "baseline"
-(its name) and "fixed" (its overrides) for enqueued baseline trials, and "repeat_of" (the
-original trial's number) for confirmation runs (tunelab.repeats), "samples" (decoded answers
-from metrics.json, when the trial wrote them). Every metric
-is its own user attr, keyed by its namespaced name ("perf/ppo_e2e_tokens_per_s"), so
-optuna-dashboard and `study.trials_dataframe()` see one numeric column per metric; a key
-holding "/" is a metric, TrialAttr names never do. The study's metric names are set with
-`study.set_metric_names` (the objectives' metrics, in order). Constraints go through Optuna's
-trial.set_constraint (feasible when <= 0).
+Trial user attrs (TrialAttr below): status (a Status value), reason, series (per step),
+config (the full trial config), wall_s, out_dir, log, worker, "baseline" (its name) and "fixed"
+(its overrides) for enqueued baseline trials, "repeat_of" (the original trial's number) for
+confirmation runs (tunelab.repeats), "samples" (decoded answers from metrics.json, when the
+trial wrote them), and "predicted": the flat memory prediction the orchestrator made before
+launch, kept only when the trial recorded none itself (a trial that ran records
+tunelab.memory.trial_prediction's `mem/.../predicted_*` among its metrics), so a trial holds
+one prediction. Every metric is its own user attr, keyed by its namespaced name
+("perf/ppo_e2e_tokens_per_s"), so optuna-dashboard and `study.trials_dataframe()` see one
+numeric column per metric; a key holding "/" is a metric, TrialAttr names never do. The
+study's metric names are set with `study.set_metric_names` (the objectives' metrics, in order).
+Constraints go through Optuna's trial.set_constraint (feasible when <= 0).
 """
 
 from __future__ import annotations
@@ -24,17 +26,48 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-# Outcome of a trial as tunelab classifies it (Optuna state in brackets):
-# ok [COMPLETE]; oom, killed, unsupported, diverged, timeout, error, invalid [FAIL];
-# pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
-# interrupted [FAIL]: its orchestrator died or was stopped, or its heartbeat stopped; the same
-# parameters are enqueued again (at most tunelab.storage.MAX_RETRY times; the reason says so).
-# oom needs evidence (an out-of-memory error, the kernel's OOM-kill log line or the cgroup's
-# OOM-kill counter); a trial ended by a signal without such evidence is `killed`.
-FAILURE_STATUSES = ("oom", "killed", "unsupported", "diverged", "timeout", "error", "invalid")
-PRUNED_STATUSES = ("pruned", "pruned_memory")
+
+class Status(StrEnum):
+    """Outcome of a trial as tunelab classifies it; stored as its plain string value.
+
+    ok [Optuna COMPLETE]; oom, killed, unsupported, diverged, timeout, error, invalid [FAIL];
+    pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
+    interrupted [FAIL]: its orchestrator died or was stopped, or its heartbeat stopped; the
+    same parameters are enqueued again (at most tunelab.storage.MAX_RETRY times; the reason
+    says so). oom needs evidence (an out-of-memory error, the kernel's OOM-kill log line or the
+    cgroup's OOM-kill counter); a trial ended by a signal without such evidence is `killed`.
+    """
+
+    OK = "ok"
+    OOM = "oom"
+    KILLED = "killed"
+    UNSUPPORTED = "unsupported"
+    DIVERGED = "diverged"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    INVALID = "invalid"
+    PRUNED = "pruned"
+    PRUNED_MEMORY = "pruned_memory"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def optuna_state(self) -> str:
+        """The name of the Optuna TrialState a trial with this status ends in."""
+        if self is Status.OK:
+            return "COMPLETE"
+        return "PRUNED" if self in PRUNED_STATUSES else "FAIL"
+
+
+PRUNED_STATUSES = (Status.PRUNED, Status.PRUNED_MEMORY)
+
+# The pipeline's stages in order, and its DeepSpeed engines by role (metrics, reports and the
+# DeepSpeed configs use these names: "sft/loss", "mem/actor/...", "actor.json").
+STAGES = ("sft", "rm", "ppo")
+ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
+TRAINED_ENGINES = ("sft", "rm", "actor", "critic")  # the ones with an optimizer
 
 
 class TrialAttr:
@@ -101,10 +134,16 @@ def trial_metrics(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
     return flat or dict(user_attrs.get(_NESTED_METRICS, {}))
 
 
+def prediction_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The memory prediction among a trial's metrics (`mem/.../predicted_*`)."""
+    return {name: value for name, value in metrics.items() if "/predicted_" in name}
+
+
 def from_frozen_trial(trial) -> TrialRecord:
     """A TrialRecord from an optuna.trial.FrozenTrial (duck-typed: no optuna import here)."""
     attrs = trial.user_attrs
     state = trial.state.name
+    metrics = trial_metrics(attrs)
     return TrialRecord(
         number=trial.number,
         state=state,
@@ -112,10 +151,10 @@ def from_frozen_trial(trial) -> TrialRecord:
         reason=attrs.get(TrialAttr.REASON, ""),
         params=dict(trial.params),
         values=tuple(trial.values) if trial.values is not None else None,
-        metrics=trial_metrics(attrs),
+        metrics=metrics,
         series=attrs.get(TrialAttr.SERIES, {}),
         config=attrs.get(TrialAttr.CONFIG, {}),
-        predicted=attrs.get(TrialAttr.PREDICTED, {}),
+        predicted=prediction_metrics(metrics) or attrs.get(TrialAttr.PREDICTED, {}),
         wall_s=attrs.get(TrialAttr.WALL_S),
         baseline=attrs.get(TrialAttr.BASELINE),
         out_dir=attrs.get(TrialAttr.OUT_DIR),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from tunelab.config import SEED_LIMIT
-from tunelab.records import TrialRecord, is_finite, ranked
+from tunelab.records import Status, TrialRecord, is_finite, ranked
 
 # Two-sided 95% quantiles of Student's t, t_{0.975, df} for df = 1..30 (any statistics table,
 # e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2); beyond 30 the normal's 1.96.
@@ -164,7 +164,7 @@ def repeats_needed(
         chosen.append(baseline.number)
     needed = {}
     for number in dict.fromkeys(chosen):
-        have = sum(r.repeat_of == number and r.status != "interrupted" for r in records)
+        have = sum(r.repeat_of == number and r.status != Status.INTERRUPTED for r in records)
         if repeats - 1 - have > 0:
             needed[number] = repeats - 1 - have
     return needed

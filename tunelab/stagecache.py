@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import EngineConfig, TrialConfig
+from tunelab.records import STAGES as PIPELINE_STAGES
 
-STAGES = ("sft", "rm")  # the stages that can be reused; PPO is always run
+STAGES = PIPELINE_STAGES[:-1]  # the stages that can be reused: all but PPO, always run
 FORMAT = 2  # bumped when what an entry holds, or how a stage trains, changes
 _ROLE = {"sft": "actor", "rm": "critic"}
 WEIGHTS, RECORD = "weights.pt", "stage.json"
@@ -82,3 +83,8 @@ def stage_plan(config: TrialConfig, cache: Path, measure: tuple[str, ...]) -> di
         complete = (path / RECORD).is_file() and (path / WEIGHTS).is_file()
         plan[stage] = {"action": "load" if complete else "save", "path": str(path), "key": key}
     return plan
+
+
+def reused_stages(plan: dict[str, dict]) -> list[str]:
+    """The stages a trial of `plan` loads from the cache instead of running."""
+    return [stage for stage, step in plan.items() if step["action"] == "load"]

@@ -2,9 +2,10 @@
 
 `tunelab run SPEC` creates or resumes a study; `tunelab worker` joins one from another node.
 Each worker thread asks Optuna for a point (under a lock that keeps the budget exact across
-processes), turns it into a TrialConfig, skips what cannot run here or is predicted over the
-memory budget, launches the trial as a subprocess group, feeds its intermediate throughput to
-the pruner, and tells Optuna the outcome with everything measured as user attributes.
+processes), has tunelab.prelaunch turn it into a TrialConfig and skip what cannot run here or
+is predicted over the memory budget, launches the trial as a subprocess group, lets
+tunelab.pruning judge its intermediate throughput, and tells Optuna the outcome with
+everything measured as user attributes (tunelab.records says how).
 
 Faults: every process joining a study gets its own sampler seed (derived from the spec's seed
 and the order in which processes joined), so workers do not repeat each other's start-up
@@ -36,19 +37,19 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tunelab import launcher, ops
-from tunelab.config import SEED_LIMIT, TrialConfig
-from tunelab.devices import Gpu, gpu_inventory, gpu_slots, unsupported_reason
+from tunelab.config import SEED_LIMIT
+from tunelab.devices import Gpu, gpu_inventory, gpu_slots
 from tunelab.errors import InputError, StorageFault
-from tunelab.memory import MemoryPrediction, predict
-from tunelab.presets import resolve_model
-from tunelab.pruning import dominated
+from tunelab.prelaunch import check_trial
+from tunelab.pruning import TrialPruning
 from tunelab.records import (
     OBJECTIVES_ATTR,
-    PRUNED_STATUSES,
     SPEC_ATTR,
+    Status,
     TrialAttr,
     from_frozen_trial,
     metric_attrs,
+    prediction_metrics,
     trial_metrics,
 )
 from tunelab.repeats import repeat_seed, repeats_needed
@@ -61,9 +62,8 @@ from tunelab.spec import (
     full_base,
     is_active,
     spec_from_storage,
-    trial_config,
 )
-from tunelab.stagecache import STAGE_CACHE, stage_plan
+from tunelab.stagecache import STAGE_CACHE
 from tunelab.storage import (
     GRACE_S,
     MAX_RETRY,
@@ -243,7 +243,7 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
     if trial.state == TrialState.RUNNING:
         return True
     status = trial.user_attrs.get(TrialAttr.STATUS)
-    return trial.state.is_finished() and status not in (None, "interrupted")
+    return trial.state.is_finished() and status not in (None, Status.INTERRUPTED)
 
 
 def enqueue_repeats(study: optuna.Study, spec: StudySpec) -> bool:
@@ -275,28 +275,31 @@ def enqueue_repeats(study: optuna.Study, spec: StudySpec) -> bool:
 # -- recording outcomes -----------------------------------------------------------------------
 
 
-def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, predicted=None,
-                   outcome=None, intermediate=None) -> dict[str, Any]:  # fmt: skip
+def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
+                   predicted=None, outcome=None, intermediate=None) -> dict[str, Any]:  # fmt: skip
     """What tunelab records for a finished trial: status, reason, user attributes, objective
-    values and constraint violations (JSON, so it can wait in DIR/outcome.json)."""
+    values and constraint violations (JSON, so it can wait in DIR/outcome.json). `predicted`,
+    the orchestrator's memory prediction, is kept only when the trial recorded none itself."""
     metrics = outcome.metrics if outcome else {}
     values = None
-    if status == "ok":
+    if status == Status.OK:
         missing = [o.metric for o in spec.objectives if o.metric not in metrics]
         if missing:
-            status, reason = "error", f"objective metric {missing[0]} missing from the trial"
+            status, reason = Status.ERROR, f"objective metric {missing[0]} missing from the trial"
         else:
             values = [float(metrics[o.metric]) for o in spec.objectives]
             odd = [o.metric for o, v in zip(spec.objectives, values, strict=True)
                    if not math.isfinite(v)]  # fmt: skip
             if odd:
-                status, reason, values = "error", f"objective metric {odd[0]} is not finite", None
+                status, values = Status.ERROR, None
+                reason = f"objective metric {odd[0]} is not finite"
     attrs = {
         **metric_attrs(metrics), TrialAttr.STATUS: status, TrialAttr.REASON: reason,
         TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
         TrialAttr.CONFIG: config.to_dict() if config else {},
-        TrialAttr.PREDICTED: predicted or {},
     }  # fmt: skip
+    if predicted and not prediction_metrics(metrics):
+        attrs[TrialAttr.PREDICTED] = predicted
     if outcome:
         attrs[TrialAttr.WALL_S] = outcome.wall_s
         attrs[TrialAttr.OUT_DIR] = str(outcome.out_dir)
@@ -318,16 +321,15 @@ def outcome_record(spec: StudySpec, status: str, reason: str, *, config=None, pr
 def record_outcome(study: optuna.Study, trial: optuna.Trial, record: dict[str, Any]) -> None:
     """Write a record on its trial and tell Optuna (safe to repeat after a storage fault)."""
     set_trial_user_attrs(study, trial._trial_id, record["attrs"])
+    status = Status(record["status"])  # a string again once read back from outcome.json
     if record["values"] is not None:
         for name, violation in record["constraints"].items():
             trial.set_constraint(name, violation)
         study.tell(trial, record["values"], state=TrialState.COMPLETE, skip_if_finished=True)
-    elif record["status"] in PRUNED_STATUSES:
-        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-    elif record["status"] == "interrupted":
+    elif status == Status.INTERRUPTED:
         interrupt(study, trial._trial_id, record["reason"])
     else:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        study.tell(trial, state=TrialState[status.optuna_state], skip_if_finished=True)
 
 
 def interrupt(study: optuna.Study, trial_id: int, reason: str) -> str:
@@ -341,7 +343,7 @@ def interrupt(study: optuna.Study, trial_id: int, reason: str) -> str:
     if retries >= MAX_RETRY:
         reason += (f"; not run again: retried {retries} times already, the cap "
                    f"(MAX_RETRY={MAX_RETRY} in tunelab/storage.py)")  # fmt: skip
-    storage.set_trial_user_attr(trial_id, TrialAttr.STATUS, "interrupted")
+    storage.set_trial_user_attr(trial_id, TrialAttr.STATUS, Status.INTERRUPTED)
     storage.set_trial_user_attr(trial_id, TrialAttr.REASON, reason)
     if storage.set_trial_state_values(trial_id, TrialState.FAIL):
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial_id))
@@ -445,7 +447,7 @@ def progress_line(loaded: LoadedSpec, trials: list, elapsed_s: float, walls: lis
     pruned = sum(t.state == TrialState.PRUNED for t in done)
     parts = [f"[{spec.name}] {len(done)}/{spec.budget.trials} trials",
              f"ok {len(ok)}, failed {len(done) - len(ok) - pruned}, pruned {pruned}"]  # fmt: skip
-    capped = [t for t in trials if t.user_attrs.get(TrialAttr.STATUS) == "interrupted"
+    capped = [t for t in trials if t.user_attrs.get(TrialAttr.STATUS) == Status.INTERRUPTED
               and "not run again" in t.user_attrs.get(TrialAttr.REASON, "")]  # fmt: skip
     if capped:
         parts.append(f"{len(capped)} interrupted past the retry cap ({MAX_RETRY})")
@@ -570,43 +572,10 @@ class Orchestrator:
 
     # one trial
 
-    def _stage_plan(self, config: TrialConfig) -> dict[str, dict]:
-        """Which unmeasured stages this trial loads from, or saves to, the study's cache."""
-        return stage_plan(config, self.out_dir / STAGE_CACHE, self.spec.measure)
-
-    def _predict(self, config: TrialConfig, reused: list[str]) -> MemoryPrediction | None:
-        actor, critic = resolve_model(config.models.actor), resolve_model(config.models.critic)
-        if actor.shape is None or critic.shape is None:
-            return None  # hub names: shapes unknown before the weights are loaded
-        # A node without GPUs runs trials on the CPU: no CUDA context or NCCL buffers.
-        headroom = None if self.gpus else 0
-        return predict(config, actor.shape, critic.shape, headroom, reused)
-
-    def _over_budget(self, prediction: MemoryPrediction | None) -> str | None:
-        budget = self.spec.memory_budget
-        if prediction is None:
-            return None
-        checks = (("device", prediction.device_peak, budget.device_gib),
-                  ("host", prediction.host_peak, budget.host_gib))  # fmt: skip
-        for place, peak, limit in checks:
-            if limit is not None and peak > limit * 2**30:
-                return (f"predicted {place} peak {peak / 2**30:.2f} GiB per rank exceeds the "
-                        f"{limit:g} GiB budget; not launched")  # fmt: skip
-        return None
-
-    def _on_progress(self, trial: optuna.Trial, intermediate: dict, prediction: dict,
-                     finished: list[dict[str, float]], record):  # fmt: skip
-        pruner = self.spec.pruner
-        value = record.get(pruner.metric)
-        if value is None or pruner.type == "none":
-            return False
-        intermediate[str(record["step"])] = value
-        if pruner.type == "dominance":
-            running = {**prediction, pruner.metric: value}
-            return dominated(running, finished, self.spec.objectives, pruner.margin)
+    def _optuna_prunes(self, trial: optuna.Trial, value: float, step: int) -> bool:
         try:
             with self.lock:
-                trial.report(value, record["step"])
+                trial.report(value, step)
                 return trial.should_prune()
         except STORAGE_ERRORS:
             return False  # never prune on a storage fault; the outcome's recording reports it
@@ -616,28 +585,20 @@ class Orchestrator:
         repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         params = self._store(f"trial {trial.number}: sampling",
                              lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
-        try:
-            config = trial_config(self.loaded, params, fixed)
-        except InputError as exc:
-            self._finish(trial, "invalid", str(exc))
-            return
-        plan = self._stage_plan(config)
-        prediction = self._predict(config, [s for s, p in plan.items() if p["action"] == "load"])
-        flat = prediction.flat_metrics() if prediction else {}
-        reason = unsupported_reason(config, self.gpus if gpus else [])
-        if reason:
-            self._finish(trial, "unsupported", f"{reason} (not launched)", config=config,
-                         predicted=flat)  # fmt: skip
-            return
-        over = self._over_budget(prediction)
-        if over:
-            self._finish(trial, "pruned_memory", over, config=config, predicted=flat)
+        verdict = check_trial(self.loaded, params, fixed, self.gpus if gpus else [],
+                              self.out_dir / STAGE_CACHE)  # fmt: skip
+        config, plan = verdict.config, verdict.plan
+        if verdict.refusal is not None:
+            self._finish(trial, *verdict.refusal, config=config, predicted=verdict.predicted)
             return
         out = self.out_dir / "trials" / f"{trial.number:04d}"
-        intermediate: dict[str, float] = {}
-        # Read once per trial, not per progress record (trials finishing meanwhile are not
-        # used: less pruning, never wrong pruning).
-        finished = self._finished_metrics() if self.spec.pruner.type == "dominance" else []
+        pruning = TrialPruning(
+            self.spec.pruner, self.spec.objectives, verdict.predicted,
+            # Read once per trial, not per progress record (trials finishing meanwhile are
+            # not used: less pruning, never wrong pruning).
+            self._finished_metrics() if self.spec.pruner.type == "dominance" else [],
+            lambda value, step: self._optuna_prunes(trial, value, step),
+        )  # fmt: skip
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
         shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
@@ -654,21 +615,20 @@ class Orchestrator:
             outcome = launcher.launch_trial(
                 config, out, timeout_s=self.spec.resources.trial_timeout_s,
                 launcher=self.spec.resources.launcher, gpus=gpus,
-                on_progress=lambda record: not repeat and self._on_progress(
-                    trial, intermediate, flat, finished, record
-                ),
+                on_progress=lambda record: not repeat and pruning.should_stop(record),
                 on_start=remember_group, stop=self.stop, stage_plan=plan,
                 concurrent=len(self.slots),
             )  # fmt: skip
         except OSError as exc:  # the trial folder cannot be written: no trial can run here
-            self._finish(trial, "interrupted", f"cannot write {out} ({first_line(exc)})")
+            self._finish(trial, Status.INTERRUPTED, f"cannot write {out} ({first_line(exc)})")
             raise StorageFault(f"trial {trial.number}: cannot write {out} "
                                f"({first_line(exc)}); the study stops") from None  # fmt: skip
         finally:
             self.running.discard(trial._trial_id)
         self.walls.append(outcome.wall_s)
-        self._finish(trial, outcome.status, outcome.reason, config=config, predicted=flat,
-                     outcome=outcome, intermediate=intermediate)  # fmt: skip
+        self._finish(trial, outcome.status, outcome.reason, config=config,
+                     predicted=verdict.predicted, outcome=outcome,
+                     intermediate=pruning.intermediate)  # fmt: skip
 
     def _finish(self, trial: optuna.Trial, status: str, reason: str, **measured) -> None:
         """Record the outcome on the trial and tell Optuna; only here does a trial end. A

@@ -12,15 +12,14 @@ import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tunelab.records import OBJECTIVES_ATTR, TrialAttr, metric_attrs
+from tunelab.records import ENGINES, OBJECTIVES_ATTR, TrialAttr, metric_attrs
+from tunelab.report.data import TIMED_PHASES
 
 MIB = 1024**2
 GIB = 1024**3
 THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
 HOST_PEAK = "mem/peak_host_rss_bytes"
 DEVICE_PEAK = "mem/peak_device_allocated_bytes"
-STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
-ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
 DISTRIBUTIONS = {
     "actor.zero_stage": IntDistribution(0, 3),
     "actor.offload_optimizer": CategoricalDistribution(["none", "cpu"]),
@@ -78,7 +77,7 @@ def metrics(number: int, tokens_per_s: float, peak_bytes: float, gpu: bool) -> d
         "time/trial_s": 8.9 + number,
         "mem/predicted_device_peak_bytes": (9 + number) * MIB,
     }
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(TIMED_PHASES):
         result[f"time/{stage}_s"] = 0.5 + 0.1 * i + 0.01 * number
         result[f"mem/{stage}/predicted_device_peak_bytes"] = (5 + i) * MIB + number * MIB
         result[f"mem/{stage}/peak_host_rss_bytes"] = peak_bytes - (4 - i) * MIB

@@ -240,8 +240,8 @@ def test_top_trials_by_the_first_objective_then_the_baseline(cpu):
 def test_time_breakdown_seconds_per_stage(cpu):
     _, records, _ = cpu
     frame = data.time_breakdown(records, [4, 0]).set_index("number")
-    assert list(frame.columns) == ["baseline", *data.STAGES]
-    assert frame.loc[4, list(data.STAGES)].tolist() == pytest.approx(
+    assert list(frame.columns) == ["baseline", *data.TIMED_PHASES]
+    assert frame.loc[4, list(data.TIMED_PHASES)].tolist() == pytest.approx(
         [0.54, 0.64, 0.74, 0.84, 0.94]
     )
     assert frame.loc[0, "baseline"] == BASELINE
@@ -290,7 +290,7 @@ def test_ppo_curves_place_a_thinned_series_at_its_steps():
 def test_stage_memory_compares_with_host_rss_on_the_cpu_and_device_on_a_gpu(cpu):
     _, records, _ = cpu
     frame = data.stage_memory(records)
-    assert len(frame) == 7 * len(data.STAGES)  # the complete trials
+    assert len(frame) == 7 * len(data.TIMED_PHASES)  # the complete trials
     assert set(frame["measured"]) == {"host RSS"}
     row = frame[(frame["number"] == 4) & (frame["stage"] == "ppo_train")].iloc[0]
     assert (row["predicted_bytes"], row["measured_bytes"]) == (13 * MIB, 700 * MIB)

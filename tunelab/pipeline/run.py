@@ -32,7 +32,7 @@ from tunelab.data import load_preferences
 from tunelab.errors import TrialFailure
 from tunelab.gpus import mfu_metrics, peak_tflops
 from tunelab.launcher import STAGE_PLAN, WATCH_ENV
-from tunelab.memory import predict
+from tunelab.memory import trial_prediction
 from tunelab.pipeline.batching import encode
 from tunelab.pipeline.checkpoints import load_stage_entry, save_stage_entry
 from tunelab.pipeline.context import TrialContext
@@ -44,30 +44,25 @@ from tunelab.pipeline.sft import run_sft
 from tunelab.pipeline.startup import freeze_imported_objects, remember_cpu_info
 from tunelab.pipeline.telemetry import MemoryTracker, PhaseTimer, ProgressLog
 from tunelab.presets import ModelSource, resolve_model, shape_from_hf_config
+from tunelab.records import Status
+from tunelab.stagecache import reused_stages
 
 log = logging.getLogger("tunelab")
 
-# (engine role in metrics, predicted stage, role within that stage)
-_ENGINE_STAGES = (
-    ("sft", "sft", "actor"), ("rm", "rm", "critic"), ("actor", "ppo_train", "actor"),
-    ("critic", "ppo_train", "critic"), ("reference", "ppo_train", "reference"),
-    ("reward", "ppo_train", "reward"),
-)  # fmt: skip
 
-
-def classify(exc: BaseException) -> tuple[str, str]:
+def classify(exc: BaseException) -> tuple[Status, str]:
     """(status, one-line reason) of an exception that ended a trial."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, TrialFailure):
         return exc.status, text
     lowered = text.lower()
     if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in lowered:
-        return "oom", f"{type(exc).__name__}: {text}"
+        return Status.OOM, f"{type(exc).__name__}: {text}"
     if "can't allocate memory" in lowered:
-        return "oom", f"{type(exc).__name__}: {text}"
+        return Status.OOM, f"{type(exc).__name__}: {text}"
     if "not supported on your device" in lowered:
-        return "unsupported", text
-    return "error", f"{type(exc).__name__}: {text}"
+        return Status.UNSUPPORTED, text
+    return Status.ERROR, f"{type(exc).__name__}: {text}"
 
 
 def _shape(source: ModelSource):
@@ -134,16 +129,10 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
     started = time.perf_counter()
     ctx = build_context(config, runtime, memory, out_dir)
     data_s = time.perf_counter() - started  # data, tokenizer, encoding
-    # A CPU accelerator has no CUDA context or NCCL buffers to leave room for.
-    headroom = None if runtime.device.type == "cuda" else 0
-    prediction = predict(config, ctx.actor_shape, ctx.critic_shape, headroom)
+    prediction = trial_prediction(config, ctx.actor_shape, ctx.critic_shape,
+                                  runtime.device.type == "cuda", reused_stages(plan))  # fmt: skip
     result["memory"] = {"predicted": prediction.to_dict(), "measured": ctx.engine_states}
     result["metrics"].update(prediction.flat_metrics())
-    for role, stage, engine in _ENGINE_STAGES:
-        if stage not in prediction.stages:  # a stage given, not trained
-            continue
-        states = prediction.stages[stage].engines[engine]
-        result["metrics"][f"mem/{role}/predicted_model_states_bytes"] = states.model_states.total
     series: dict[str, list[float]] = {}
     result["stages"] = {}
     handoff = {}  # trained weights for PPO (rank 0's; the others hold None)
@@ -231,7 +220,7 @@ def run_trial(
         out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = {
-        "status": "ok",
+        "status": Status.OK,
         "reason": "",
         "config": config.to_dict(),
         "metrics": {},
@@ -257,7 +246,7 @@ def run_trial(
     if out_dir is not None:
         (out_dir / f"rank{rank}.json").write_text(json.dumps(rank_info, indent=1))
     # Gather only when every rank got through: a failed rank may leave the others in a collective.
-    if result["status"] == "ok" and runtime is not None:
+    if result["status"] == Status.OK and runtime is not None:
         ranks = runtime.all_gather(rank_info)
     else:
         ranks = [rank_info]
@@ -331,4 +320,4 @@ def main(argv: list[str] | None = None, process_started: float | None = None) ->
     freeze_imported_objects()
     result = run_trial(config, args.out, process_started, plan)
     log.info("status %s %s", result["status"], result["reason"])
-    return 0 if result["status"] == "ok" else 3
+    return 0 if result["status"] == Status.OK else 3

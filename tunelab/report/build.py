@@ -194,10 +194,10 @@ def importance_section(study: optuna.Study, objectives: Sequence[Objective]) -> 
 
 def time_section(records: Sequence[TrialRecord], numbers: Sequence[int]) -> Section:
     breakdown = data.time_breakdown(records, numbers)
-    if breakdown.empty or breakdown[list(data.STAGES)].isna().all().all():
+    if breakdown.empty or breakdown[list(data.TIMED_PHASES)].isna().all().all():
         return Section("Time per stage", ["No complete trial to break down yet."])
-    table = breakdown.assign(total_s=breakdown[list(data.STAGES)].sum(axis=1))
-    table = table.rename(columns={stage: f"{stage}_s" for stage in data.STAGES})
+    table = breakdown.assign(total_s=breakdown[list(data.TIMED_PHASES)].sum(axis=1))
+    table = table.rename(columns={stage: f"{stage}_s" for stage in data.TIMED_PHASES})
     return Section(
         "Time per stage",
         ["The best trials by the first objective (and the baseline), seconds per stage."],

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from tunelab.records import TrialRecord
+from tunelab.records import Status, TrialRecord
 from tunelab.report.data import headline, metric_names, pareto_points, trial_table
 from tunelab.spec import Objective
 
@@ -58,7 +58,7 @@ def study_summary(studies: Sequence[StudyData], shared: Sequence[Objective]) -> 
         mine = best[best["study"] == study.name].set_index("objective")["value"]
         rows.append({
             "study": study.name, "trials": len(study.records),
-            "ok": sum(r.status == "ok" for r in study.records),
+            "ok": sum(r.status == Status.OK for r in study.records),
             "failed": states.count("FAIL"), "pruned": states.count("PRUNED"),
             **{o.metric: mine.get(o.metric) for o in shared},
         })  # fmt: skip

@@ -19,7 +19,14 @@ import pandas as pd
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
 from tunelab.memory import STAGES as MEMORY_STAGES
-from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial, is_finite
+from tunelab.records import (
+    ENGINES,
+    OBJECTIVES_ATTR,
+    Status,
+    TrialRecord,
+    from_frozen_trial,
+    is_finite,
+)
 from tunelab.repeats import (
     configurations,
     estimate,
@@ -28,9 +35,9 @@ from tunelab.repeats import (
     verdict,
 )
 from tunelab.spec import Objective
+from tunelab.stagecache import STAGES as REUSABLE_STAGES
 
-STAGES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")  # timed phases
-ENGINES = ("sft", "rm", "actor", "critic", "reference", "reward")
+TIMED_PHASES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
 THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
 DEVICE_PEAK = "mem/peak_device_allocated_bytes"
 HOST_PEAK = "mem/peak_host_rss_bytes"
@@ -171,7 +178,7 @@ def pareto_points(records: Sequence[TrialRecord], memory: str) -> pd.DataFrame:
         rows.append({
             "number": group.number,
             "state": "COMPLETE" if complete else r.state,
-            "status": "ok" if complete else r.status,
+            "status": Status.OK if complete else r.status,
             "feasible": group.feasible,
             "zero_stage": knob(r, "actor.zero_stage"),
             "category": category(r),
@@ -310,7 +317,7 @@ def _chosen(records: Sequence[TrialRecord], numbers: Sequence[int]) -> list[Tria
 def stage_sources(records: Sequence[TrialRecord]) -> dict[str, dict[str, int]]:
     """Per stage (sft, rm), how many launched trials `trained` it, took it `given` (0 steps: a
     checkpoint used as is) or `reused` it from the study's stage cache (spec `measure`)."""
-    counts = {stage: {"trained": 0, "given": 0, "reused": 0} for stage in ("sft", "rm")}
+    counts = {stage: {"trained": 0, "given": 0, "reused": 0} for stage in REUSABLE_STAGES}
     for r in records:
         if not r.metrics:  # never launched, or nothing recorded
             continue
@@ -325,17 +332,17 @@ def stage_sources(records: Sequence[TrialRecord]) -> dict[str, dict[str, int]]:
 
 
 def time_breakdown(records: Sequence[TrialRecord], numbers: Sequence[int]) -> pd.DataFrame:
-    """Seconds per stage (columns STAGES, NaN when missing) of the given trials, in order, with
-    their baseline name."""
+    """Seconds per stage (columns TIMED_PHASES, NaN when missing) of the given trials, in order,
+    with their baseline name."""
     rows = [
         {
             "number": r.number,
             "baseline": r.baseline,
-            **{stage: r.metrics.get(f"time/{stage}_s", math.nan) for stage in STAGES},
+            **{stage: r.metrics.get(f"time/{stage}_s", math.nan) for stage in TIMED_PHASES},
         }
         for r in _chosen(records, numbers)
     ]
-    return pd.DataFrame(rows, columns=["number", "baseline", *STAGES])
+    return pd.DataFrame(rows, columns=["number", "baseline", *TIMED_PHASES])
 
 
 def series_steps(count: int, total: int) -> list[int]:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from tunelab.report.data import CURVE_SERIES, STAGES, Importance
+from tunelab.report.data import CURVE_SERIES, TIMED_PHASES, Importance
 from tunelab.report.render import GIB, MIB
 
 MARKERS = {"plain": "o", "offload": "s", "lora": "^", "lora+offload": "D"}
@@ -174,14 +174,16 @@ def time_figure(breakdown: pd.DataFrame) -> Figure:
     figure = Figure(figsize=(8, 1.4 + 0.45 * len(labels)), layout="constrained")
     axes = figure.subplots()
     left = np.zeros(len(labels))
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(TIMED_PHASES):
         seconds = breakdown[stage].fillna(0).to_numpy(dtype=float)
         axes.barh(labels, seconds, left=left, label=stage, color=_PALETTE[i])
         left += seconds
     axes.invert_yaxis()
     axes.set_xlabel("seconds")
     axes.set_title("Time per stage")
-    axes.legend(fontsize=8, ncols=len(STAGES), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    axes.legend(
+        fontsize=8, ncols=len(TIMED_PHASES), loc="lower center", bbox_to_anchor=(0.5, 1.08)
+    )
     axes.grid(axis="x", alpha=0.3)
     return figure
 

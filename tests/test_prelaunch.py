@@ -1,0 +1,116 @@
+"""The orchestrator's units: the verdict before launch and the pruning of a running trial."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from optuna.trial import TrialState
+
+from tunelab.devices import Gpu
+from tunelab.memory import trial_prediction
+from tunelab.prelaunch import check_trial, over_budget, predicted_memory
+from tunelab.presets import PRESETS
+from tunelab.pruning import TrialPruning
+from tunelab.records import Status
+from tunelab.spec import Objective, PrunerSpec, load_spec
+from tunelab.stagecache import stage_plan
+
+from .test_study import write_spec
+
+THROUGHPUT = Objective("perf/ppo_e2e_tokens_per_s", "maximize")
+MEMORY = Objective("mem/predicted_device_peak_bytes", "minimize")
+
+
+def loaded_spec(tmp_path, **fields):
+    fields.setdefault("space", {"ppo.kl_coef": {"low": 0.05, "high": 0.2}})
+    return load_spec(write_spec(tmp_path, budget={"trials": 2}, **fields)[1])
+
+
+def test_a_trial_that_can_run_gets_its_plan_and_the_trials_own_prediction(tmp_path):
+    loaded = loaded_spec(tmp_path, measure=["ppo"])
+    verdict = check_trial(loaded, {"ppo.kl_coef": 0.15}, None, [], tmp_path / "cache")
+    assert verdict.refusal is None and verdict.config.ppo.kl_coef == 0.15
+    assert verdict.plan == stage_plan(verdict.config, tmp_path / "cache", ("ppo",))
+    assert [step["action"] for step in verdict.plan.values()] == ["save", "save"]
+    tiny = PRESETS["tiny"]
+    # On the CPU: no CUDA headroom, as the trial process predicts for itself.
+    expected = trial_prediction(verdict.config, tiny, tiny, False).flat_metrics()
+    assert verdict.predicted == expected
+    assert verdict.predicted["mem/predicted_device_headroom_bytes"] == 0
+    assert verdict.predicted["mem/actor/predicted_model_states_bytes"] > 0
+
+
+def test_parameters_that_make_no_valid_config_are_invalid(tmp_path):
+    loaded = loaded_spec(tmp_path, space={"batch.train_micro": {"choices": [4, 16]}})
+    verdict = check_trial(loaded, {"batch.train_micro": 0}, None, [], tmp_path)
+    assert verdict.config is None and verdict.refusal[0] == Status.INVALID
+    assert "batch.train_micro" in verdict.refusal[1]
+
+
+def test_what_this_node_cannot_run_is_unsupported_with_the_nodes_reason(tmp_path):
+    loaded = loaded_spec(tmp_path, base_overrides={"device": "cuda"})
+    verdict = check_trial(loaded, {"ppo.kl_coef": 0.1}, None, [], tmp_path)
+    assert verdict.refusal == (
+        Status.UNSUPPORTED, "device=cuda requested on a node without GPUs (not launched)"
+    )
+    old = Gpu(index=0, name="Tesla V100", memory_bytes=16 * 2**30, compute_capability=(7, 0))
+    verdict = check_trial(loaded_spec(tmp_path / "v100"), {"ppo.kl_coef": 0.1}, None, [old],
+                          tmp_path)  # fmt: skip
+    assert verdict.refusal[0] == Status.UNSUPPORTED and "bf16" in verdict.refusal[1]
+    # A CUDA trial's prediction holds the CUDA context the trial will have.
+    assert verdict.predicted["mem/predicted_device_headroom_bytes"] > 0
+
+
+def test_a_trial_predicted_over_the_memory_budget_is_pruned_with_the_figures(tmp_path):
+    loaded = loaded_spec(tmp_path, memory_budget={"device_gib": 0.001})
+    verdict = check_trial(loaded, {"ppo.kl_coef": 0.1}, None, [], tmp_path)
+    status, reason = verdict.refusal
+    assert status == Status.PRUNED_MEMORY and status.optuna_state == "PRUNED"
+    peak = verdict.predicted["mem/predicted_device_peak_bytes"] / 2**30
+    assert reason == (f"predicted device peak {peak:.2f} GiB per rank exceeds the 0.001 GiB "
+                      "budget; not launched")  # fmt: skip
+    assert over_budget(None, loaded.spec.memory_budget) is None  # unknown shape: launched
+
+
+def test_hub_models_have_no_prediction_before_launch(tmp_path, tiny_config):
+    config = tiny_config("models.actor=facebook/opt-125m")
+    assert predicted_memory(config, False, []) is None
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_statuses_are_stored_as_their_names_and_map_to_optuna_states(status):
+    assert json.loads(json.dumps({"s": status}))["s"] == status.value
+    assert TrialState[status.optuna_state].is_finished()
+    expected = {"ok": "COMPLETE", "pruned": "PRUNED", "pruned_memory": "PRUNED"}
+    assert status.optuna_state == expected.get(status.value, "FAIL")
+
+
+def pruning(pruner: PrunerSpec, finished=(), optuna_answer=False):
+    asked = []
+
+    def optuna_prunes(value, step):
+        asked.append((value, step))
+        return optuna_answer
+
+    policy = TrialPruning(pruner, [THROUGHPUT, MEMORY], {MEMORY.metric: 2e9}, list(finished),
+                          optuna_prunes)  # fmt: skip
+    return policy, asked
+
+
+def test_dominance_stops_a_trial_only_when_beaten_on_every_objective():
+    beaten_by = {THROUGHPUT.metric: 1000.0, MEMORY.metric: 1e9}
+    policy, asked = pruning(PrunerSpec(type="dominance"), [beaten_by])
+    assert not policy.should_stop({"stage": "ppo", "step": 1})  # no value yet
+    assert not policy.should_stop({"stage": "ppo", "step": 2, THROUGHPUT.metric: 900.0})
+    assert policy.should_stop({"stage": "ppo", "step": 3, THROUGHPUT.metric: 500.0})
+    assert policy.intermediate == {"2": 900.0, "3": 500.0} and asked == []
+
+
+def test_optunas_pruners_get_each_value_and_decide():
+    policy, asked = pruning(PrunerSpec(type="median"), optuna_answer=True)
+    assert policy.should_stop({"stage": "ppo", "step": 4, THROUGHPUT.metric: 700.0})
+    assert asked == [(700.0, 4)]
+    none, asked = pruning(PrunerSpec(type="none"), optuna_answer=True)
+    assert not none.should_stop({"stage": "ppo", "step": 4, THROUGHPUT.metric: 700.0})
+    assert asked == [] and none.intermediate == {}
