@@ -238,7 +238,10 @@ def test_a_storage_that_stays_down_ends_the_study_and_keeps_the_outcome(tmp_path
 
 
 def test_a_trial_killed_by_hand_is_killed_not_oom(tmp_path, tiny_config):
-    config = tiny_config(*(f"{k}={v}" for k, v in FAST.items()))
+    # Enough PPO steps after the first progress record that the trial is still running when
+    # the launcher (polling every 0.2 s) reads it.
+    fast = {**FAST, "ppo.steps": 60}
+    config = tiny_config(*(f"{k}={v}" for k, v in fast.items()))
 
     def kill_at_first_step(record):
         os.killpg(group[0], signal.SIGKILL)
