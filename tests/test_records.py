@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from wsgiref.util import setup_testing_defaults
+
 import pytest
 from optuna.trial import TrialState
 
@@ -59,6 +62,33 @@ def test_metrics_are_flat_user_attrs_and_objectives_are_named(tmp_path, storage)
     frame = study.trials_dataframe(multi_index=True)
     assert frame[("user_attrs", "ppo/gold_gain")].tolist() == [0.21]
     assert frame[("values", "perf/ppo_e2e_tokens_per_s")].tolist() == [5123.5]
+
+
+def test_optuna_dashboard_names_the_objectives_and_can_plot_every_numeric_metric(tmp_path):
+    """optuna-dashboard's own API (its WSGI app, as `optuna-dashboard URL` serves it): the
+    objectives by name, and each numeric metric a `sortable` user attr, which its history and
+    slice plots offer as a target beside the objectives."""
+    import optuna_dashboard
+
+    _, path = write_spec(tmp_path, objectives=OBJECTIVES, budget={"trials": 1})
+    loaded = load_spec(path)
+    study = create_or_resume(loaded, default_url(tmp_path))
+    trial = study.ask()
+    outcome = TrialOutcome("ok", "", MEASURED, {}, 9.5, 0, tmp_path / "t0")
+    record_outcome(study, trial, outcome_record(loaded.spec, "ok", "", outcome=outcome))
+
+    app = optuna_dashboard.wsgi(default_url(tmp_path))
+    environ = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = f"/api/studies/{study._study_id}"
+    replies = []
+    body = b"".join(app(environ, lambda status, headers, *exc: replies.append(status)))
+    assert replies == ["200 OK"]
+    served = json.loads(body)
+    assert served["objective_names"] == [o["metric"] for o in OBJECTIVES]
+    plottable = {a["key"] for a in served["union_user_attrs"] if a["sortable"]}
+    numeric = {name for name, value in MEASURED.items() if isinstance(value, int | float)}
+    assert numeric <= plottable and "gpu/nvml_status" not in plottable
 
 
 def test_studies_recorded_with_nested_metrics_are_still_read():

@@ -7,7 +7,14 @@ import json
 import os
 
 from tunelab.config import load_config
-from tunelab.stagecache import stage_key, stage_plan
+from tunelab.stagecache import (
+    claim_file,
+    is_complete,
+    release_claim,
+    stage_key,
+    stage_plan,
+    try_claim,
+)
 
 from .conftest import TINY
 
@@ -76,3 +83,19 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
         assert reused.metrics[name] == fresh.metrics[name], name
     assert "time/sft_s" in reused.metrics  # the cached stage's figures, marked as reused
     assert "mem/sft/peak_host_rss_bytes" not in reused.metrics  # not run here
+
+
+def test_one_trial_at_a_time_holds_an_entrys_claim(tmp_path):
+    entry = tmp_path / "cache" / "sft-abc"
+    assert try_claim(entry, "host:1:2 trial 0") is None  # the first one trains it
+    assert try_claim(entry, "host:1:2 trial 1") == "host:1:2 trial 0"
+    release_claim(entry, "host:1:2 trial 1")  # not its claim: kept
+    assert try_claim(entry, "host:1:2 trial 1") == "host:1:2 trial 0"
+    release_claim(entry, "host:1:2 trial 0")
+    assert not claim_file(entry).exists() and not is_complete(entry)
+    assert try_claim(entry, "host:1:2 trial 1") is None
+    (entry / "weights.pt").parent.mkdir()
+    (entry / "weights.pt").write_bytes(b"")
+    assert not is_complete(entry)  # no stage.json yet
+    (entry / "stage.json").write_text("{}")
+    assert is_complete(entry)

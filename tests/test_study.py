@@ -214,6 +214,27 @@ def test_workers_in_one_process_run_at_once(tmp_path):
     assert second.datetime_start < first.datetime_complete  # overlapping
 
 
+def test_two_workers_train_a_shared_stage_once(tmp_path):
+    """The second worker's trial needs the SFT and RM the first is training: it waits for the
+    cache entries instead of training them again, then starts from them."""
+    name, path = write_spec(
+        tmp_path, budget={"trials": 2}, measure=["ppo"],
+        space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = tunelab("run", path, "--out", out, "--workers", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("; sft cached; rm cached)") == 1
+    assert run.stderr.count("; sft reused; rm reused)") == 1
+    assert "waiting for sft, which " in run.stderr
+    assert sorted(p.name for p in (out / "stage-cache").iterdir()) == sorted(
+        p.name for p in (out / "stage-cache").iterdir() if not p.name.endswith(".claim")
+    )  # every claim released
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert sum(trial_metrics(t.user_attrs).get("sft/reused", 0) for t in study.trials) == 1
+
+
 def test_memory_budget_prunes_before_launch(tmp_path):
     # A ZeRO-3 actor keeps DeepSpeed's 5e8-element reduce bucket (~1 GiB) for its whole life,
     # beside the ZeRO-2 critic's two buckets in backward (~1.9 GiB), with

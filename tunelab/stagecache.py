@@ -11,14 +11,18 @@ computes, so they are left out: their effect is what a measured stage is for.
 
 Entries are folders `<cache>/<stage>-<key>/` holding `weights.pt` (the hand-off state dict),
 `stage.json` (metrics, series, what produced it); a trial writes one under a temporary name
-and renames it into place, so a half-written entry is never read, and workers sharing a study
-folder may race to write the same key (the first rename wins). Pure: no torch here.
+and renames it into place, so a half-written entry is never read. Before launching a trial
+that would train an entry, the orchestrator claims it (`<stage>-<key>.claim`, created
+exclusively, naming the trial): a second worker of the same study folder then waits for that
+entry instead of training the same stage again, and trains it itself if the claimant's trial
+ends without it. Pure: no torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +84,44 @@ def stage_plan(config: TrialConfig, cache: Path, measure: tuple[str, ...]) -> di
             continue
         key = stage_key(config, stage)
         path = cache / f"{stage}-{key}"
-        complete = (path / RECORD).is_file() and (path / WEIGHTS).is_file()
-        plan[stage] = {"action": "load" if complete else "save", "path": str(path), "key": key}
+        plan[stage] = {"action": "load" if is_complete(path) else "save", "path": str(path),
+                       "key": key}  # fmt: skip
     return plan
+
+
+def is_complete(entry: Path) -> bool:
+    return (entry / RECORD).is_file() and (entry / WEIGHTS).is_file()
+
+
+def claim_file(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".claim")
+
+
+def try_claim(entry: Path, owner: str) -> str | None:
+    """Claim the training of `entry` for `owner`: None when it is now `owner`'s, else who holds
+    it ("" while the holder is still writing its name)."""
+    claim = claim_file(entry)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            return claim.read_text()
+        except FileNotFoundError:  # released meanwhile: the caller asks again
+            return ""
+    with os.fdopen(descriptor, "w") as file:
+        file.write(owner)
+    return None
+
+
+def release_claim(entry: Path, owner: str) -> None:
+    """Drop the claim on `entry` if `owner` still holds it (its own, or a stale one's)."""
+    claim = claim_file(entry)
+    try:
+        if claim.read_text() == owner:
+            claim.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def reused_stages(plan: dict[str, dict]) -> list[str]:

@@ -63,7 +63,7 @@ from tunelab.spec import (
     is_active,
     spec_from_storage,
 )
-from tunelab.stagecache import STAGE_CACHE
+from tunelab.stagecache import STAGE_CACHE, claim_file, is_complete, release_claim, try_claim
 from tunelab.storage import (
     GRACE_S,
     MAX_RETRY,
@@ -572,6 +572,47 @@ class Orchestrator:
 
     # one trial
 
+    def _claim_stages(self, trial: optuna.Trial, plan: dict[str, dict], owner: str) -> dict | None:
+        """The plan with every stage it trains claimed for this trial: a stage another trial is
+        training is waited for, then loaded (or trained here if that trial ends without it).
+        A claim whose orchestrator died, or older than the trial timeout, is stale. None when
+        the study stops while waiting."""
+        claimed = dict(plan)
+        for stage, step in plan.items():
+            entry, said = Path(step["path"]), False
+            while claimed[stage]["action"] == "save":
+                holder = try_claim(entry, owner)
+                if is_complete(entry):  # trained meanwhile
+                    release_claim(entry, owner)
+                    claimed[stage] = {**step, "action": "load"}
+                elif holder is None:
+                    break  # this trial trains it
+                elif holder and self._stale_claim(entry, holder):
+                    release_claim(entry, holder)
+                else:
+                    if not said:
+                        self.echo(f"trial {trial.number}: waiting for {stage}, which "
+                                  f"{holder or 'another trial'} is training")  # fmt: skip
+                        said = True
+                    if self.stop.wait(1.0):
+                        self._release_claims(claimed, owner)
+                        return None
+        return claimed
+
+    def _stale_claim(self, entry: Path, holder: str) -> bool:
+        with contextlib.suppress(OSError):
+            age = time.time() - claim_file(entry).stat().st_mtime
+            timeout = self.spec.resources.trial_timeout_s
+            if timeout is not None and age > timeout + GRACE_S:
+                return True
+        return not _owner_alive(holder.split(" ", 1)[0])
+
+    @staticmethod
+    def _release_claims(plan: dict[str, dict], owner: str) -> None:
+        for step in plan.values():
+            if step["action"] == "save":
+                release_claim(Path(step["path"]), owner)
+
     def _optuna_prunes(self, trial: optuna.Trial, value: float, step: int) -> bool:
         try:
             with self.lock:
@@ -582,15 +623,31 @@ class Orchestrator:
 
     def _run_one(self, trial: optuna.Trial, gpus: list[int] | None) -> None:
         fixed = trial.user_attrs.get(TrialAttr.FIXED)
-        repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         params = self._store(f"trial {trial.number}: sampling",
                              lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
         verdict = check_trial(self.loaded, params, fixed, self.gpus if gpus else [],
                               self.out_dir / STAGE_CACHE)  # fmt: skip
-        config, plan = verdict.config, verdict.plan
         if verdict.refusal is not None:
-            self._finish(trial, *verdict.refusal, config=config, predicted=verdict.predicted)
+            self._finish(trial, *verdict.refusal, config=verdict.config,
+                         predicted=verdict.predicted)  # fmt: skip
             return
+        owner = f"{self.worker} trial {trial.number}"
+        plan = None
+        self.running.add(trial._trial_id)  # heartbeats while it waits for a stage, and runs
+        try:
+            plan = self._claim_stages(trial, verdict.plan, owner)
+            if plan is None:
+                self._finish(trial, Status.INTERRUPTED, "the orchestrator was stopped")
+            else:
+                shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
+                self._launch(trial, verdict, plan, shown or "base config", gpus)
+        finally:
+            self.running.discard(trial._trial_id)
+            self._release_claims(plan or {}, owner)
+
+    def _launch(self, trial: optuna.Trial, verdict, plan: dict[str, dict], shown: str,
+                gpus: list[int] | None) -> None:  # fmt: skip
+        repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         out = self.out_dir / "trials" / f"{trial.number:04d}"
         pruning = TrialPruning(
             self.spec.pruner, self.spec.objectives, verdict.predicted,
@@ -601,19 +658,17 @@ class Orchestrator:
         )  # fmt: skip
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
-        shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
         reuse = "".join(f"; {stage} {'reused' if step['action'] == 'load' else 'cached'}"
                         for stage, step in plan.items())  # fmt: skip
-        self.echo(f"trial {trial.number}: started ({shown or 'base config'}{reuse})")
+        self.echo(f"trial {trial.number}: started ({shown}{reuse})")
 
         def remember_group(pgid: int) -> None:
             with self.lock, contextlib.suppress(*STORAGE_ERRORS):  # recovery can do without it
                 trial.set_user_attr(PGID_ATTR, pgid)
 
-        self.running.add(trial._trial_id)
         try:
             outcome = launcher.launch_trial(
-                config, out, timeout_s=self.spec.resources.trial_timeout_s,
+                verdict.config, out, timeout_s=self.spec.resources.trial_timeout_s,
                 launcher=self.spec.resources.launcher, gpus=gpus,
                 on_progress=lambda record: not repeat and pruning.should_stop(record),
                 on_start=remember_group, stop=self.stop, stage_plan=plan,
@@ -623,10 +678,8 @@ class Orchestrator:
             self._finish(trial, Status.INTERRUPTED, f"cannot write {out} ({first_line(exc)})")
             raise StorageFault(f"trial {trial.number}: cannot write {out} "
                                f"({first_line(exc)}); the study stops") from None  # fmt: skip
-        finally:
-            self.running.discard(trial._trial_id)
         self.walls.append(outcome.wall_s)
-        self._finish(trial, outcome.status, outcome.reason, config=config,
+        self._finish(trial, outcome.status, outcome.reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate)  # fmt: skip
 
