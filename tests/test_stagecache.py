@@ -8,8 +8,10 @@ import os
 
 from tunelab.config import load_config
 from tunelab.stagecache import (
+    claim_age_s,
     claim_file,
     is_complete,
+    refresh_claim,
     release_claim,
     stage_key,
     stage_plan,
@@ -99,3 +101,27 @@ def test_one_trial_at_a_time_holds_an_entrys_claim(tmp_path):
     assert not is_complete(entry)  # no stage.json yet
     (entry / "stage.json").write_text("{}")
     assert is_complete(entry)
+
+
+def test_a_claim_is_never_seen_empty_and_dropping_a_stale_one_keeps_a_fresh_one(tmp_path):
+    entry = tmp_path / "cache" / "rm-abc"
+    assert try_claim(entry, "host:1:2 trial 0") is None
+    assert claim_file(entry).read_text() == "host:1:2 trial 0"
+    assert [p.name for p in entry.parent.iterdir()] == ["rm-abc.claim"]  # no draft left
+    # A worker that judged "trial 0" stale drops only that claim: when another trial has
+    # claimed the entry in between, its claim stays, with its name.
+    release_claim(entry, "host:1:2 trial 0")
+    assert try_claim(entry, "host:3:4 trial 5") is None
+    assert not release_claim(entry, "host:1:2 trial 0")
+    assert claim_file(entry).read_text() == "host:3:4 trial 5"
+    assert [p.name for p in entry.parent.iterdir()] == ["rm-abc.claim"]
+    assert release_claim(entry, "host:3:4 trial 5") and claim_age_s(entry) is None
+
+
+def test_heartbeats_keep_a_claim_young(tmp_path):
+    entry = tmp_path / "sft-abc"
+    try_claim(entry, "host:1:2 trial 0")
+    os.utime(claim_file(entry), (0, 0))
+    assert claim_age_s(entry) > 10**9
+    refresh_claim(entry)
+    assert claim_age_s(entry) < 60

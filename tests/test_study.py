@@ -9,10 +9,12 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import psutil
@@ -26,7 +28,8 @@ from tunelab.errors import InputError
 from tunelab.prelaunch import predicted_memory
 from tunelab.presets import PRESETS
 from tunelab.records import TrialAttr, from_frozen_trial, trial_metrics
-from tunelab.spec import load_spec
+from tunelab.spec import load_spec, trial_config
+from tunelab.stagecache import STAGE_CACHE, claim_file, is_complete, stage_plan, try_claim
 from tunelab.storage import open_storage
 from tunelab.study import PGID_ATTR, create_or_resume
 
@@ -233,6 +236,27 @@ def test_two_workers_train_a_shared_stage_once(tmp_path):
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert sum(trial_metrics(t.user_attrs).get("sft/reused", 0) for t in study.trials) == 1
+
+
+def test_stale_claims_do_not_hold_a_study_up(tmp_path):
+    """Claims left by an orchestrator that died on this node, or not refreshed by heartbeats
+    for CLAIM_STALE_S (a node that died), are taken over: the trial trains both stages."""
+    _, path = write_spec(
+        tmp_path, budget={"trials": 1}, measure=["ppo"],
+        space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    config = trial_config(load_spec(path), {"ppo.kl_coef": 0.1})
+    plan = stage_plan(config, out / STAGE_CACHE, ("ppo",))
+    sft, rm = (Path(plan[stage]["path"]) for stage in ("sft", "rm"))
+    assert try_claim(sft, f"{socket.gethostname()}:999999999:1.00 trial 7") is None  # dead
+    assert try_claim(rm, "other-node:1234:1.00 trial 8") is None
+    os.utime(claim_file(rm), (1, 1))  # its heartbeats stopped long ago
+    run = tunelab("run", path, "--out", out, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("; sft cached; rm cached)") == 1 and "waiting" not in run.stderr
+    assert not claim_file(sft).exists() and not claim_file(rm).exists()
+    assert is_complete(sft) and is_complete(rm)
 
 
 def test_memory_budget_prunes_before_launch(tmp_path):

@@ -11,8 +11,6 @@ from typing import Any
 from tunelab.config import EngineConfig, TrialConfig
 from tunelab.records import TRAINED_ENGINES
 
-# Engines of one trial: the supervised stages, then the four models of PPO.
-
 _ADAM_BETAS = [0.9, 0.95]  # DeepSpeed-Chat's AdamW betas
 
 
@@ -119,8 +117,6 @@ def engine_ds_configs(config: TrialConfig) -> dict[str, dict]:
             config, 3 if config.critic.zero_stage == 3 else 0, config.offload_reward
         ),
     }
-
-
 
 
 def with_tracker(ds_configs: dict[str, dict], tracker: str, output_path: str) -> dict[str, dict]:

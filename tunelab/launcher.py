@@ -62,7 +62,7 @@ def cpu_threads(ranks: int, concurrent: int = 1) -> int:
 class TrialOutcome:
     """What the parent knows after the trial process group is gone."""
 
-    status: str  # ok | oom | killed | unsupported | diverged | timeout | error | pruned
+    status: Status  # tunelab.records.Status
     reason: str
     metrics: dict[str, Any]
     series: dict[str, list[float]]
@@ -340,7 +340,7 @@ def launch_trial(
     progress = ProgressReader(out_dir / "progress.jsonl")
     oom = OomWatch()
     started = time.monotonic()
-    stopped: tuple[str, str] | None = None
+    stopped: tuple[Status, str] | None = None
     with contextlib.closing(oom), (out_dir / "trial.log").open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()

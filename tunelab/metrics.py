@@ -9,10 +9,11 @@ import difflib
 import re
 
 from tunelab.errors import InputError
+from tunelab.records import ENGINES
 
 _PHASES = "sft|rm|ppo_generate|ppo_experience|ppo_train|ppo_e2e"
 _MEMORY_STAGES = "setup|sft|rm|ppo_generate|ppo_experience|ppo_train|ppo_eval"
-_ENGINES = "sft|rm|actor|critic|reference|reward"
+_ENGINES = "|".join(ENGINES)
 
 PATTERNS = tuple(
     re.compile(pattern)

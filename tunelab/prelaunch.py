@@ -8,7 +8,7 @@ it), or when its predicted peak exceeds the spec's memory budget (`pruned_memory
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,14 @@ class Verdict:
     plan: dict[str, dict] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)  # flat; empty when unknown
     refusal: tuple[Status, str] | None = None
+    on_cuda: bool = False  # the trial will run on CUDA (the prediction holds its headroom)
+
+    def with_plan(self, plan: dict[str, dict]) -> Verdict:
+        """This verdict for `plan` (a stage waited for and now loaded): prediction redone."""
+        if plan == self.plan:
+            return self
+        prediction = predicted_memory(self.config, self.on_cuda, reused_stages(plan))
+        return replace(self, plan=plan, predicted=prediction.flat_metrics() if prediction else {})
 
 
 def predicted_memory(config: TrialConfig, on_cuda: bool, reused: list[str]):
@@ -57,8 +65,8 @@ def over_budget(prediction: MemoryPrediction | None, budget: MemoryBudget) -> st
 
 def check_trial(loaded: LoadedSpec, params: dict[str, Any], fixed: dict[str, Any] | None,
                 gpus: list[Gpu], cache: Path) -> Verdict:  # fmt: skip
-    """The verdict on one trial: `gpus` are the ones it would run on (none: the CPU), `cache`
-    the study's stage cache."""
+    """The verdict on one trial: `gpus` are the GPUs it would see (none: the CPU), `cache` the
+    study's stage cache."""
     try:
         config = trial_config(loaded, params, fixed)
     except InputError as exc:
@@ -69,8 +77,9 @@ def check_trial(loaded: LoadedSpec, params: dict[str, Any], fixed: dict[str, Any
     predicted = prediction.flat_metrics() if prediction else {}
     reason = unsupported_reason(config, gpus)
     if reason:
-        return Verdict(config, plan, predicted, (Status.UNSUPPORTED, f"{reason} (not launched)"))
+        refusal = (Status.UNSUPPORTED, f"{reason} (not launched)")
+        return Verdict(config, plan, predicted, refusal, on_cuda)
     over = over_budget(prediction, loaded.spec.memory_budget)
     if over:
-        return Verdict(config, plan, predicted, (Status.PRUNED_MEMORY, over))
-    return Verdict(config, plan, predicted)
+        return Verdict(config, plan, predicted, (Status.PRUNED_MEMORY, over), on_cuda)
+    return Verdict(config, plan, predicted, on_cuda=on_cuda)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 
-class Status(StrEnum):
-    """Outcome of a trial as tunelab classifies it; stored as its plain string value.
+class Status(str, Enum):
+    """Outcome of a trial as tunelab classifies it; stored as its plain string (`.value`).
 
     ok [Optuna COMPLETE]; oom, killed, unsupported, diverged, timeout, error, invalid [FAIL];
     pruned (stopped early), pruned_memory (predicted over budget, never launched) [PRUNED];
@@ -52,6 +52,9 @@ class Status(StrEnum):
     PRUNED = "pruned"
     PRUNED_MEMORY = "pruned_memory"
     INTERRUPTED = "interrupted"
+
+    __str__ = str.__str__  # "ok" in messages, as the value it is stored as
+    __format__ = str.__format__
 
     @property
     def optuna_state(self) -> str:

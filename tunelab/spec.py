@@ -41,6 +41,7 @@ from tunelab._typed import (
 from tunelab.config import SEED_LIMIT, TrialConfig, config_from_dict
 from tunelab.errors import InputError
 from tunelab.metrics import check_metric_name, metric_stage
+from tunelab.records import STAGES
 
 SamplerType = Literal["tpe", "nsga2", "random", "grid", "qmc", "gp"]
 PrunerType = Literal[
@@ -289,7 +290,7 @@ class StudySpec:
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
     # The stages whose figures the study compares; SFT and RM left out are trained once per
     # distinct setting and reused from the study's stage cache (tunelab.stagecache).
-    measure: tuple[StageName, ...] = ("sft", "rm", "ppo")
+    measure: tuple[StageName, ...] = STAGES
     confirm: Confirm = field(default_factory=Confirm)
 
     def __post_init__(self) -> None:

@@ -13,16 +13,19 @@ Entries are folders `<cache>/<stage>-<key>/` holding `weights.pt` (the hand-off 
 `stage.json` (metrics, series, what produced it); a trial writes one under a temporary name
 and renames it into place, so a half-written entry is never read. Before launching a trial
 that would train an entry, the orchestrator claims it (`<stage>-<key>.claim`, created
-exclusively, naming the trial): a second worker of the same study folder then waits for that
-entry instead of training the same stage again, and trains it itself if the claimant's trial
-ends without it. Pure: no torch here.
+exclusively, naming the trial, refreshed with each heartbeat): a second worker of the same study
+folder then waits for that entry instead of training the same stage again, and trains it itself
+if the claimant's trial ends without it. Pure: no torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,31 +100,66 @@ def claim_file(entry: Path) -> Path:
     return entry.with_name(entry.name + ".claim")
 
 
+def _private_name(path: Path, what: str) -> Path:
+    """A sibling of `path` no other process or thread writes."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{what}")
+
+
 def try_claim(entry: Path, owner: str) -> str | None:
     """Claim the training of `entry` for `owner`: None when it is now `owner`'s, else who holds
-    it ("" while the holder is still writing its name)."""
+    it ("" when it was released meanwhile: ask again). The name is written to a draft and
+    linked into place (a link, unlike a rename, fails when the claim exists), so a claim is
+    never seen empty."""
     claim = claim_file(entry)
     claim.parent.mkdir(parents=True, exist_ok=True)
+    draft = _private_name(claim, "draft")
+    draft.write_text(owner)
     try:
-        descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(draft, claim)
+        return None
     except FileExistsError:
         try:
             return claim.read_text()
-        except FileNotFoundError:  # released meanwhile: the caller asks again
+        except FileNotFoundError:
             return ""
-    with os.fdopen(descriptor, "w") as file:
-        file.write(owner)
-    return None
+    finally:
+        draft.unlink(missing_ok=True)
 
 
-def release_claim(entry: Path, owner: str) -> None:
-    """Drop the claim on `entry` if `owner` still holds it (its own, or a stale one's)."""
+def release_claim(entry: Path, owner: str) -> bool:
+    """Drop the claim on `entry` if `owner` holds it (its own, or a stale one's); whether it did.
+    The claim is moved aside first (of two processes dropping one stale claim, one move wins),
+    then removed if it was `owner`'s, else put back: a claim taken in between is not lost
+    (unless a third claimant linked one in that instant; then both train it, and the first
+    finished entry wins)."""
     claim = claim_file(entry)
+    aside = _private_name(claim, "released")
     try:
-        if claim.read_text() == owner:
-            claim.unlink()
+        os.rename(claim, aside)
     except FileNotFoundError:
-        pass
+        return False
+    try:
+        if aside.read_text() == owner:
+            return True
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, claim)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def claim_age_s(entry: Path) -> float | None:
+    """Seconds since the claim on `entry` was made or last refreshed (None: no claim)."""
+    try:
+        return time.time() - claim_file(entry).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def refresh_claim(entry: Path) -> None:
+    """Mark the claim on `entry` alive (its holder's orchestrator does so with each heartbeat)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(claim_file(entry))
 
 
 def reused_stages(plan: dict[str, dict]) -> list[str]:

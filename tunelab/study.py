@@ -40,7 +40,7 @@ from tunelab import launcher, ops
 from tunelab.config import SEED_LIMIT
 from tunelab.devices import Gpu, gpu_inventory, gpu_slots
 from tunelab.errors import InputError, StorageFault
-from tunelab.prelaunch import check_trial
+from tunelab.prelaunch import Verdict, check_trial
 from tunelab.pruning import TrialPruning
 from tunelab.records import (
     OBJECTIVES_ATTR,
@@ -63,7 +63,14 @@ from tunelab.spec import (
     is_active,
     spec_from_storage,
 )
-from tunelab.stagecache import STAGE_CACHE, claim_file, is_complete, release_claim, try_claim
+from tunelab.stagecache import (
+    STAGE_CACHE,
+    claim_age_s,
+    is_complete,
+    refresh_claim,
+    release_claim,
+    try_claim,
+)
 from tunelab.storage import (
     GRACE_S,
     MAX_RETRY,
@@ -83,6 +90,8 @@ PROCESSES_ATTR = "tunelab:processes"  # how many orchestrator processes have joi
 PGID_ATTR = "pgid"
 OUTCOME_FILE = "outcome.json"  # beside each launched trial: what was (or will be) recorded
 _SERIES_POINTS = 200  # per-step series kept in storage are thinned to this many points
+# A stage-cache claim not refreshed for this long (heartbeats refresh it every 10 s) is stale.
+CLAIM_STALE_S = GRACE_S
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # tunelab records heartbeats itself around ask/tell (Study.optimize is not used).
@@ -282,6 +291,7 @@ def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
     the orchestrator's memory prediction, is kept only when the trial recorded none itself."""
     metrics = outcome.metrics if outcome else {}
     values = None
+    status = Status(status)
     if status == Status.OK:
         missing = [o.metric for o in spec.objectives if o.metric not in metrics]
         if missing:
@@ -294,7 +304,7 @@ def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
                 status, values = Status.ERROR, None
                 reason = f"objective metric {odd[0]} is not finite"
     attrs = {
-        **metric_attrs(metrics), TrialAttr.STATUS: status, TrialAttr.REASON: reason,
+        **metric_attrs(metrics), TrialAttr.STATUS: status.value, TrialAttr.REASON: reason,
         TrialAttr.SERIES: _thin(outcome.series) if outcome else {},
         TrialAttr.CONFIG: config.to_dict() if config else {},
     }  # fmt: skip
@@ -314,7 +324,7 @@ def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
             measured = metrics.get(constraint.metric)
             violation = constraint.violation(measured) if measured is not None else math.inf
             constraints[constraint.name] = violation if math.isfinite(violation) else 1e30
-    return {"status": status, "reason": reason, "values": values, "constraints": constraints,
+    return {"status": status.value, "reason": reason, "values": values, "constraints": constraints,
             "attrs": attrs}  # fmt: skip
 
 
@@ -343,7 +353,7 @@ def interrupt(study: optuna.Study, trial_id: int, reason: str) -> str:
     if retries >= MAX_RETRY:
         reason += (f"; not run again: retried {retries} times already, the cap "
                    f"(MAX_RETRY={MAX_RETRY} in tunelab/storage.py)")  # fmt: skip
-    storage.set_trial_user_attr(trial_id, TrialAttr.STATUS, Status.INTERRUPTED)
+    storage.set_trial_user_attr(trial_id, TrialAttr.STATUS, Status.INTERRUPTED.value)
     storage.set_trial_user_attr(trial_id, TrialAttr.REASON, reason)
     if storage.set_trial_state_values(trial_id, TrialState.FAIL):
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial_id))
@@ -355,7 +365,10 @@ def _worker_id() -> str:
 
 
 def _owner_alive(worker: str) -> bool:
-    host, pid, started = worker.rsplit(":", 2)
+    try:
+        host, pid, started = worker.rsplit(":", 2)
+    except ValueError:  # not a worker id
+        return False
     if host != socket.gethostname():
         return True  # another node's: its heartbeat decides
     try:
@@ -508,6 +521,7 @@ class Orchestrator:
         self.stop = threading.Event()
         self.worker = _worker_id()
         self.running: set[int] = set()  # trial ids whose heartbeat this process records
+        self.claims: dict[Path, str] = {}  # stage-cache entries claimed: entry -> owner
         self.walls: list[float] = []
         self.started = time.monotonic()
         self.errors: list[BaseException] = []
@@ -561,6 +575,8 @@ class Orchestrator:
                     # the trial's outcome cannot be recorded.
                     with contextlib.suppress(*STORAGE_ERRORS):
                         self._heartbeat(trial_id)
+                for entry in list(self.claims):  # stage-cache entries this process trains
+                    refresh_claim(entry)
 
     def _finished_metrics(self) -> list[dict[str, float]]:
         def read():
@@ -575,43 +591,55 @@ class Orchestrator:
     def _claim_stages(self, trial: optuna.Trial, plan: dict[str, dict], owner: str) -> dict | None:
         """The plan with every stage it trains claimed for this trial: a stage another trial is
         training is waited for, then loaded (or trained here if that trial ends without it).
-        A claim whose orchestrator died, or older than the trial timeout, is stale. None when
-        the study stops while waiting."""
+        None when the study stops while waiting; on any error the claims taken are dropped."""
         claimed = dict(plan)
-        for stage, step in plan.items():
-            entry, said = Path(step["path"]), False
-            while claimed[stage]["action"] == "save":
-                holder = try_claim(entry, owner)
-                if is_complete(entry):  # trained meanwhile
-                    release_claim(entry, owner)
-                    claimed[stage] = {**step, "action": "load"}
-                elif holder is None:
-                    break  # this trial trains it
-                elif holder and self._stale_claim(entry, holder):
-                    release_claim(entry, holder)
-                else:
-                    if not said:
-                        self.echo(f"trial {trial.number}: waiting for {stage}, which "
-                                  f"{holder or 'another trial'} is training")  # fmt: skip
-                        said = True
-                    if self.stop.wait(1.0):
-                        self._release_claims(claimed, owner)
-                        return None
+        try:
+            for stage, step in plan.items():
+                entry, said = Path(step["path"]), False
+                while claimed[stage]["action"] == "save":
+                    holder = try_claim(entry, owner)
+                    if holder is None:
+                        with self.lock:
+                            self.claims[entry] = owner
+                    if is_complete(entry):  # trained meanwhile (its trainer may run on)
+                        if holder is None:
+                            self._release(entry, owner)
+                        claimed[stage] = {**step, "action": "load"}
+                    elif holder is None:
+                        break  # this trial trains it
+                    elif holder and self._stale_claim(entry, holder):
+                        release_claim(entry, holder)
+                    elif holder:
+                        if not said:
+                            self.echo(f"trial {trial.number}: waiting for {stage}, which "
+                                      f"{holder} is training")  # fmt: skip
+                            said = True
+                        if self.stop.wait(1.0):
+                            self._release_claims(claimed, owner)
+                            return None
+        except BaseException:
+            self._release_claims(claimed, owner)
+            raise
         return claimed
 
     def _stale_claim(self, entry: Path, holder: str) -> bool:
-        with contextlib.suppress(OSError):
-            age = time.time() - claim_file(entry).stat().st_mtime
-            timeout = self.spec.resources.trial_timeout_s
-            if timeout is not None and age > timeout + GRACE_S:
-                return True
+        """A claim nobody refreshed for CLAIM_STALE_S (its orchestrator's heartbeats stopped:
+        dead, on any node), or whose orchestrator on this node is gone."""
+        age = claim_age_s(entry)
+        if age is not None and age > CLAIM_STALE_S:
+            return True
         return not _owner_alive(holder.split(" ", 1)[0])
 
-    @staticmethod
-    def _release_claims(plan: dict[str, dict], owner: str) -> None:
+    def _release(self, entry: Path, owner: str) -> None:
+        with self.lock:
+            if self.claims.get(entry) == owner:
+                del self.claims[entry]
+        release_claim(entry, owner)
+
+    def _release_claims(self, plan: dict[str, dict], owner: str) -> None:
         for step in plan.values():
-            if step["action"] == "save":
-                release_claim(Path(step["path"]), owner)
+            if self.claims.get(Path(step["path"])) == owner:
+                self._release(Path(step["path"]), owner)
 
     def _optuna_prunes(self, trial: optuna.Trial, value: float, step: int) -> bool:
         try:
@@ -625,8 +653,8 @@ class Orchestrator:
         fixed = trial.user_attrs.get(TrialAttr.FIXED)
         params = self._store(f"trial {trial.number}: sampling",
                              lambda: suggest_params(trial, self.loaded, fixed))  # fmt: skip
-        verdict = check_trial(self.loaded, params, fixed, self.gpus if gpus else [],
-                              self.out_dir / STAGE_CACHE)  # fmt: skip
+        # A trial sees the node's GPUs (its slot's when it has one): the same kind either way.
+        verdict = check_trial(self.loaded, params, fixed, self.gpus, self.out_dir / STAGE_CACHE)
         if verdict.refusal is not None:
             self._finish(trial, *verdict.refusal, config=verdict.config,
                          predicted=verdict.predicted)  # fmt: skip
@@ -640,13 +668,14 @@ class Orchestrator:
                 self._finish(trial, Status.INTERRUPTED, "the orchestrator was stopped")
             else:
                 shown = ", ".join(f"{k}={v}" for k, v in {**params, **(fixed or {})}.items())
-                self._launch(trial, verdict, plan, shown or "base config", gpus)
+                self._launch(trial, verdict.with_plan(plan), shown or "base config", gpus)
         finally:
             self.running.discard(trial._trial_id)
             self._release_claims(plan or {}, owner)
 
-    def _launch(self, trial: optuna.Trial, verdict, plan: dict[str, dict], shown: str,
+    def _launch(self, trial: optuna.Trial, verdict: Verdict, shown: str,
                 gpus: list[int] | None) -> None:  # fmt: skip
+        plan = verdict.plan
         repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         out = self.out_dir / "trials" / f"{trial.number:04d}"
         pruning = TrialPruning(
@@ -683,7 +712,7 @@ class Orchestrator:
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate)  # fmt: skip
 
-    def _finish(self, trial: optuna.Trial, status: str, reason: str, **measured) -> None:
+    def _finish(self, trial: optuna.Trial, status: Status, reason: str, **measured) -> None:
         """Record the outcome on the trial and tell Optuna; only here does a trial end. A
         launched trial's outcome is first written beside it, so a storage that fails now
         loses nothing: the next run records it from there."""

@@ -41,8 +41,9 @@ def cpu_description(cpuinfo_text: str | None = None) -> str:
         except OSError:
             cpuinfo_text = ""
     first = cpuinfo_text.split("\n\n", 1)[0]
-    wanted = ("vendor_id", "model name", "flags", "features", "isa", "cpu family", "model\t")
-    kept = [line for line in first.splitlines() if line.startswith(wanted)]
+    wanted = ("vendor_id", "model name", "flags", "features", "isa", "cpu family", "model\t",
+              "cpu implementer", "cpu part")  # x86, and aarch64's "Features", "CPU part"
+    kept = [line for line in first.splitlines() if line.lower().startswith(wanted)]
     return "\n".join([platform.machine(), *kept])
 
 
