@@ -77,6 +77,7 @@ def main(mode: str, out_path: str) -> None:
         with open(out_path, "w") as handle:
             json.dump(gathered, handle)
     engine.destroy()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

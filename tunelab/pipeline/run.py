@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import AutoConfig
 
@@ -319,5 +320,9 @@ def main(argv: list[str] | None = None, process_started: float | None = None) ->
     remember_cpu_info()
     freeze_imported_objects()
     result = run_trial(config, args.out, process_started, plan)
+    if result["status"] == Status.OK and dist.is_initialized():
+        # Every rank got through, so none waits in a collective: leave the group before exit
+        # (NCCL warns, and may hang at exit, when it is left open).
+        dist.destroy_process_group()
     log.info("status %s %s", result["status"], result["reason"])
     return 0 if result["status"] == Status.OK else 3
