@@ -38,7 +38,7 @@ class Verdict:
         if plan == self.plan:
             return self
         prediction = predicted_memory(self.config, self.on_cuda, reused_stages(plan))
-        return replace(self, plan=plan, predicted=prediction.flat_metrics() if prediction else {})
+        return replace(self, plan=plan, predicted=flat(prediction))
 
 
 def predicted_memory(config: TrialConfig, on_cuda: bool, reused: list[str]):
@@ -48,6 +48,11 @@ def predicted_memory(config: TrialConfig, on_cuda: bool, reused: list[str]):
     if actor.shape is None or critic.shape is None:
         return None
     return trial_prediction(config, actor.shape, critic.shape, on_cuda, reused)
+
+
+def flat(prediction: MemoryPrediction | None) -> dict[str, float]:
+    """The prediction as stored (`mem/.../predicted_*`); empty when there is none."""
+    return prediction.flat_metrics() if prediction else {}
 
 
 def over_budget(prediction: MemoryPrediction | None, budget: MemoryBudget) -> str | None:
@@ -74,7 +79,7 @@ def check_trial(loaded: LoadedSpec, params: dict[str, Any], fixed: dict[str, Any
     plan = stage_plan(config, cache, loaded.spec.measure)
     on_cuda = bool(gpus) and config.device != "cpu"
     prediction = predicted_memory(config, on_cuda, reused_stages(plan))
-    predicted = prediction.flat_metrics() if prediction else {}
+    predicted = flat(prediction)
     reason = unsupported_reason(config, gpus)
     if reason:
         refusal = (Status.UNSUPPORTED, f"{reason} (not launched)")
