@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node 2 tests/helpers/zero3_generation.py MODE OUT.json
 
 Rank 0 asks for 2 new tokens, rank 1 for 9, through PPOTrainer.generate's own path
-(models.generation_weights + synced_gpus per ppo.zero3_generation). Without one gather or
+(models.generation_weights + decoding.decode, synced per ppo.zero3_generation, under inference
+mode). Without one gather or
 synced_gpus the ranks fall out of step in DeepSpeed's per-layer gathers and hang. A forward
 pre-pre-hook on the model counts the forwards (one per token) that started with every linear weight
 partitioned, i.e. gathered again for that token (nothing persists or stays cached here).
@@ -19,6 +20,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from tunelab.config import load_config
 from tunelab.dsconfig import engine_ds_configs
+from tunelab.pipeline.decoding import Decoding, decode
 from tunelab.pipeline.models import (
     build_causal_lm,
     generation_weights,
@@ -63,12 +65,11 @@ def main(mode: str, out_path: str) -> None:
     for new_tokens in (2, 9):
         before = fetches[0]
         wanted = new_tokens if runtime.rank == 1 else 2
+        decoding = Decoding(max_new=wanted, min_new=wanted, eos_id=tokenizer.eos_token_id,
+                            pad_id=tokenizer.pad_token_id, temperature=1.0,
+                            synced=mode == "per_layer")  # fmt: skip
         with torch.no_grad(), generation_weights(engine, mode):
-            output = engine.module.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                max_new_tokens=wanted, min_new_tokens=wanted, do_sample=True,
-                pad_token_id=tokenizer.pad_token_id, synced_gpus=mode == "per_layer",
-            )  # fmt: skip
+            output = decode(engine.module, prompt, torch.ones_like(prompt), decoding)
         result[f"width_{new_tokens}"] = output.shape[1] - prompt.shape[1]
         result[f"fetches_{new_tokens}"] = fetches[0] - before
     gathered = [None, None]

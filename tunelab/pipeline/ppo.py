@@ -8,6 +8,7 @@ leaves out), then PPO epochs over the experience (`ppo_train`). The maths lives 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from tunelab.flops import forward_flops, generation_flops, train_flops
 from tunelab.pipeline import ppo_math
 from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
 from tunelab.pipeline.context import TrialContext
+from tunelab.pipeline.decoding import Decoding, decode, transformers_only_settings
 from tunelab.pipeline.models import (
     build_causal_lm,
     build_value_model,
@@ -30,6 +32,8 @@ from tunelab.pipeline.models import (
 )
 from tunelab.pipeline.rm import pairwise_accuracy, sequence_scores
 from tunelab.pipeline.telemetry import throughput
+
+log = logging.getLogger("tunelab")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class PPOTrainer:
         self.reference = self._init_reference(sft_weights)
         self.critic = self._init_critic(rm_weights)
         self.reward = self._init_reward(rm_weights)
+        self.decoding = self._decoding()
         ctx.record_states("reference", self.reference)
         ctx.record_states("reward", self.reward)
 
@@ -151,6 +156,22 @@ class PPOTrainer:
         self.ctx.record_engine("reward", engine, source)
         return engine
 
+    def _decoding(self) -> Decoding:
+        ppo = self.ctx.config.ppo
+        extra = transformers_only_settings(self.actor.module.generation_config)
+        if extra:
+            log.info("the actor's generation config sets %s: PPO decodes through transformers' "
+                     "generate", ", ".join(extra))  # fmt: skip
+        return Decoding(
+            max_new=self.answer_len,
+            min_new=ppo.min_answer_len,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            temperature=ppo.temperature if ppo.decoding == "sample" else None,
+            synced=is_zero3(self.actor) and ppo.zero3_generation == "per_layer",
+            through_generate=bool(extra),
+        )
+
     def close(self) -> None:
         for engine in (self.actor, self.reference, self.critic, self.reward):
             engine.destroy()
@@ -164,27 +185,11 @@ class PPOTrainer:
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, prompt_ids, prompt_mask):
-        """Sample answers; returns (seq [B, T], attention_mask [B, T], answer_mask [B, A], new
-        tokens per row). Under ZeRO-3 see models.generation_weights for how the actor's
-        parameters reach every rank (ppo.zero3_generation)."""
-        ppo = self.ctx.config.ppo
-        mode = ppo.zero3_generation
-        sampling = {"do_sample": False}  # greedy
-        if ppo.decoding == "sample":
-            sampling = {"do_sample": True, "temperature": ppo.temperature, "top_k": 0,
-                        "top_p": 1.0}  # fmt: skip
-        kwargs = {
-            "input_ids": prompt_ids,
-            "attention_mask": prompt_mask,
-            "max_new_tokens": self.answer_len,
-            "min_new_tokens": self.ctx.config.ppo.min_answer_len,
-            **sampling,
-            "pad_token_id": self.pad_id,
-            "eos_token_id": self.eos_id,
-            "synced_gpus": is_zero3(self.actor) and mode == "per_layer",
-        }
-        with torch.no_grad(), generation_weights(self.actor, mode):
-            output = self.actor.module.generate(**kwargs)
+        """Answers to prompts (see decoding.decode); returns (seq [B, T], attention_mask [B, T],
+        answer_mask [B, A], new tokens per row). Under ZeRO-3 see models.generation_weights
+        for how the actor's parameters reach every rank (ppo.zero3_generation)."""
+        with torch.no_grad(), generation_weights(self.actor, self.ctx.config.ppo.zero3_generation):
+            output = decode(self.actor.module, prompt_ids, prompt_mask, self.decoding)
         new_tokens = output.shape[1] - self.prompt_len
         answers = output[:, self.prompt_len :]
         if new_tokens < self.answer_len:
