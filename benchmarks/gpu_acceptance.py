@@ -12,9 +12,10 @@ run DEVICE_COMMAND below, then copy OUT to reports/gpu/<date>/.
 
 Steps: the OPT-1.3b + OPT-350m trial at DeepSpeed-Chat's single-GPU settings (fp16), a bf16
 ZeRO-2 and a bf16 ZeRO-3 + optimizer offload variant, and the 3-trial studies/gpu-smoke.yaml.
-Then a probe of a GPU-only refusal (optimizer offload at ZeRO-0). OUT gets summary.md (PASS/FAIL
+Then PPO's decoding loop against transformers' generate (same greedy tokens; both timed) and a
+probe of a GPU-only refusal (optimizer offload at ZeRO-0). OUT gets summary.md (PASS/FAIL
 lines: every trial ok, predicted device peak within 10% of measured per stage, MFU and NVML
-figures reported, fp16 skipped steps, the probe), results.json (every metric) and the tail of
+figures reported, fp16 skipped steps, the probes), results.json (every metric) and the tail of
 each trial's log.
 """
 
@@ -319,6 +320,61 @@ def probe_zero0_offload(results: Results) -> None:
                   f"tunelab.devices says (ran: {ran})")  # fmt: skip
 
 
+# PPO's decoding loop against transformers' generate on the device: a random OPT-125m-shaped
+# model (a tiny one on the CPU), 16 left-padded prompts, 64 greedy tokens. The answers must be
+# the same token for token; the times (median of 3 after a warm-up) are reported.
+DECODING_PROBE = """
+import json, sys, time, torch
+from transformers import OPTConfig, OPTForCausalLM
+from tunelab.pipeline.decoding import Decoding, decode
+on_gpu = sys.argv[1] == "gpu"
+device = torch.device("cuda" if on_gpu else "cpu")
+shape = dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+             word_embed_proj_dim=768, vocab_size=50272) if on_gpu else dict(
+             hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+             word_embed_proj_dim=64, vocab_size=2000)
+torch.manual_seed(0)
+model = OPTForCausalLM(OPTConfig(**shape)).to(device, torch.bfloat16).eval()
+ids = torch.randint(3, shape["vocab_size"], (16, 64), device=device)
+mask = torch.ones_like(ids)
+for row in range(16):
+    ids[row, : row * 3], mask[row, : row * 3] = 1, 0
+decoding = Decoding(max_new=64, min_new=64, eos_id=2, pad_id=1, temperature=None)
+def timed(call):
+    times = []
+    for _ in range(4):
+        if on_gpu: torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad(): out = call()
+        if on_gpu: torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return out, sorted(times[1:])[1]
+theirs, generate_s = timed(lambda: model.generate(input_ids=ids, attention_mask=mask,
+                                                  **decoding.generate_kwargs()))
+ours, decode_s = timed(lambda: decode(model, ids, mask, decoding))
+print(json.dumps({"equal": bool(torch.equal(ours, theirs)), "generate_s": generate_s,
+                  "decode_s": decode_s}))
+"""
+
+
+def probe_decoding(results: Results, on_gpu: bool) -> None:
+    run = subprocess.run([sys.executable, "-c", DECODING_PROBE, "gpu" if on_gpu else "cpu"],
+                         capture_output=True, text=True, cwd=ROOT,
+                         timeout=max(results.left_s() - 20, 30))  # fmt: skip
+    try:
+        found = json.loads(run.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        found = {}
+    results.trials["decoding_probe"] = {**found, "stderr_tail": run.stderr[-2000:]}
+    results.check(found.get("equal") is True,
+                  "decoding: PPO's loop gives generate's greedy tokens, 16 left-padded prompts "
+                  f"x 64 tokens ({found or 'no result'})")  # fmt: skip
+    if found:
+        results.lines.append(f"INFO decoding: {found['decode_s']:.3f} s against generate's "
+                             f"{found['generate_s']:.3f} s "
+                             f"({found['decode_s'] / found['generate_s']:.2f}x)")  # fmt: skip
+
+
 def run_study(results: Results, spec: Path, work: Path) -> None:
     from tunelab.records import from_frozen_trial
     from tunelab.storage import load_study
@@ -397,6 +453,8 @@ def run(out: Path, cpu: bool) -> int:
         spec = study_spec(cpu, work)
         run_trials(results, steps, work, out, on_gpu)
         run_study(results, spec, work)
+        if results.left_s() > 60:
+            probe_decoding(results, on_gpu)
         if on_gpu and results.left_s() > 60:
             probe_zero0_offload(results)
     write_summary(results, out, env, " ".join(["python3", *sys.argv]))

@@ -63,3 +63,12 @@ def test_memory_lines_compare_each_stage():
     lines = acceptance.memory_lines("t", metrics)
     assert [ok for ok, _ in lines] == [False, True]  # rm -20%, sft +8%
     assert "(-20.0%)" in lines[0][1]
+
+
+def test_decoding_probe_passes_on_the_cpu_stand_in():
+    """The probe the GPU run ends with, on its CPU shape: same tokens, both times reported."""
+    results = acceptance.Results()
+    acceptance.probe_decoding(results, on_gpu=False)
+    assert results.lines[0].startswith("PASS decoding"), results.trials["decoding_probe"]
+    assert results.lines[1].startswith("INFO decoding")
+    assert results.trials["decoding_probe"]["decode_s"] > 0
