@@ -116,7 +116,7 @@ def _decode(model, prompt_ids, prompt_mask, decoding: Decoding) -> torch.Tensor:
             tokens.append(chosen)
             unfinished &= chosen != decoding.eos_id
             # Before min_new tokens no row can have ended: no need to ask (a device sync).
-            done = len(tokens) == decoding.max_new or (
+            done = len(tokens) >= decoding.max_new or (
                 len(tokens) >= decoding.min_new and not bool(unfinished.any())
             )
         if not _any_rank_running(done, decoding.synced, device):
