@@ -73,13 +73,17 @@ def test_unsupported_trial_exits_1_with_status(tmp_path):
     assert run.stdout.startswith("status unsupported: DeepSpeed 0.19's hybrid engine")
 
 
-def test_two_rank_zero3_trial_with_answers_of_any_length(tmp_path):
+@pytest.mark.parametrize("generation", ["gather_once", "per_layer"])
+def test_two_rank_zero3_trial_with_answers_of_any_length(generation, tmp_path):
     """Sampled answers of 1-10 tokens in batches of 2 rows: ranks finish generation at
-    different lengths (before ZeRO-3 generation was made rank-safe this trial hung)."""
+    different lengths (before ZeRO-3 generation was made rank-safe this trial hung). Per layer,
+    DeepSpeed keeps the small parameters it gathered while decoding, and training then saves
+    them for backward (decoding under inference mode failed there)."""
     out = tmp_path / "z3"
     run = tunelab(
         "trial", TINY, "--out", out, "ranks=2", "actor.zero_stage=3", "critic.zero_stage=3",
-        "batch.train_micro=2", "batch.generation_micro=2", "ppo.steps=8", "--timeout", "240",
+        "batch.train_micro=2", "batch.generation_micro=2", "ppo.steps=8",
+        f"ppo.zero3_generation={generation}", "--timeout", "240",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + (out / "trial.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]

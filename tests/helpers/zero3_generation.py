@@ -3,11 +3,11 @@
     torchrun --standalone --nproc_per_node 2 tests/helpers/zero3_generation.py MODE OUT.json
 
 Rank 0 asks for 2 new tokens, rank 1 for 9, through PPOTrainer.generate's own path
-(models.generation_weights + decoding.decode, synced per ppo.zero3_generation, under inference
-mode). Without one gather or
-synced_gpus the ranks fall out of step in DeepSpeed's per-layer gathers and hang. A forward
-pre-pre-hook on the model counts the forwards (one per token) that started with every linear weight
-partitioned, i.e. gathered again for that token (nothing persists or stays cached here).
+(models.generation_weights + decoding.decode, synced per ppo.zero3_generation). Without one
+gather or synced_gpus the ranks fall out of step in DeepSpeed's per-layer gathers and hang. A
+forward pre-pre-hook on the model counts the forwards (one per token) that started with every
+linear weight partitioned, i.e. gathered again for that token (nothing persists or stays cached
+here).
 """
 
 from __future__ import annotations

@@ -5,9 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OpenAIGPTConfig,
+    OpenAIGPTLMHeadModel,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from tunelab.pipeline.decoding import Decoding, choose_tokens, decode, transformers_only_settings
+from tunelab.pipeline.decoding import Decoding, choose_tokens, decode, generate_only_reasons
 
 EOS, PAD = 2, 1
 
@@ -18,6 +34,29 @@ def tiny_opt(vocab: int, dtype: torch.dtype) -> OPTForCausalLM:
                        pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS)  # fmt: skip
     torch.manual_seed(0)
     return OPTForCausalLM(config).to(dtype).eval()
+
+
+def tiny(model_class, config_class, **shape):
+    """A random 2-layer model of `model_class`, 500 tokens, eos 2, pad 1."""
+    config = config_class(vocab_size=500, pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS,
+                          **shape)  # fmt: skip
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+LLAMA_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+ARCHITECTURES = {
+    "llama": lambda: tiny(LlamaForCausalLM, LlamaConfig, **LLAMA_SHAPE),
+    # A window shorter than the prompts: the cache and mask must drop the oldest tokens.
+    "mistral-window-4": lambda: tiny(MistralForCausalLM, MistralConfig, sliding_window=4,
+                                     **LLAMA_SHAPE),
+    "qwen2": lambda: tiny(Qwen2ForCausalLM, Qwen2Config, **LLAMA_SHAPE),
+    "gpt2": lambda: tiny(GPT2LMHeadModel, GPT2Config, n_embd=32, n_layer=2, n_head=4),
+    "opt-lora": lambda: get_peft_model(
+        tiny_opt(500, torch.float32), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    ).eval(),
+}  # fmt: skip
 
 
 def lean_to_eos(model: OPTForCausalLM, strength: float) -> OPTForCausalLM:
@@ -61,12 +100,21 @@ def test_fixed_length_answers_match_generate(dtype):
     assert not (ours[:, 6:] == EOS).any()  # suppressed before min_new
 
 
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_other_architectures_match_generate(name):
+    model = ARCHITECTURES[name]()
+    assert generate_only_reasons(model) == []
+    ids, mask = left_padded_prompts(500)
+    ours, theirs = both(model, ids, mask, Decoding(10, 10, EOS, PAD, None), seed=0)
+    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("temperature", [None, 1.0, 0.7])
 def test_answers_ending_early(temperature):
     """Rows end at different lengths with pad after their eos, never before min_new tokens;
     greedy ones as generate's, sampled ones the same again for the same seed."""
     model = lean_to_eos(tiny_opt(6, torch.float32), 0.5)
-    decoding = Decoding(max_new=20, min_new=3, eos_id=EOS, pad_id=PAD, temperature=temperature)
+    decoding = Decoding(max_new=6, min_new=3, eos_id=EOS, pad_id=PAD, temperature=temperature)
     ended = kept_on = 0
     for seed in range(6):
         ids, mask = left_padded_prompts(6, seed)
@@ -111,12 +159,11 @@ def test_decoded_ids_can_train():
 
 def test_a_generation_config_that_asks_for_more_decodes_through_generate():
     model = tiny_opt(50, torch.float32)
-    assert transformers_only_settings(model.generation_config) == []
+    assert generate_only_reasons(model) == []
     model.generation_config.repetition_penalty = 1.5
     model.generation_config.no_repeat_ngram_size = 2
-    assert transformers_only_settings(model.generation_config) == [
-        "no_repeat_ngram_size",
-        "repetition_penalty",
+    assert generate_only_reasons(model) == [
+        "its generation config sets no_repeat_ngram_size, repetition_penalty"
     ]
     ids, mask = left_padded_prompts(50)
     plain = Decoding(10, 10, EOS, PAD, None)
@@ -125,6 +172,18 @@ def test_a_generation_config_that_asks_for_more_decodes_through_generate():
     assert torch.equal(ours, theirs)  # the penalty applied
     lean, _ = both(model, ids, mask, plain, 0)
     assert not torch.equal(lean, theirs)  # which the loop alone would not have done
+
+
+def test_models_with_their_own_generation_inputs_or_no_cache_decode_through_generate():
+    """Phi-3 prepares its own inputs (its long RoPE drops the cache past the original length);
+    GPT-1 takes no cache."""
+    phi3 = tiny(Phi3ForCausalLM, Phi3Config, **LLAMA_SHAPE)
+    gpt1 = tiny(OpenAIGPTLMHeadModel, OpenAIGPTConfig, n_embd=32, n_layer=2, n_head=4)
+    assert generate_only_reasons(phi3) == ["Phi3ForCausalLM prepares its own generation inputs"]
+    assert generate_only_reasons(gpt1) == [
+        "OpenAIGPTLMHeadModel prepares its own generation inputs",
+        "OpenAIGPTLMHeadModel.forward takes no cache",
+    ]
 
 
 def test_choose_tokens_suppresses_eos_before_min_new():

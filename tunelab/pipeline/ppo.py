@@ -19,7 +19,7 @@ from tunelab.flops import forward_flops, generation_flops, train_flops
 from tunelab.pipeline import ppo_math
 from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
 from tunelab.pipeline.context import TrialContext
-from tunelab.pipeline.decoding import Decoding, decode, transformers_only_settings
+from tunelab.pipeline.decoding import Decoding, decode, generate_only_reasons
 from tunelab.pipeline.models import (
     build_causal_lm,
     build_value_model,
@@ -158,10 +158,10 @@ class PPOTrainer:
 
     def _decoding(self) -> Decoding:
         ppo = self.ctx.config.ppo
-        extra = transformers_only_settings(self.actor.module.generation_config)
-        if extra:
-            log.info("the actor's generation config sets %s: PPO decodes through transformers' "
-                     "generate", ", ".join(extra))  # fmt: skip
+        reasons = generate_only_reasons(self.actor.module)
+        if reasons:
+            log.info("rank %d: PPO decodes through transformers' generate: the actor's %s",
+                     self.ctx.runtime.rank, "; ".join(reasons))  # fmt: skip
         return Decoding(
             max_new=self.answer_len,
             min_new=ppo.min_answer_len,
@@ -169,7 +169,7 @@ class PPOTrainer:
             pad_id=self.pad_id,
             temperature=ppo.temperature if ppo.decoding == "sample" else None,
             synced=is_zero3(self.actor) and ppo.zero3_generation == "per_layer",
-            through_generate=bool(extra),
+            through_generate=bool(reasons),
         )
 
     def close(self) -> None:
