@@ -127,16 +127,37 @@ def test_deep_json_is_one_line(tmp_path, capsys):
          "        actor.zero_stage: {choices: [0]}}",
          "space.critic.zero_stage: refers to actor.zero_stage, which is not an earlier knob"),
         ("sampler: {type: random, seed: -1}", "sampler.seed: must lie in [0, 2**32), got -1"),
+        # A pruner on a metric no running trial reports would never stop one
+        ("pruner: {type: median, metric: ppo/gold_gain}",
+         "pruner.metric: 'ppo/gold_gain' is not reported while a trial runs (did you mean "
+         "'ppo/gold_recent'?); a pruner reads one of perf/ppo_e2e_tokens_per_s, "
+         "ppo/score_recent, ppo/gold_recent"),
+        ("pruner: {type: dominance, metric: ppo/gold_recent}",
+         "pruner.metric: dominance compares ppo/gold_recent with finished trials' objectives; "
+         "it is not one of them, so no trial would ever be stopped"),
     ],
     ids=["sampler-typo", "pruner-typo", "option-type", "option-value", "option-required",
          "option-object", "baseline-choice", "range-nan", "range-inf", "when-value",
-         "same-as-later", "seed"],
+         "same-as-later", "seed", "pruner-metric", "dominance-metric"],
 )  # fmt: skip
 def test_spec_mistakes_are_one_line_before_any_study_exists(tmp_path, capsys, body, message):
     path = spec(tmp_path, body)
     code, _, err = cli(capsys, "run", path)
     one_line_error(code, err, f"{path}: {message}")
     assert not (tmp_path / "runs").exists()  # no study folder, no storage
+
+
+def test_a_pruner_against_the_objectives_direction_is_one_line(tmp_path, capsys):
+    # Optuna's pruner reads intermediate values in the study's direction: throughput under a
+    # minimised objective would stop the fastest trials.
+    path = spec(tmp_path, "pruner: {type: hyperband}")
+    path.write_text(path.read_text().replace(
+        "{metric: perf/ppo_e2e_tokens_per_s, direction: maximize}",
+        "{metric: time/ppo_step_s, direction: minimize}"))  # fmt: skip
+    code, _, err = cli(capsys, "run", path)
+    one_line_error(code, err, f"{path}: pruner.metric: perf/ppo_e2e_tokens_per_s is better "
+                   "higher, but Optuna's pruner reads it in the objective's direction "
+                   "(minimize) and would stop the best trials")  # fmt: skip
 
 
 def test_several_mistakes_are_reported_at_once(tmp_path, capsys):

@@ -303,6 +303,26 @@ def test_median_pruner_stops_a_clearly_slow_trial(tmp_path):
     assert trials["a"].state == trials["b"].state == TrialState.COMPLETE
 
 
+def test_a_reward_study_reports_the_recent_gold_reward_to_its_pruner(tmp_path):
+    # PPO steps as the fidelity of a reward objective: Optuna gets the trial's running gold
+    # reward at every step (successive halving keeps a study's first trial: nothing to rank).
+    name, path = write_spec(
+        tmp_path, budget={"trials": 1}, objectives=[{"metric": "ppo/gold_gain",
+                                                     "direction": "maximize"}],
+        pruner={"type": "successive_halving", "metric": "ppo/gold_recent",
+                "options": {"min_resource": 1, "reduction_factor": 2}},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = tunelab("run", path, "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db").trials
+    assert trial.state == TrialState.COMPLETE
+    progress = [json.loads(line) for line in
+                (out / "trials" / "0000" / "progress.jsonl").read_text().splitlines()]  # fmt: skip
+    assert trial.intermediate_values == {p["step"]: p["ppo/gold_recent"] for p in progress}
+    assert sorted(trial.intermediate_values) == [0, 1, 2, 3]
+
+
 def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):
     """Optuna's GridSampler calls Study.stop() after the last point, which raises outside
     Study.optimize; tunelab's orchestrator stops asking instead. The trials are never launched

@@ -23,7 +23,7 @@ PATTERNS = tuple(
         r"|eval_pairs)",
         r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
         r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"
-        r"|policy_loss_final|answer_tokens_mean)",
+        r"|policy_loss_final|answer_tokens_mean|score_recent|gold_recent)",
         rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process|data|setup|eval|handoff)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         # Tokens that are not padding (answers up to eos for generation; prompt + answer for the
@@ -53,6 +53,18 @@ COMMON = (
     "mem/peak_device_allocated_bytes", "mem/predicted_device_peak_bytes", "ppo/gold_gain",
     "ppo/score_gain", "ppo/kl_final", "rm/eval_accuracy", "sft/loss_final",
 )  # fmt: skip
+
+
+# What a trial reports after each PPO step while it runs (its intermediate values, which a
+# pruner reads), and which way is better. The `_recent` ones are means over the last
+# RECENT_STEPS steps' own answers (one step's batch is too few answers to rank trials by);
+# every trial of a study draws the same prompts at a step, so they compare like with like.
+PROGRESS_METRICS = {
+    "perf/ppo_e2e_tokens_per_s": "maximize",  # from the first step after warm-up
+    "ppo/score_recent": "maximize",  # reward-model score
+    "ppo/gold_recent": "maximize",  # gold reward (synthetic data only)
+}
+RECENT_STEPS = 5
 
 
 def is_metric_name(name: str) -> bool:

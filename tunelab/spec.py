@@ -40,7 +40,7 @@ from tunelab._typed import (
 )
 from tunelab.config import SEED_LIMIT, TrialConfig, config_from_dict
 from tunelab.errors import InputError
-from tunelab.metrics import check_metric_name, metric_stage
+from tunelab.metrics import PROGRESS_METRICS, check_metric_name, metric_stage
 from tunelab.records import STAGES
 
 SamplerType = Literal["tpe", "nsga2", "random", "grid", "qmc", "gp"]
@@ -179,10 +179,12 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class PrunerSpec:
-    """Stopping slow trials early from their PPO throughput after warm-up.
+    """Stopping trials early from what they report after each PPO step (PPO steps are the
+    fidelity): throughput after warm-up, or the recent reward-model score or gold reward
+    (metrics.PROGRESS_METRICS).
 
     Optuna's pruners (median, percentile, hyperband, successive_halving) serve single-objective
-    studies; `dominance` (the default for several objectives) stops a trial only when a finished
+    studies; `dominance` (for several objectives) stops a trial only when a finished
     trial beats it beyond `margin` on every objective that can be judged early.
     """
 
@@ -554,10 +556,9 @@ def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Pro
     given = ("seed", "search_space") if sampler.type == "grid" else ("seed",)
     _check_options(cls, sampler.options, given, f"{where} sampler", problems)
     if pruner.type != "none":
-        try:
-            check_metric_name(pruner.metric)
-        except InputError as exc:
-            problems.add(f"{where} pruner.metric", str(exc))
+        problem = _pruner_metric_problem(pruner, objectives)
+        if problem:
+            problems.add(f"{where} pruner.metric", problem)
     if pruner.type in PRUNER_CLASSES:
         cls = _optuna_class(pruner.type, PRUNER_CLASSES, "pruners")
         _check_options(cls, pruner.options, (), f"{where} pruner", problems)
@@ -568,6 +569,25 @@ def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Pro
         for name, knob in space.items():
             if knob.choices is None and knob.same_as is None and knob.step is None:
                 problems.add(f"{where} space.{name}", "the grid sampler needs choices or a step")
+
+
+def _pruner_metric_problem(pruner: PrunerSpec, objectives) -> str | None:
+    """Why a pruner could never stop a trial on its metric, or would stop the best ones."""
+    reported = PROGRESS_METRICS.get(pruner.metric)
+    if reported is None:
+        close = difflib.get_close_matches(pruner.metric, PROGRESS_METRICS, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return (f"{pruner.metric!r} is not reported while a trial runs{hint}; a pruner reads "
+                f"one of {', '.join(PROGRESS_METRICS)}")  # fmt: skip
+    if pruner.type == "dominance" and pruner.metric not in {o.metric for o in objectives}:
+        return (f"dominance compares {pruner.metric} with finished trials' objectives; it is "
+                "not one of them, so no trial would ever be stopped")  # fmt: skip
+    direction = objectives[0].direction if len(objectives) == 1 else reported
+    if pruner.type in PRUNER_CLASSES and direction != reported:
+        return (f"{pruner.metric} is better {'higher' if reported == 'maximize' else 'lower'}, "
+                f"but Optuna's pruner reads it in the objective's direction ({direction}) and "
+                "would stop the best trials")  # fmt: skip
+    return None
 
 
 def _load_base(path: Path, parts: dict, where: str, problems: Problems):

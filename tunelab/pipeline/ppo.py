@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from tunelab.data import gold_reward
 from tunelab.flops import forward_flops, generation_flops, train_flops
+from tunelab.metrics import RECENT_STEPS
 from tunelab.pipeline import ppo_math
 from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
 from tunelab.pipeline.context import TrialContext
@@ -417,17 +419,19 @@ def run_ppo(ctx: TrialContext, handoff: dict):
         if config.tracker != "none":  # the actor's DeepSpeed monitor (rank 0 writes)
             trainer.actor.monitor.write_events([(name, value, step) for name, value
                                                 in record.items()])  # fmt: skip
+        progress = {f"{name}_recent": statistics.fmean(series[name][-RECENT_STEPS:])
+                    for name in ("ppo/score", "ppo/gold") if name in series}  # fmt: skip
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
         if timed:
             rows_done = len(timed) * batch.generation_micro * ppo.generation_batches
-            tokens_per_s = (
+            progress["perf/ppo_e2e_tokens_per_s"] = (
                 rows_done
                 * runtime.world_size
                 * ctx.sequence_len
                 / timer.seconds("ppo_step", timed)
             )
-            ctx.progress.write("ppo", step, {"perf/ppo_e2e_tokens_per_s": tokens_per_s})
+        ctx.progress.write("ppo", step, progress)
     with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
         end = trainer.evaluate(samples=SAMPLES)
     trainer.close()

@@ -1,0 +1,173 @@
+"""Multi-fidelity for a reward study: what Optuna's pruners, reading PPO's running reward,
+would keep and save, replayed against one measured run of studies/ppo-coefficients.yaml.
+
+    python benchmarks/reward_pruning.py measure [--trials 16]   # about 5 min on 2 cores
+    python benchmarks/reward_pruning.py replay
+
+`measure` runs the shipped spec as it is (stage reuse, its baseline, no pruner) without
+confirmation runs, and keeps each finished trial's knobs, gold gain, final KL and per-step
+series (gold reward, reward-model score, KL, step seconds) in benchmarks/ppo_series.json.
+`replay` feeds those trials, in the order they ran, through an Optuna study per pruner: at
+every PPO step the mean of the last RECENT_STEPS steps, as a live trial reports it
+(metrics.PROGRESS_METRICS). It records the PPO steps and seconds each pruner would have run,
+how many trials finish, and the best gold gain among finished trials that keep the spec's
+constraints, against the measured run's best. Replayed, not live: a live TPE study proposes
+differently once trials are pruned. Writes reports/bench/reward_pruning.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import optuna
+import yaml
+
+from tunelab.metrics import RECENT_STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "studies" / "ppo-coefficients.yaml"
+MEASURED = ROOT / "benchmarks" / "ppo_series.json"
+SERIES = ("ppo/gold", "ppo/score", "ppo/kl", "time/ppo_step_s")
+PRUNERS = {
+    "successive halving, min 5 steps, factor 3":
+        lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=5, reduction_factor=3),
+    "successive halving, min 10 steps, factor 2":
+        lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=10, reduction_factor=2),
+    "successive halving, min 20 steps, factor 2":
+        lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=20, reduction_factor=2),
+    "Hyperband, 5 to 40 steps, factor 3":
+        lambda: optuna.pruners.HyperbandPruner(min_resource=5, max_resource=40,
+                                               reduction_factor=3),
+    "median, after 10 steps and 4 trials":
+        lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=10),
+}  # fmt: skip
+
+
+def measure(trials: int) -> None:
+    spec = yaml.safe_load(SPEC.read_text())
+    spec.update(budget={"trials": trials}, confirm={"top_k": 0},
+                base=str(SPEC.parent / spec["base"]))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        subprocess.run([sys.executable, "-m", "tunelab", "run", str(path), "--out",
+                        f"{tmp}/out"], cwd=ROOT, check=True)  # fmt: skip
+        runs = [json.loads(path.read_text())
+                for path in sorted(Path(tmp).glob("out/trials/*/metrics.json"))]  # fmt: skip
+    kept = [
+        {"params": _params(run, spec),
+         "gold_gain": run["metrics"]["ppo/gold_gain"],
+         "constrained": {c["metric"]: run["metrics"][c["metric"]] for c in spec["constraints"]},
+         "series": {name: run["series"][name] for name in SERIES}}
+        for run in runs if run["status"] == "ok"
+    ]  # fmt: skip
+    record = {"command": f"python benchmarks/reward_pruning.py measure --trials {trials}",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.node()} {platform.machine()}",
+              "constraints": spec["constraints"], "trials": kept}  # fmt: skip
+    MEASURED.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{len(kept)} trials -> {MEASURED}")
+
+
+def _params(run: dict, spec: dict) -> dict:
+    """The trial's value of each knob of the spec's space, from its full config."""
+    values = {}
+    for dotted in spec["space"]:
+        node = run["config"]
+        for key in dotted.split("."):
+            node = node[key]
+        values[dotted] = node
+    return values
+
+
+def recent(values: list[float]) -> list[float]:
+    """What a live trial reports at each step: the mean of the last RECENT_STEPS values."""
+    return [statistics.fmean(values[max(0, i + 1 - RECENT_STEPS) : i + 1])
+            for i in range(len(values))]  # fmt: skip
+
+
+def feasible(trial: dict, constraints: list[dict]) -> bool:
+    return all(trial["constrained"][c["metric"]] <= c["max"] for c in constraints)
+
+
+def replay(trials: list[dict], constraints: list[dict], pruner, metric: str) -> dict:
+    """Trials through an Optuna study with `pruner` on `metric` (a series name)."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    steps = seconds = 0.0
+    finished = []
+    for trial in trials:
+        asked = study.ask()
+        reported = recent(trial["series"][metric])
+        for step, value in enumerate(reported):
+            asked.report(value, step)
+            steps += 1
+            seconds += trial["series"]["time/ppo_step_s"][step]
+            if asked.should_prune():
+                study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(asked, trial["gold_gain"])
+            finished.append(trial)
+    best = [t["gold_gain"] for t in finished if feasible(t, constraints)]
+    return {"steps": steps, "ppo_seconds": seconds, "finished": len(finished),
+            "best_feasible_gold_gain": max(best) if best else None,
+            "best_gold_gain": max(t["gold_gain"] for t in finished)}  # fmt: skip
+
+
+def replay_all() -> None:
+    measured = json.loads(MEASURED.read_text())
+    trials, constraints = measured["trials"], measured["constraints"]
+    all_steps = sum(len(t["series"]["ppo/gold"]) for t in trials)
+    all_seconds = sum(sum(t["series"]["time/ppo_step_s"]) for t in trials)
+    best_feasible = max((t["gold_gain"] for t in trials if feasible(t, constraints)), default=None)
+    best = max(t["gold_gain"] for t in trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = [{"pruner": name, "metric": f"{metric}_recent",
+             **replay(trials, constraints, make(), metric)}
+            for name, make in PRUNERS.items() for metric in ("ppo/gold", "ppo/score")]  # fmt: skip
+    record = {"command": "python benchmarks/reward_pruning.py replay", "measured": {
+        k: measured[k] for k in ("command", "date", "machine")}, "rows": rows,
+        "all_steps": all_steps, "all_ppo_seconds": all_seconds, "trials": len(trials),
+        "best_feasible_gold_gain": best_feasible, "best_gold_gain": best}  # fmt: skip
+    out = ROOT / "reports" / "bench"
+    (out / "reward_pruning.json").write_text(json.dumps(record, indent=1) + "\n")
+    limits = ", ".join(f"{c['metric']} <= {c['max']}" for c in constraints)
+    lines = ["# Pruning a reward study on PPO's running reward (replayed)", "",
+             f"`{record['command']}` over `{measured['command']}` ({measured['date']}, "
+             f"{measured['machine']}): {len(trials)} trials of studies/ppo-coefficients.yaml, "
+             f"{all_steps} PPO steps, {all_seconds:.0f} s of PPO steps. Unpruned: best gold "
+             f"gain {best:.3f}; best keeping the constraint ({limits}) {best_feasible:.3f}.", "",
+             "| pruner | reads | PPO steps run | PPO seconds run | trials finished | best gold "
+             "gain | best gold gain keeping the constraint |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        kept = row["best_feasible_gold_gain"]
+        kept = "none finished" if kept is None else f"{kept:.3f}"
+        lines.append(f"| {row['pruner']} | {row['metric']} | {row['steps'] / all_steps:.0%} | "
+                     f"{row['ppo_seconds'] / all_seconds:.0%} | {row['finished']} | "
+                     f"{row['best_gold_gain']:.3f} | {kept} |")  # fmt: skip
+    (out / "reward_pruning.md").write_text("\n".join(lines) + "\n")
+    print((out / "reward_pruning.md").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["measure", "replay"])
+    parser.add_argument("--trials", type=int, default=16)
+    args = parser.parse_args()
+    if args.command == "measure":
+        measure(args.trials)
+    else:
+        replay_all()
+
+
+if __name__ == "__main__":
+    main()
