@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
+import pandas
 import yaml
 
 from tunelab.metrics import RECENT_STEPS
@@ -129,6 +130,9 @@ def replay_all() -> None:
     all_seconds = sum(sum(t["series"]["time/ppo_step_s"]) for t in trials)
     best_feasible = max((t["gold_gain"] for t in trials if feasible(t, constraints)), default=None)
     best = max(t["gold_gain"] for t in trials)
+    ranks = pandas.DataFrame([(t["gold_gain"], *t["constrained"].values()) for t in trials]).rank()
+    rank_corr = {c["metric"]: float(ranks[0].corr(ranks[i + 1]))
+                 for i, c in enumerate(constraints)}  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = [{"pruner": name, "metric": f"{metric}_recent",
              **replay(trials, constraints, make(), metric)}
@@ -136,7 +140,8 @@ def replay_all() -> None:
     record = {"command": "python benchmarks/reward_pruning.py replay", "measured": {
         k: measured[k] for k in ("command", "date", "machine")}, "rows": rows,
         "all_steps": all_steps, "all_ppo_seconds": all_seconds, "trials": len(trials),
-        "best_feasible_gold_gain": best_feasible, "best_gold_gain": best}  # fmt: skip
+        "best_feasible_gold_gain": best_feasible, "best_gold_gain": best,
+        "gold_gain_rank_correlation": rank_corr}  # fmt: skip
     out = ROOT / "reports" / "bench"
     (out / "reward_pruning.json").write_text(json.dumps(record, indent=1) + "\n")
     limits = ", ".join(f"{c['metric']} <= {c['max']}" for c in constraints)
@@ -144,7 +149,10 @@ def replay_all() -> None:
              f"`{record['command']}` over `{measured['command']}` ({measured['date']}, "
              f"{measured['machine']}): {len(trials)} trials of studies/ppo-coefficients.yaml, "
              f"{all_steps} PPO steps, {all_seconds:.0f} s of PPO steps. Unpruned: best gold "
-             f"gain {best:.3f}; best keeping the constraint ({limits}) {best_feasible:.3f}.", "",
+             f"gain {best:.3f}; best keeping the constraint ({limits}) {best_feasible:.3f}. "
+             "Rank correlation of the gold gain with "
+             + ", ".join(f"{metric}: {r:.2f}" for metric, r in rank_corr.items())
+             + " (Optuna's pruners see the reward, not the constraint).", "",
              "| pruner | reads | PPO steps run | PPO seconds run | trials finished | best gold "
              "gain | best gold gain keeping the constraint |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -58,7 +58,7 @@ COMMON = (
 # What a trial reports after each PPO step while it runs (its intermediate values, which a
 # pruner reads), and which way is better. The `_recent` ones are means over the last
 # RECENT_STEPS steps' own answers (one step's batch is too few answers to rank trials by);
-# every trial of a study draws the same prompts at a step, so they compare like with like.
+# trials with the same seed and batch settings draw the same prompts at a step.
 PROGRESS_METRICS = {
     "perf/ppo_e2e_tokens_per_s": "maximize",  # from the first step after warm-up
     "ppo/score_recent": "maximize",  # reward-model score
