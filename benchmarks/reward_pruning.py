@@ -1,18 +1,18 @@
 """Multi-fidelity for a reward study: what Optuna's pruners, reading PPO's running reward,
-would keep and save, replayed against one measured run of studies/ppo-coefficients.yaml.
+would keep and save, replayed against measured runs of studies/ppo-coefficients.yaml.
 
-    python benchmarks/reward_pruning.py measure [--trials 16]   # about 5 min on 2 cores
+    python benchmarks/reward_pruning.py measure [--trials 16] [--seeds 0 1]  # ~6 min a seed
     python benchmarks/reward_pruning.py replay
 
-`measure` runs the shipped spec as it is (stage reuse, its baseline, no pruner) without
-confirmation runs, and keeps each finished trial's knobs, gold gain, final KL and per-step
-series (gold reward, reward-model score, KL, step seconds) in benchmarks/ppo_series.json.
-`replay` feeds those trials, in the order they ran, through an Optuna study per pruner: at
-every PPO step the mean of the last RECENT_STEPS steps, as a live trial reports it
-(metrics.PROGRESS_METRICS). It records the PPO steps and seconds each pruner would have run,
-how many trials finish, and the best gold gain among finished trials that keep the spec's
-constraints, against the measured run's best. Replayed, not live: a live TPE study proposes
-differently once trials are pruned. Writes reports/bench/reward_pruning.{json,md}.
+`measure` runs the shipped spec (stage reuse, its baseline, no pruner) without confirmation
+runs, once per sampler seed, and keeps each finished trial's gold gain, constrained metrics,
+knobs and per-step series (gold reward, reward-model score, KL, step seconds) in
+benchmarks/ppo_series.json. `replay` feeds each run's trials, in the order they ran, through
+an Optuna study per pruner: at every PPO step the mean of the last RECENT_STEPS steps, as a
+live trial reports it (metrics.PROGRESS_METRICS). It records the PPO steps and seconds each
+pruner would have run, how many trials finish, and the best gold gain among finished trials
+that keep the spec's constraints, against the run's best. Replayed, not live: a live TPE
+study proposes differently once trials are pruned. Writes reports/bench/reward_pruning.{json,md}.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ PRUNERS = {
 }  # fmt: skip
 
 
-def measure(trials: int) -> None:
-    spec = yaml.safe_load(SPEC.read_text())
-    spec.update(budget={"trials": trials}, confirm={"top_k": 0},
-                base=str(SPEC.parent / spec["base"]))  # fmt: skip
+def measure_run(spec: dict, trials: int, seed: int) -> list[dict]:
+    """One unpruned run of `spec` with sampler seed `seed`: its finished trials."""
+    spec = {**spec, "budget": {"trials": trials}, "confirm": {"top_k": 0},
+            "sampler": {**spec["sampler"], "seed": seed},
+            "base": str(SPEC.parent / spec["base"])}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -63,19 +64,25 @@ def measure(trials: int) -> None:
                         f"{tmp}/out"], cwd=ROOT, check=True)  # fmt: skip
         runs = [json.loads(path.read_text())
                 for path in sorted(Path(tmp).glob("out/trials/*/metrics.json"))]  # fmt: skip
-    kept = [
+    return [
         {"params": _params(run, spec),
          "gold_gain": run["metrics"]["ppo/gold_gain"],
          "constrained": {c["metric"]: run["metrics"][c["metric"]] for c in spec["constraints"]},
          "series": {name: run["series"][name] for name in SERIES}}
         for run in runs if run["status"] == "ok"
     ]  # fmt: skip
-    record = {"command": f"python benchmarks/reward_pruning.py measure --trials {trials}",
+
+
+def measure(trials: int, seeds: list[int]) -> None:
+    spec = yaml.safe_load(SPEC.read_text())
+    record = {"command": "python benchmarks/reward_pruning.py measure --trials "
+                         f"{trials} --seeds {' '.join(map(str, seeds))}",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {platform.machine()}",
-              "constraints": spec["constraints"], "trials": kept}  # fmt: skip
+              "constraints": spec["constraints"],
+              "runs": {str(seed): measure_run(spec, trials, seed) for seed in seeds}}  # fmt: skip
     MEASURED.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{len(kept)} trials -> {MEASURED}")
+    print(f"{len(seeds)} runs -> {MEASURED}")
 
 
 def _params(run: dict, spec: dict) -> dict:
@@ -123,46 +130,69 @@ def replay(trials: list[dict], constraints: list[dict], pruner, metric: str) -> 
             "best_gold_gain": max(t["gold_gain"] for t in finished)}  # fmt: skip
 
 
+def summary(trials: list[dict], constraints: list[dict]) -> dict:
+    """One unpruned run: its size, best gold gains, and how the gain ranks with each
+    constrained metric (Optuna's pruners see the reward, not the constraints)."""
+    ranks = pandas.DataFrame([(t["gold_gain"], *t["constrained"].values()) for t in trials]).rank()
+    correlation = {c["metric"]: float(ranks[0].corr(ranks[i + 1]))
+                   for i, c in enumerate(constraints)}  # fmt: skip
+    return {
+        "trials": len(trials),
+        "steps": sum(len(t["series"]["ppo/gold"]) for t in trials),
+        "ppo_seconds": sum(sum(t["series"]["time/ppo_step_s"]) for t in trials),
+        "best_gold_gain": max(t["gold_gain"] for t in trials),
+        "best_feasible_gold_gain": max(
+            (t["gold_gain"] for t in trials if feasible(t, constraints)), default=None
+        ),
+        "gold_gain_rank_correlation": correlation,
+    }
+
+
+def _gain(value: float | None) -> str:
+    return "none finished" if value is None else f"{value:.3f}"
+
+
 def replay_all() -> None:
     measured = json.loads(MEASURED.read_text())
-    trials, constraints = measured["trials"], measured["constraints"]
-    all_steps = sum(len(t["series"]["ppo/gold"]) for t in trials)
-    all_seconds = sum(sum(t["series"]["time/ppo_step_s"]) for t in trials)
-    best_feasible = max((t["gold_gain"] for t in trials if feasible(t, constraints)), default=None)
-    best = max(t["gold_gain"] for t in trials)
-    ranks = pandas.DataFrame([(t["gold_gain"], *t["constrained"].values()) for t in trials]).rank()
-    rank_corr = {c["metric"]: float(ranks[0].corr(ranks[i + 1]))
-                 for i, c in enumerate(constraints)}  # fmt: skip
+    constraints = measured["constraints"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rows = [{"pruner": name, "metric": f"{metric}_recent",
-             **replay(trials, constraints, make(), metric)}
-            for name, make in PRUNERS.items() for metric in ("ppo/gold", "ppo/score")]  # fmt: skip
-    record = {"command": "python benchmarks/reward_pruning.py replay", "measured": {
-        k: measured[k] for k in ("command", "date", "machine")}, "rows": rows,
-        "all_steps": all_steps, "all_ppo_seconds": all_seconds, "trials": len(trials),
-        "best_feasible_gold_gain": best_feasible, "best_gold_gain": best,
-        "gold_gain_rank_correlation": rank_corr}  # fmt: skip
+    runs = {}
+    for seed, trials in measured["runs"].items():
+        rows = [{"pruner": name, "metric": f"{metric}_recent",
+                 **replay(trials, constraints, make(), metric)}
+                for name, make in PRUNERS.items()
+                for metric in ("ppo/gold", "ppo/score")]  # fmt: skip
+        runs[seed] = {**summary(trials, constraints), "rows": rows}
+    record = {"command": "python benchmarks/reward_pruning.py replay",
+              "measured": {k: measured[k] for k in ("command", "date", "machine")},
+              "constraints": constraints, "runs": runs}  # fmt: skip
     out = ROOT / "reports" / "bench"
     (out / "reward_pruning.json").write_text(json.dumps(record, indent=1) + "\n")
     limits = ", ".join(f"{c['metric']} <= {c['max']}" for c in constraints)
     lines = ["# Pruning a reward study on PPO's running reward (replayed)", "",
              f"`{record['command']}` over `{measured['command']}` ({measured['date']}, "
-             f"{measured['machine']}): {len(trials)} trials of studies/ppo-coefficients.yaml, "
-             f"{all_steps} PPO steps, {all_seconds:.0f} s of PPO steps. Unpruned: best gold "
-             f"gain {best:.3f}; best keeping the constraint ({limits}) {best_feasible:.3f}. "
-             "Rank correlation of the gold gain with "
-             + ", ".join(f"{metric}: {r:.2f}" for metric, r in rank_corr.items())
-             + " (Optuna's pruners see the reward, not the constraint).", "",
-             "| pruner | reads | PPO steps run | PPO seconds run | trials finished | best gold "
-             "gain | best gold gain keeping the constraint |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        kept = row["best_feasible_gold_gain"]
-        kept = "none finished" if kept is None else f"{kept:.3f}"
-        lines.append(f"| {row['pruner']} | {row['metric']} | {row['steps'] / all_steps:.0%} | "
-                     f"{row['ppo_seconds'] / all_seconds:.0%} | {row['finished']} | "
-                     f"{row['best_gold_gain']:.3f} | {kept} |")  # fmt: skip
-    (out / "reward_pruning.md").write_text("\n".join(lines) + "\n")
+             f"{measured['machine']}): studies/ppo-coefficients.yaml, one unpruned run per "
+             f"sampler seed; the constraint: {limits}.", ""]  # fmt: skip
+    for seed, run in runs.items():
+        correlation = ", ".join(
+            f"{metric} {r:.2f}" for metric, r in run["gold_gain_rank_correlation"].items()
+        )
+        lines += [f"## Sampler seed {seed}", "",
+                  f"{run['trials']} trials, {run['steps']} PPO steps, {run['ppo_seconds']:.0f} s "
+                  f"of PPO steps. Unpruned: best gold gain {run['best_gold_gain']:.3f}, best "
+                  f"keeping the constraint {_gain(run['best_feasible_gold_gain'])}. Rank "
+                  f"correlation of the gold gain with {correlation}.", "",
+                  "| pruner | reads | PPO steps run | PPO seconds run | trials finished | best "
+                  "gold gain | best gold gain keeping the constraint |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in run["rows"]:
+            lines.append(f"| {row['pruner']} | {row['metric']} | "
+                         f"{row['steps'] / run['steps']:.0%} | "
+                         f"{row['ppo_seconds'] / run['ppo_seconds']:.0%} | {row['finished']} | "
+                         f"{row['best_gold_gain']:.3f} | "
+                         f"{_gain(row['best_feasible_gold_gain'])} |")  # fmt: skip
+        lines.append("")
+    (out / "reward_pruning.md").write_text("\n".join(lines))
     print((out / "reward_pruning.md").read_text())
 
 
@@ -170,9 +200,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["measure", "replay"])
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     if args.command == "measure":
-        measure(args.trials)
+        measure(args.trials, args.seeds)
     else:
         replay_all()
 

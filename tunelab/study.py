@@ -4,8 +4,8 @@
 Each worker thread asks Optuna for a point (under a lock that keeps the budget exact across
 processes), has tunelab.prelaunch turn it into a TrialConfig and skip what cannot run here or
 is predicted over the memory budget, launches the trial as a subprocess group, lets
-tunelab.pruning judge its intermediate throughput, and tells Optuna the outcome with
-everything measured as user attributes (tunelab.records says how).
+tunelab.pruning judge its intermediate values (spec.pruner.metric), and tells Optuna the
+outcome with everything measured as user attributes (tunelab.records says how).
 
 Faults: every process joining a study gets its own sampler seed (derived from the spec's seed
 and the order in which processes joined), so workers do not repeat each other's start-up
