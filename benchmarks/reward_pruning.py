@@ -8,9 +8,10 @@ would keep and save, replayed against measured runs of studies/ppo-coefficients.
 runs, once per sampler seed, and keeps each finished trial's gold gain, constrained metrics,
 knobs and per-step series (gold reward, reward-model score, KL, step seconds) in
 benchmarks/ppo_series.json. `replay` feeds each run's trials, in the order they ran, through
-an Optuna study per pruner: at every PPO step the mean of the last RECENT_STEPS steps, as a
+an Optuna study per pruner: at every PPO step the mean of the last few steps, as a
 live trial reports it (metrics.PROGRESS_METRICS). It records the PPO steps and seconds each
-pruner would have run, how many trials finish, and the best gold gain among finished trials
+pruner would have run, how many trials finish (Optuna's step numbers start at 0: min_resource
+10 judges a trial after its 11th step), and the best gold gain among finished trials
 that keep the spec's constraints, against the run's best. Replayed, not live: a live TPE
 study proposes differently once trials are pruned. Writes reports/bench/reward_pruning.{json,md}.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,23 +31,24 @@ import optuna
 import pandas
 import yaml
 
-from tunelab.metrics import RECENT_STEPS
+from tunelab.metrics import recent_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "studies" / "ppo-coefficients.yaml"
 MEASURED = ROOT / "benchmarks" / "ppo_series.json"
+STUDY_NAME = yaml.safe_load(SPEC.read_text())["name"]
 SERIES = ("ppo/gold", "ppo/score", "ppo/kl", "time/ppo_step_s")
 PRUNERS = {
-    "successive halving, min 5 steps, factor 3":
+    "successive halving, min_resource 5, reduction_factor 3":
         lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=5, reduction_factor=3),
-    "successive halving, min 10 steps, factor 2":
+    "successive halving, min_resource 10, reduction_factor 2":
         lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=10, reduction_factor=2),
-    "successive halving, min 20 steps, factor 2":
+    "successive halving, min_resource 20, reduction_factor 2":
         lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=20, reduction_factor=2),
-    "Hyperband, 5 to 40 steps, factor 3":
+    "Hyperband, min_resource 5, max_resource 40, reduction_factor 3":
         lambda: optuna.pruners.HyperbandPruner(min_resource=5, max_resource=40,
                                                reduction_factor=3),
-    "median, after 10 steps and 4 trials":
+    "median, n_startup_trials 4, n_warmup_steps 10":
         lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=10),
 }  # fmt: skip
 
@@ -62,8 +63,8 @@ def measure_run(spec: dict, trials: int, seed: int) -> list[dict]:
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         subprocess.run([sys.executable, "-m", "tunelab", "run", str(path), "--out",
                         f"{tmp}/out"], cwd=ROOT, check=True)  # fmt: skip
-        runs = [json.loads(path.read_text())
-                for path in sorted(Path(tmp).glob("out/trials/*/metrics.json"))]  # fmt: skip
+        files = sorted(Path(tmp).glob("out/trials/*/metrics.json"))
+        runs = [json.loads(metrics_file.read_text()) for metrics_file in files]
     return [
         {"params": _params(run, spec),
          "gold_gain": run["metrics"]["ppo/gold_gain"],
@@ -96,25 +97,25 @@ def _params(run: dict, spec: dict) -> dict:
     return values
 
 
-def recent(values: list[float]) -> list[float]:
-    """What a live trial reports at each step: the mean of the last RECENT_STEPS values."""
-    return [statistics.fmean(values[max(0, i + 1 - RECENT_STEPS) : i + 1])
-            for i in range(len(values))]  # fmt: skip
+def reported(values: list[float]) -> list[float]:
+    """What a live trial reports at each step of a per-step series (metrics.recent_mean)."""
+    return [recent_mean(values[: step + 1]) for step in range(len(values))]
 
 
 def feasible(trial: dict, constraints: list[dict]) -> bool:
     return all(trial["constrained"][c["metric"]] <= c["max"] for c in constraints)
 
 
-def replay(trials: list[dict], constraints: list[dict], pruner, metric: str) -> dict:
-    """Trials through an Optuna study with `pruner` on `metric` (a series name)."""
-    study = optuna.create_study(direction="maximize", pruner=pruner)
-    steps = seconds = 0.0
+def replay(trials: list[dict], constraints: list[dict], pruner: optuna.pruners.BasePruner,
+           metric: str) -> dict:  # fmt: skip
+    """Trials through an Optuna study with `pruner` on `metric` (a series name). The study is
+    named as the spec's live one: Hyperband puts trials in brackets by a hash of that name."""
+    study = optuna.create_study(study_name=STUDY_NAME, direction="maximize", pruner=pruner)
+    steps, seconds = 0, 0.0
     finished = []
     for trial in trials:
         asked = study.ask()
-        reported = recent(trial["series"][metric])
-        for step, value in enumerate(reported):
+        for step, value in enumerate(reported(trial["series"][metric])):
             asked.report(value, step)
             steps += 1
             seconds += trial["series"]["time/ppo_step_s"][step]

@@ -133,12 +133,22 @@ def test_deep_json_is_one_line(tmp_path, capsys):
          "'ppo/gold_recent'?); a pruner reads one of perf/ppo_e2e_tokens_per_s, "
          "ppo/score_recent, ppo/gold_recent"),
         ("pruner: {type: dominance, metric: ppo/gold_recent}",
-         "pruner.metric: dominance compares ppo/gold_recent with finished trials' objectives; "
-         "it is not one of them, so no trial would ever be stopped"),
+         "pruner.metric: dominance compares ppo/gold_recent with finished trials' objectives "
+         "and it is not one of them, so it plays no part"),
+        # What a trial reports while it runs is not in its final metrics
+        ("constraints: [{metric: ppo/gold_recent, min: 0.5}]",
+         "constraints[0].metric: unknown metric 'ppo/gold_recent' (did you mean "
+         "'ppo/gold_gain'?)"),
+        # Only the synthetic task has a gold reward
+        ("base_overrides: {data.source: pairs.jsonl}\n"
+         "pruner: {type: median, metric: ppo/gold_recent}",
+         "pruner.metric: the base's data (pairs.jsonl) has no gold reward; only the synthetic "
+         "task has one (use ppo/score_* for the reward model's score)"),
     ],
     ids=["sampler-typo", "pruner-typo", "option-type", "option-value", "option-required",
          "option-object", "baseline-choice", "range-nan", "range-inf", "when-value",
-         "same-as-later", "seed", "pruner-metric", "dominance-metric"],
+         "same-as-later", "seed", "pruner-metric", "dominance-metric", "recent-as-constraint",
+         "gold-without-synthetic"],
 )  # fmt: skip
 def test_spec_mistakes_are_one_line_before_any_study_exists(tmp_path, capsys, body, message):
     path = spec(tmp_path, body)
@@ -157,7 +167,8 @@ def test_a_pruner_against_the_objectives_direction_is_one_line(tmp_path, capsys)
     code, _, err = cli(capsys, "run", path)
     one_line_error(code, err, f"{path}: pruner.metric: perf/ppo_e2e_tokens_per_s is better "
                    "higher, but Optuna's pruner reads it in the objective's direction "
-                   "(minimize) and would stop the best trials")  # fmt: skip
+                   "(minimize) and would stop the best trials; no metric a running trial "
+                   "reports fits it: use 'pruner: {type: none}'")  # fmt: skip
 
 
 def test_several_mistakes_are_reported_at_once(tmp_path, capsys):

@@ -354,8 +354,8 @@ def launch_trial(
                 oom.watch(process.pid)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=poll_s)  # returns as soon as the trial exits
-                for record in progress.new_records():
-                    if on_progress is not None and on_progress(record) and stopped is None:
+                for record in progress.new_records():  # none reported after a stop
+                    if stopped is None and on_progress is not None and on_progress(record):
                         where = f"{record['stage']} step {record['step']}"
                         stopped = (Status.PRUNED, f"stopped early at {where}")
                 if timeout_s is not None and time.monotonic() - started > timeout_s:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import statistics
+from collections.abc import Sequence
 
 from tunelab.errors import InputError
 from tunelab.records import ENGINES
@@ -23,7 +25,7 @@ PATTERNS = tuple(
         r"|eval_pairs)",
         r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
         r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"
-        r"|policy_loss_final|answer_tokens_mean|score_recent|gold_recent)",
+        r"|policy_loss_final|answer_tokens_mean)",
         rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process|data|setup|eval|handoff)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         # Tokens that are not padding (answers up to eos for generation; prompt + answer for the
@@ -55,16 +57,23 @@ COMMON = (
 )  # fmt: skip
 
 
-# What a trial reports after each PPO step while it runs (its intermediate values, which a
-# pruner reads), and which way is better. The `_recent` ones are means over the last
-# RECENT_STEPS steps' own answers (one step's batch is too few answers to rank trials by);
-# trials with the same seed and batch settings draw the same prompts at a step.
+# What a trial reports after each PPO step while it runs (progress.jsonl: its intermediate
+# values, which a pruner reads; not in metrics.json), and which way is better. The `_recent`
+# ones are recent_mean of the per-step series (one step's batch is too few answers to rank
+# trials by). Trials with the same seed, ranks, generation micro-batch and generation batches
+# draw the same prompts at a step; `ppo.epochs` and `ppo.generation_batches` change how much
+# a step learns.
 PROGRESS_METRICS = {
     "perf/ppo_e2e_tokens_per_s": "maximize",  # from the first step after warm-up
     "ppo/score_recent": "maximize",  # reward-model score
     "ppo/gold_recent": "maximize",  # gold reward (synthetic data only)
 }
 RECENT_STEPS = 5
+
+
+def recent_mean(values: Sequence[float]) -> float:
+    """Mean of the last RECENT_STEPS values of a per-step series."""
+    return statistics.fmean(values[-RECENT_STEPS:])
 
 
 def is_metric_name(name: str) -> bool:

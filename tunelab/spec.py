@@ -17,7 +17,7 @@ import inspect
 import json
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_type_hints
@@ -542,21 +542,28 @@ def _check_options(cls, options: dict, given: tuple[str, ...], at: str, problems
         problems.add(f"{at}.options", f"{cls.__name__} refuses them: {exc}")
 
 
-def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Problems) -> None:
-    """Metrics, sampler and pruner against the objectives, Optuna's classes and the space."""
+def _check_search(parts: dict, space: dict[str, Knob], full: dict | None, where: str,
+                  problems: Problems) -> None:  # fmt: skip
+    """Metrics, sampler and pruner against the objectives, Optuna's classes, the space and the
+    base config (`full`, None when invalid)."""
     objectives = parts.get("objectives", ())
+    no_gold = _without_gold_reward(full, space)
     for section in ("objectives", "constraints"):
         for index, item in enumerate(parts.get(section, ())):
             try:
                 check_metric_name(item.metric)
             except InputError as exc:
                 problems.add(f"{where} {section}[{index}].metric", str(exc))
+            if no_gold and item.metric.startswith("ppo/gold_"):
+                problems.add(f"{where} {section}[{index}].metric", no_gold)
     sampler, pruner = parts.get("sampler", SamplerSpec()), parts.get("pruner", PrunerSpec())
     cls = _optuna_class(sampler.type, SAMPLER_CLASSES, "samplers")
     given = ("seed", "search_space") if sampler.type == "grid" else ("seed",)
     _check_options(cls, sampler.options, given, f"{where} sampler", problems)
     if pruner.type != "none":
         problem = _pruner_metric_problem(pruner, objectives)
+        if not problem and no_gold and pruner.metric.startswith("ppo/gold_"):
+            problem = no_gold
         if problem:
             problems.add(f"{where} pruner.metric", problem)
     if pruner.type in PRUNER_CLASSES:
@@ -571,22 +578,36 @@ def _check_search(parts: dict, space: dict[str, Knob], where: str, problems: Pro
                 problems.add(f"{where} space.{name}", "the grid sampler needs choices or a step")
 
 
-def _pruner_metric_problem(pruner: PrunerSpec, objectives) -> str | None:
-    """Why a pruner could never stop a trial on its metric, or would stop the best ones."""
+def _without_gold_reward(full: dict | None, space: dict[str, Knob]) -> str | None:
+    """Why no trial of the study has a gold reward (its data is not the synthetic task), or
+    None when some may."""
+    if full is None or "data.source" in space or full["data"]["source"] == "synthetic":
+        return None
+    return (f"the base's data ({full['data']['source']}) has no gold reward; only the synthetic "
+            "task has one (use ppo/score_* for the reward model's score)")
+
+
+def _pruner_metric_problem(pruner: PrunerSpec, objectives: Sequence[Objective]) -> str | None:
+    """Why a pruner's metric could play no part in stopping a trial, or would stop the best."""
     reported = PROGRESS_METRICS.get(pruner.metric)
     if reported is None:
         close = difflib.get_close_matches(pruner.metric, PROGRESS_METRICS, n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return (f"{pruner.metric!r} is not reported while a trial runs{hint}; a pruner reads "
                 f"one of {', '.join(PROGRESS_METRICS)}")  # fmt: skip
-    if pruner.type == "dominance" and pruner.metric not in {o.metric for o in objectives}:
-        return (f"dominance compares {pruner.metric} with finished trials' objectives; it is "
-                "not one of them, so no trial would ever be stopped")  # fmt: skip
-    direction = objectives[0].direction if len(objectives) == 1 else reported
-    if pruner.type in PRUNER_CLASSES and direction != reported:
-        return (f"{pruner.metric} is better {'higher' if reported == 'maximize' else 'lower'}, "
-                f"but Optuna's pruner reads it in the objective's direction ({direction}) and "
-                "would stop the best trials")  # fmt: skip
+    metrics = {o.metric for o in objectives}
+    if pruner.type == "dominance" and objectives and pruner.metric not in metrics:
+        return (f"dominance compares {pruner.metric} with finished trials' objectives and it is "
+                "not one of them, so it plays no part")  # fmt: skip
+    if pruner.type in PRUNER_CLASSES and len(objectives) == 1:
+        direction = objectives[0].direction
+        if direction != reported:
+            fitting = [name for name, way in PROGRESS_METRICS.items() if way == direction]
+            instead = (f"use one of {', '.join(fitting)}" if fitting else "no metric a "
+                       "running trial reports fits it: use 'pruner: {type: none}'")  # fmt: skip
+            return (f"{pruner.metric} is better {'higher' if reported == 'maximize' else 'lower'}"
+                    f", but Optuna's pruner reads it in the objective's direction ({direction}) "
+                    f"and would stop the best trials; {instead}")  # fmt: skip
     return None
 
 
@@ -616,7 +637,7 @@ def load_spec(path: str | Path) -> LoadedSpec:
     base, full = _load_base(path, parts, where, problems)
     space, names = _valid_knobs(data)
     _check_knobs(space, names, full, where, problems)
-    _check_search(parts, space, where, problems)
+    _check_search(parts, space, full, where, problems)
     _check_baselines(parts.get("baselines", ()), space, names, (base, full), where, problems)
     problems.raise_if_any(str(path))
     return LoadedSpec(spec, base, str(path))

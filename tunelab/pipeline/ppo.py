@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 
 from tunelab.data import gold_reward
 from tunelab.flops import forward_flops, generation_flops, train_flops
-from tunelab.metrics import RECENT_STEPS
+from tunelab.metrics import recent_mean
 from tunelab.pipeline import ppo_math
 from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
 from tunelab.pipeline.context import TrialContext
@@ -419,7 +418,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
         if config.tracker != "none":  # the actor's DeepSpeed monitor (rank 0 writes)
             trainer.actor.monitor.write_events([(name, value, step) for name, value
                                                 in record.items()])  # fmt: skip
-        progress = {f"{name}_recent": statistics.fmean(series[name][-RECENT_STEPS:])
+        progress = {f"{name}_recent": recent_mean(series[name])
                     for name in ("ppo/score", "ppo/gold") if name in series}  # fmt: skip
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
