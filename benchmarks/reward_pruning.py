@@ -4,12 +4,15 @@ would keep and save, replayed against measured runs of studies/ppo-coefficients.
     python benchmarks/reward_pruning.py measure [--trials 16] [--seeds 0 1]  # ~6 min a seed
     python benchmarks/reward_pruning.py replay
 
-`measure` runs the shipped spec (stage reuse, its baseline, no pruner) without confirmation
-runs, once per sampler seed, and keeps each finished trial's gold gain, constrained metrics,
+`measure` runs the shipped spec without its early stops (no pruner, no constraint stop
+margin; stage reuse and its baseline kept) and without confirmation runs, once per sampler
+seed, and keeps each finished trial's gold gain, constrained metrics,
 knobs and per-step series (gold reward, reward-model score, KL, step seconds) in
 benchmarks/ppo_series.json. `replay` feeds each run's trials, in the order they ran, through
 an Optuna study per pruner: at every PPO step the mean of the last few steps, as a
-live trial reports it (metrics.PROGRESS_METRICS). It records the PPO steps and seconds each
+live trial reports it (metrics.PROGRESS_METRICS); then alone and with one pruner, the
+constraints' stop lines at a few stop margins, checked before the pruner as a live
+trial's TrialPruning does (pruning.past_constraint). It records the PPO steps and seconds each
 pruner would have run, how many trials finish (Optuna's step numbers start at 0: min_resource
 10 judges a trial after its 11th step), and the best gold gain among finished trials
 that keep the spec's constraints, against the run's best. Replayed, not live: a live TPE
@@ -31,7 +34,9 @@ import optuna
 import pandas
 import yaml
 
-from tunelab.metrics import recent_mean
+from tunelab.metrics import RUNNING, recent_mean
+from tunelab.pruning import past_constraint
+from tunelab.spec import Constraint
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "studies" / "ppo-coefficients.yaml"
@@ -51,11 +56,21 @@ PRUNERS = {
     "median, n_startup_trials 4, n_warmup_steps 10":
         lambda: optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=10),
 }  # fmt: skip
+# Constraint stop lines (spec Constraint.stop_margin), alone and with the pruner that kept the
+# constrained best in every run.
+STOP_MARGINS = (0.1, 0.25)
+WITH_STOP_MARGINS = (
+    ("none", optuna.pruners.NopPruner, "ppo/score"),
+    ("successive halving, min_resource 20, reduction_factor 2",
+     PRUNERS["successive halving, min_resource 20, reduction_factor 2"], "ppo/score"),
+)  # fmt: skip
 
 
 def measure_run(spec: dict, trials: int, seed: int) -> list[dict]:
     """One unpruned run of `spec` with sampler seed `seed`: its finished trials."""
-    spec = {**spec, "budget": {"trials": trials}, "confirm": {"top_k": 0},
+    constraints = [{k: v for k, v in c.items() if k != "stop_margin"} for c in spec["constraints"]]
+    spec = {**spec, "budget": {"trials": trials}, "confirm": {"top_k": 0}, "pruner": {},
+            "constraints": constraints,
             "sampler": {**spec["sampler"], "seed": seed},
             "base": str(SPEC.parent / spec["base"])}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +95,8 @@ def measure(trials: int, seeds: list[int]) -> None:
                          f"{trials} --seeds {' '.join(map(str, seeds))}",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {platform.machine()}",
-              "constraints": spec["constraints"],
+              "constraints": [{k: v for k, v in c.items() if k != "stop_margin"}
+                              for c in spec["constraints"]],
               "runs": {str(seed): measure_run(spec, trials, seed) for seed in seeds}}  # fmt: skip
     MEASURED.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{len(seeds)} runs -> {MEASURED}")
@@ -107,19 +123,27 @@ def feasible(trial: dict, constraints: list[dict]) -> bool:
 
 
 def replay(trials: list[dict], constraints: list[dict], pruner: optuna.pruners.BasePruner,
-           metric: str) -> dict:  # fmt: skip
-    """Trials through an Optuna study with `pruner` on `metric` (a series name). The study is
-    named as the spec's live one: Hyperband puts trials in brackets by a hash of that name."""
+           metric: str, stop_margin: float | None = None) -> dict:  # fmt: skip
+    """Trials through an Optuna study with `pruner` on `metric` (a series name) and, with a
+    `stop_margin`, the constraints' stop lines checked first, as a live trial's TrialPruning
+    does. The study is named as the spec's live one: Hyperband puts trials in brackets by a
+    hash of that name."""
     study = optuna.create_study(study_name=STUDY_NAME, direction="maximize", pruner=pruner)
+    stops = [] if stop_margin is None else [Constraint(**c, stop_margin=stop_margin)
+                                            for c in constraints]  # fmt: skip
     steps, seconds = 0, 0.0
     finished = []
     for trial in trials:
         asked = study.ask()
+        running = {name: reported(trial["series"][name.removesuffix("_recent")])
+                   for name in RUNNING.values()}  # fmt: skip
         for step, value in enumerate(reported(trial["series"][metric])):
-            asked.report(value, step)
             steps += 1
             seconds += trial["series"]["time/ppo_step_s"][step]
-            if asked.should_prune():
+            record = {name: values[step] for name, values in running.items()}
+            if past_constraint(record, stops) is None:
+                asked.report(value, step)
+            if past_constraint(record, stops) is not None or asked.should_prune():
                 study.tell(asked, state=optuna.trial.TrialState.PRUNED)
                 break
         else:
@@ -159,10 +183,15 @@ def replay_all() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = {}
     for seed, trials in measured["runs"].items():
-        rows = [{"pruner": name, "metric": f"{metric}_recent",
+        rows = [{"pruner": name, "metric": f"{metric}_recent", "stop_margin": None,
                  **replay(trials, constraints, make(), metric)}
                 for name, make in PRUNERS.items()
                 for metric in ("ppo/gold", "ppo/score")]  # fmt: skip
+        rows += [{"pruner": name, "metric": f"{metric}_recent" if name != "none" else "",
+                  "stop_margin": margin,
+                  **replay(trials, constraints, make(), metric, margin)}
+                 for margin in STOP_MARGINS
+                 for name, make, metric in WITH_STOP_MARGINS]  # fmt: skip
         runs[seed] = {**summary(trials, constraints), "rows": rows}
     record = {"command": "python benchmarks/reward_pruning.py replay",
               "measured": {k: measured[k] for k in ("command", "date", "machine")},
@@ -183,11 +212,12 @@ def replay_all() -> None:
                   f"of PPO steps. Unpruned: best gold gain {run['best_gold_gain']:.3f}, best "
                   f"keeping the constraint {_gain(run['best_feasible_gold_gain'])}. Rank "
                   f"correlation of the gold gain with {correlation}.", "",
-                  "| pruner | reads | PPO steps run | PPO seconds run | trials finished | best "
-                  "gold gain | best gold gain keeping the constraint |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| pruner | reads | constraint stop_margin | PPO steps run | PPO seconds run "
+                  "| trials finished | best gold gain | best gold gain keeping the constraint |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in run["rows"]:
-            lines.append(f"| {row['pruner']} | {row['metric']} | "
+            margin = "" if row["stop_margin"] is None else f"{row['stop_margin']:g}"
+            lines.append(f"| {row['pruner']} | {row['metric']} | {margin} | "
                          f"{row['steps'] / run['steps']:.0%} | "
                          f"{row['ppo_seconds'] / run['ppo_seconds']:.0%} | {row['finished']} | "
                          f"{row['best_gold_gain']:.3f} | "

@@ -144,11 +144,18 @@ def test_deep_json_is_one_line(tmp_path, capsys):
          "pruner: {type: median, metric: ppo/gold_recent}",
          "pruner.metric: the base's data (pairs.jsonl) has no gold reward; only the synthetic "
          "task has one (use ppo/score_* for the reward model's score)"),
+        ("constraints: [{metric: ppo/gold_gain, min: 0.1, stop_margin: 0.2}]",
+         "constraints[0].stop_margin: a running trial does not report ppo/gold_gain; only "
+         "ppo/kl_final can stop one early"),
+        ("constraints: [{metric: ppo/kl_final, min: 0.1, stop_margin: 0.2}]",
+         "constraints[0].stop_margin: stops a trial above max, and this constraint has none"),
+        ("constraints: [{metric: ppo/kl_final, max: 8, stop_margin: -0.2}]",
+         "constraints[0].stop_margin: must be >= 0, got -0.2"),
     ],
     ids=["sampler-typo", "pruner-typo", "option-type", "option-value", "option-required",
          "option-object", "baseline-choice", "range-nan", "range-inf", "when-value",
          "same-as-later", "seed", "pruner-metric", "dominance-metric", "recent-as-constraint",
-         "gold-without-synthetic"],
+         "gold-without-synthetic", "stop-margin-metric", "stop-margin-min", "stop-margin-sign"],
 )  # fmt: skip
 def test_spec_mistakes_are_one_line_before_any_study_exists(tmp_path, capsys, body, message):
     path = spec(tmp_path, body)
@@ -167,8 +174,8 @@ def test_a_pruner_against_the_objectives_direction_is_one_line(tmp_path, capsys)
     code, _, err = cli(capsys, "run", path)
     one_line_error(code, err, f"{path}: pruner.metric: perf/ppo_e2e_tokens_per_s is better "
                    "higher, but Optuna's pruner reads it in the objective's direction "
-                   "(minimize) and would stop the best trials; no metric a running trial "
-                   "reports fits it: use 'pruner: {type: none}'")  # fmt: skip
+                   "(minimize) and would stop the best trials; use one of "
+                   "ppo/kl_recent")  # fmt: skip
 
 
 def test_several_mistakes_are_reported_at_once(tmp_path, capsys):

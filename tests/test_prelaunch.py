@@ -13,7 +13,7 @@ from tunelab.prelaunch import check_trial, over_budget, predicted_memory
 from tunelab.presets import PRESETS
 from tunelab.pruning import TrialPruning
 from tunelab.records import Status
-from tunelab.spec import Objective, PrunerSpec, load_spec
+from tunelab.spec import Constraint, Objective, PrunerSpec, load_spec
 from tunelab.stagecache import stage_plan
 
 from .test_study import write_spec
@@ -86,7 +86,7 @@ def test_statuses_are_stored_as_their_names_and_map_to_optuna_states(status):
     assert status.optuna_state == expected.get(status.value, "FAIL")
 
 
-def pruning(pruner: PrunerSpec, finished=(), optuna_answer=False):
+def pruning(pruner: PrunerSpec, finished=(), optuna_answer=False, constraints=()):
     asked = []
 
     def optuna_prunes(value, step):
@@ -94,8 +94,28 @@ def pruning(pruner: PrunerSpec, finished=(), optuna_answer=False):
         return optuna_answer
 
     policy = TrialPruning(pruner, [THROUGHPUT, MEMORY], {MEMORY.metric: 2e9}, list(finished),
-                          optuna_prunes)  # fmt: skip
+                          optuna_prunes, constraints)  # fmt: skip
     return policy, asked
+
+
+def test_a_trial_past_a_constraints_stop_line_stops_before_any_pruner_is_asked():
+    kl = Constraint("ppo/kl_final", max=8.0, stop_margin=0.25)  # stop line 10
+    assert kl.stop_line() == 10.0 and Constraint("ppo/kl_final", max=8.0).stop_line() is None
+    policy, asked = pruning(PrunerSpec(type="median"), constraints=[kl])
+    assert not policy.should_stop({"stage": "ppo", "step": 3, "ppo/kl_recent": 10.0})
+    assert policy.stopped_by is None and asked == []  # no throughput in the record
+    assert policy.should_stop({"stage": "ppo", "step": 4, "ppo/kl_recent": 10.5,
+                               THROUGHPUT.metric: 700.0})  # fmt: skip
+    assert asked == []  # stopped by the constraint; Optuna is not asked
+    assert policy.stopped_by == (
+        "ppo/kl_recent 10.5 is past the constraint ppo/kl_final <= 8 by more than 25%")
+    # Without a stop margin a constraint never stops a trial; the pruner still decides.
+    policy, asked = pruning(PrunerSpec(type="median"), optuna_answer=True,
+                            constraints=[Constraint("ppo/kl_final", max=8.0)])  # fmt: skip
+    assert policy.should_stop({"stage": "ppo", "step": 4, "ppo/kl_recent": 99.0,
+                               THROUGHPUT.metric: 700.0})  # fmt: skip
+    assert asked == [(700.0, 4)]
+    assert policy.stopped_by == "median pruner on perf/ppo_e2e_tokens_per_s"
 
 
 def test_dominance_stops_a_trial_only_when_beaten_on_every_objective():

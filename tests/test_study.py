@@ -323,6 +323,29 @@ def test_a_reward_study_reports_the_recent_gold_reward_to_its_pruner(tmp_path):
     assert sorted(trial.intermediate_values) == [0, 1, 2, 3]
 
 
+def test_a_trial_past_a_constraints_stop_line_is_stopped(tmp_path):
+    # KL to the reference is above 0 once the actor has taken a step: with max 0 and no
+    # margin, the trial stops at its first progress record showing it.
+    name, path = write_spec(
+        tmp_path, budget={"trials": 1}, base_overrides={"ppo.steps": 16},
+        objectives=[{"metric": "ppo/gold_gain", "direction": "maximize"}],
+        constraints=[{"metric": "ppo/kl_final", "max": 0.0, "stop_margin": 0.0}],
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = tunelab("run", path, "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db").trials
+    assert trial.state == TrialState.PRUNED and trial.user_attrs["status"] == "pruned"
+    progress = [json.loads(line) for line in
+                (out / "trials" / "0000" / "progress.jsonl").read_text().splitlines()]  # fmt: skip
+    first_past = next(p for p in progress if p["ppo/kl_recent"] > 0)
+    assert trial.user_attrs["reason"] == (
+        f"stopped early at ppo step {first_past['step']}: ppo/kl_recent "
+        f"{first_past['ppo/kl_recent']:.3g} is past the constraint ppo/kl_final <= 0 by more "
+        "than 0%")
+    assert progress[-1]["step"] < 15  # stopped before its last step
+
+
 def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):
     """Optuna's GridSampler calls Study.stop() after the last point, which raises outside
     Study.optimize; tunelab's orchestrator stops asking instead. The trials are never launched

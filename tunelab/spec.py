@@ -40,7 +40,7 @@ from tunelab._typed import (
 )
 from tunelab.config import SEED_LIMIT, TrialConfig, config_from_dict
 from tunelab.errors import InputError
-from tunelab.metrics import PROGRESS_METRICS, check_metric_name, metric_stage
+from tunelab.metrics import PROGRESS_METRICS, RUNNING, check_metric_name, metric_stage
 from tunelab.records import STAGES
 
 SamplerType = Literal["tpe", "nsga2", "random", "grid", "qmc", "gp"]
@@ -136,11 +136,15 @@ class Objective:
 
 @dataclass(frozen=True)
 class Constraint:
-    """A soft constraint on a trial metric: feasible when min <= value <= max."""
+    """A soft constraint on a trial metric: feasible when min <= value <= max.
+
+    `stop_margin`: stop (prune) a running trial once the running value of the metric
+    (metrics.RUNNING) is above max by more than this fraction of it; None: never."""
 
     metric: str
     max: float | None = None
     min: float | None = None
+    stop_margin: float | None = None
 
     def __post_init__(self) -> None:
         enforce(self)
@@ -150,6 +154,19 @@ class Constraint:
             yield "", "a constraint needs max or min"
         elif self.max is not None and self.min is not None and self.min > self.max:
             yield "min", f"{self.min:g} is above max {self.max:g}: no trial could be feasible"
+        if self.stop_margin is not None:
+            yield from at_least(0, self, "stop_margin")
+            if self.metric not in RUNNING:
+                yield "stop_margin", (f"a running trial does not report {self.metric}; only "
+                                      f"{', '.join(RUNNING)} can stop one early")  # fmt: skip
+            elif self.max is None:
+                yield "stop_margin", "stops a trial above max, and this constraint has none"
+
+    def stop_line(self) -> float | None:
+        """The running value above which a trial stops (None: never)."""
+        if self.stop_margin is None or self.max is None:
+            return None
+        return self.max + abs(self.max) * self.stop_margin
 
     @property
     def name(self) -> str:

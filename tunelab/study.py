@@ -684,6 +684,7 @@ class Orchestrator:
             # not used: less pruning, never wrong pruning).
             self._finished_metrics() if self.spec.pruner.type == "dominance" else [],
             lambda value, step: self._optuna_prunes(trial, value, step),
+            self.spec.constraints,
         )  # fmt: skip
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
@@ -708,7 +709,10 @@ class Orchestrator:
             raise StorageFault(f"trial {trial.number}: cannot write {out} "
                                f"({first_line(exc)}); the study stops") from None  # fmt: skip
         self.walls.append(outcome.wall_s)
-        self._finish(trial, outcome.status, outcome.reason, config=verdict.config,
+        reason = outcome.reason
+        if outcome.status == Status.PRUNED and pruning.stopped_by:
+            reason = f"{reason}: {pruning.stopped_by}"
+        self._finish(trial, outcome.status, reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate)  # fmt: skip
 

@@ -52,12 +52,12 @@ def test_default_trial_writes_metrics_json(default_trial):
     assert (out / "rank0.json").exists()
     progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [p["step"] for p in progress] == list(range(20))
-    # Throughput after the 2 warm-up steps; score and gold from the first step, each the mean
+    # Throughput after the 2 warm-up steps; score, gold and KL from the first step, each the mean
     # of the last (up to) 5 steps' values in the trial's series.
     assert [p["step"] for p in progress if "perf/ppo_e2e_tokens_per_s" in p] == list(range(2, 20))
     assert all(p.get("perf/ppo_e2e_tokens_per_s", 1) > 0 for p in progress)
     series = on_disk["series"]
-    for name in ("ppo/gold", "ppo/score"):
+    for name in ("ppo/gold", "ppo/score", "ppo/kl"):
         recent = [p[f"{name}_recent"] for p in progress]
         assert recent == pytest.approx(
             [statistics.fmean(series[name][max(0, s - 4) : s + 1]) for s in range(20)]

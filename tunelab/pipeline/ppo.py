@@ -419,7 +419,7 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             trainer.actor.monitor.write_events([(name, value, step) for name, value
                                                 in record.items()])  # fmt: skip
         progress = {f"{name}_recent": recent_mean(series[name])
-                    for name in ("ppo/score", "ppo/gold") if name in series}  # fmt: skip
+                    for name in ("ppo/score", "ppo/gold", "ppo/kl") if name in series}  # fmt: skip
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
         if timed:
