@@ -91,7 +91,8 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
         "trial_walls_s": [t.duration.total_seconds() for t in study.trials],
         "reused_trials": sum(m.get("sft/reused", 0) == 1 for m in metrics),
         "stopped_early": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-        "gold_gains": [t.values[0] if t.values else None for t in study.trials],
+        "gold_gains": [t.values[0] if t.state == optuna.trial.TrialState.COMPLETE else None
+                       for t in study.trials],  # a pruned trial's value is an intermediate one
     }
 
 

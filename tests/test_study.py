@@ -300,6 +300,9 @@ def test_median_pruner_stops_a_clearly_slow_trial(tmp_path):
     assert slow.state == TrialState.PRUNED and slow.user_attrs["status"] == "pruned"
     assert "stopped early at ppo step" in slow.user_attrs["reason"]
     assert slow.intermediate_values  # reported through Optuna
+    # ... which gives the pruned trial its last intermediate value as its value: tunelab's
+    # record (report, export, confirmation) does not take it for the objective's
+    assert slow.values and from_frozen_trial(slow).values is None
     assert trials["a"].state == trials["b"].state == TrialState.COMPLETE
 
 

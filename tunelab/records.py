@@ -153,7 +153,9 @@ def from_frozen_trial(trial) -> TrialRecord:
         status=attrs.get(TrialAttr.STATUS, state.lower()),
         reason=attrs.get(TrialAttr.REASON, ""),
         params=dict(trial.params),
-        values=tuple(trial.values) if trial.values is not None else None,
+        # Optuna gives a pruned trial its last intermediate value (e.g. the running reward-
+        # model score): not the objective's value
+        values=tuple(trial.values) if trial.values is not None and state == "COMPLETE" else None,
         metrics=metrics,
         series=attrs.get(TrialAttr.SERIES, {}),
         config=attrs.get(TrialAttr.CONFIG, {}),
