@@ -36,7 +36,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from tunelab.records import trial_metrics
+from tunelab.launcher import STAGE_PLAN
 
 ROOT = Path(__file__).resolve().parents[1]
 # label: (stages measured, early stops); BEFORE runs the other checkout's code, with neither
@@ -80,8 +80,6 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
         raise SystemExit(f"study failed:\n{run.stderr[-3000:]}")
     study = optuna.load_study(study_name=spec["name"],
                               storage=f"sqlite:///{folder / 'out' / 'study.db'}")  # fmt: skip
-    # An earlier checkout stores its metrics its own way: its reuse count is 0 by construction
-    metrics = [trial_metrics(t.user_attrs) if measure else {} for t in study.trials]
     return {
         "checkout": _commit(tree),
         "measure": measure,
@@ -89,11 +87,18 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
         "stage_steps": stage_steps,
         "command_wall_s": wall,
         "trial_walls_s": [t.duration.total_seconds() for t in study.trials],
-        "reused_trials": sum(m.get("sft/reused", 0) == 1 for m in metrics),
+        "reused_trials": sum(_reused_sft(t) for t in study.trials),
         "stopped_early": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
         "gold_gains": [t.values[0] if t.state == optuna.trial.TrialState.COMPLETE else None
                        for t in study.trials],  # a pruned trial's value is an intermediate one
     }
+
+
+def _reused_sft(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial loaded SFT from the stage cache: its stage plan (launcher.STAGE_PLAN),
+    which a trial stopped early has too (it records no metrics); none before stage reuse."""
+    plan = Path(trial.user_attrs.get("out_dir", "")) / STAGE_PLAN
+    return plan.is_file() and json.loads(plan.read_text()).get("sft", {}).get("action") == "load"
 
 
 def _commit(tree: Path) -> str:
