@@ -28,6 +28,7 @@ from tunelab.errors import InputError
 from tunelab.prelaunch import predicted_memory
 from tunelab.presets import PRESETS
 from tunelab.records import TrialAttr, from_frozen_trial, trial_metrics
+from tunelab.report.data import stage_sources
 from tunelab.spec import load_spec, trial_config
 from tunelab.stagecache import STAGE_CACHE, claim_file, is_complete, stage_plan, try_claim
 from tunelab.storage import open_storage
@@ -328,25 +329,33 @@ def test_a_reward_study_reports_the_recent_gold_reward_to_its_pruner(tmp_path):
 
 def test_a_trial_past_a_constraints_stop_line_is_stopped(tmp_path):
     # KL to the reference is above 0 once the actor has taken a step: with max 0 and no
-    # margin, the trial stops at its first progress record showing it.
+    # margin, each trial stops at its first progress record showing it. The second reuses the
+    # first's SFT and RM, which its record says though it stopped before writing metrics.
     name, path = write_spec(
-        tmp_path, budget={"trials": 1}, base_overrides={"ppo.steps": 16},
+        tmp_path, budget={"trials": 2}, base_overrides={"ppo.steps": 16}, measure=["ppo"],
         objectives=[{"metric": "ppo/gold_gain", "direction": "maximize"}],
         constraints=[{"metric": "ppo/kl_final", "max": 0.0, "stop_margin": 0.0}],
     )  # fmt: skip
     out = tmp_path / "out"
     run = tunelab("run", path, "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
-    (trial,) = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db").trials
-    assert trial.state == TrialState.PRUNED and trial.user_attrs["status"] == "pruned"
-    progress = [json.loads(line) for line in
-                (out / "trials" / "0000" / "progress.jsonl").read_text().splitlines()]  # fmt: skip
-    first_past = next(p for p in progress if p["ppo/kl_recent"] > 0)
-    assert trial.user_attrs["reason"] == (
-        f"stopped early at ppo step {first_past['step']}: ppo/kl_recent "
-        f"{first_past['ppo/kl_recent']:.3g} is past the constraint ppo/kl_final <= 0 by more "
-        "than 0%")
-    assert progress[-1]["step"] < 15  # stopped before its last step
+    first, second = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db").trials
+    for trial in (first, second):
+        assert trial.state == TrialState.PRUNED and trial.user_attrs["status"] == "pruned"
+        folder = out / "trials" / f"{trial.number:04d}"
+        progress = [json.loads(line) for line in
+                    (folder / "progress.jsonl").read_text().splitlines()]  # fmt: skip
+        first_past = next(p for p in progress if p["ppo/kl_recent"] > 0)
+        assert trial.user_attrs["reason"] == (
+            f"stopped early at ppo step {first_past['step']}: ppo/kl_recent "
+            f"{first_past['ppo/kl_recent']:.3g} is past the constraint ppo/kl_final <= 0 by "
+            "more than 0%")
+        assert progress[-1]["step"] < 15  # stopped before its last step
+        assert not (folder / "metrics.json").exists()
+    assert "sft/reused" not in trial_metrics(first.user_attrs)
+    assert trial_metrics(second.user_attrs) == {"sft/reused": 1, "rm/reused": 1}
+    sources = stage_sources([from_frozen_trial(t) for t in (first, second)])
+    assert sources["sft"]["reused"] == sources["rm"]["reused"] == 1
 
 
 def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):

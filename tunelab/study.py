@@ -285,11 +285,15 @@ def enqueue_repeats(study: optuna.Study, spec: StudySpec) -> bool:
 
 
 def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
-                   predicted=None, outcome=None, intermediate=None) -> dict[str, Any]:  # fmt: skip
+                   predicted=None, outcome=None, intermediate=None,
+                   reused=()) -> dict[str, Any]:  # fmt: skip
     """What tunelab records for a finished trial: status, reason, user attributes, objective
     values and constraint violations (JSON, so it can wait in DIR/outcome.json). `predicted`,
-    the orchestrator's memory prediction, is kept only when the trial recorded none itself."""
+    the orchestrator's memory prediction, is kept only when the trial recorded none itself;
+    `reused`, the stages its plan loaded from the stage cache, as `<stage>/reused` when the
+    trial recorded nothing (stopped early, or failed), so the report counts it."""
     metrics = outcome.metrics if outcome else {}
+    metrics = {**{f"{stage}/reused": 1 for stage in reused}, **metrics}
     values = None
     status = Status(status)
     if status == Status.OK:
@@ -712,9 +716,10 @@ class Orchestrator:
         reason = outcome.reason
         if outcome.status == Status.PRUNED and pruning.stopped_by:
             reason = f"{reason}: {pruning.stopped_by}"
+        reused = [stage for stage, step in plan.items() if step["action"] == "load"]
         self._finish(trial, outcome.status, reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
-                     intermediate=pruning.intermediate)  # fmt: skip
+                     intermediate=pruning.intermediate, reused=reused)  # fmt: skip
 
     def _finish(self, trial: optuna.Trial, status: Status, reason: str, **measured) -> None:
         """Record the outcome on the trial and tell Optuna; only here does a trial end. A
