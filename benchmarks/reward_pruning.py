@@ -66,11 +66,15 @@ WITH_STOP_MARGINS = (
 )  # fmt: skip
 
 
+def without_stop_margins(constraints: list[dict]) -> list[dict]:
+    """The spec's constraints as bounds only: measured runs stop no trial early."""
+    return [{k: v for k, v in c.items() if k != "stop_margin"} for c in constraints]
+
+
 def measure_run(spec: dict, trials: int, seed: int) -> list[dict]:
     """One unpruned run of `spec` with sampler seed `seed`: its finished trials."""
-    constraints = [{k: v for k, v in c.items() if k != "stop_margin"} for c in spec["constraints"]]
     spec = {**spec, "budget": {"trials": trials}, "confirm": {"top_k": 0}, "pruner": {},
-            "constraints": constraints,
+            "constraints": without_stop_margins(spec["constraints"]),
             "sampler": {**spec["sampler"], "seed": seed},
             "base": str(SPEC.parent / spec["base"])}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +99,7 @@ def measure(trials: int, seeds: list[int]) -> None:
                          f"{trials} --seeds {' '.join(map(str, seeds))}",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {platform.machine()}",
-              "constraints": [{k: v for k, v in c.items() if k != "stop_margin"}
-                              for c in spec["constraints"]],
+              "constraints": without_stop_margins(spec["constraints"]),
               "runs": {str(seed): measure_run(spec, trials, seed) for seed in seeds}}  # fmt: skip
     MEASURED.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{len(seeds)} runs -> {MEASURED}")
@@ -141,9 +144,10 @@ def replay(trials: list[dict], constraints: list[dict], pruner: optuna.pruners.B
             steps += 1
             seconds += trial["series"]["time/ppo_step_s"][step]
             record = {name: values[step] for name, values in running.items()}
-            if past_constraint(record, stops) is None:
+            stopped = past_constraint(record, stops) is not None
+            if not stopped:
                 asked.report(value, step)
-            if past_constraint(record, stops) is not None or asked.should_prune():
+            if stopped or asked.should_prune():
                 study.tell(asked, state=optuna.trial.TrialState.PRUNED)
                 break
         else:
