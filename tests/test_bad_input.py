@@ -146,7 +146,8 @@ def test_deep_json_is_one_line(tmp_path, capsys):
          "task has one (use ppo/score_* for the reward model's score)"),
         ("constraints: [{metric: ppo/gold_gain, min: 0.1, stop_margin: 0.2}]",
          "constraints[0].stop_margin: a running trial does not report ppo/gold_gain; only "
-         "ppo/kl_final can stop one early"),
+         "ppo/kl_final, mem/peak_host_rss_bytes, mem/peak_device_allocated_bytes, "
+         "mem/peak_device_reserved_bytes can stop one early"),
         ("constraints: [{metric: ppo/kl_final, min: 0.1, stop_margin: 0.2}]",
          "constraints[0].stop_margin: stops a trial above max, and this constraint has none"),
         ("constraints: [{metric: ppo/kl_final, max: 8, stop_margin: -0.2}]",

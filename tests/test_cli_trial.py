@@ -63,6 +63,10 @@ def test_two_rank_zero2_trial(tmp_path):
     assert [r["rank"] for r in result["ranks"]] == [0, 1]
     per_rank = [r["mem/peak_host_rss_bytes"] for r in result["ranks"]]
     assert result["metrics"]["mem/peak_host_rss_bytes"] == max(per_rank)
+    # Its running peaks (max over both ranks, one collective per PPO step) never pass it.
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    so_far = [p["mem/peak_host_rss_so_far_bytes"] for p in progress]
+    assert so_far == sorted(so_far) and 0 < so_far[-1] <= max(per_rank)
     assert "torch.distributed.run" in (out / "trial.log").read_text().splitlines()[0]
     assert result["metrics"]["rm/eval_accuracy"] >= 0.8
 

@@ -118,6 +118,23 @@ def test_a_trial_past_a_constraints_stop_line_stops_before_any_pruner_is_asked()
     assert policy.stopped_by == "median pruner on perf/ppo_e2e_tokens_per_s"
 
 
+def test_a_memory_peak_so_far_past_its_bound_stops_the_trial():
+    """Peaks only grow, so stop_margin 0 stops exactly the trials whose final peak is past max."""
+    host = Constraint("mem/peak_host_rss_bytes", max=2e9, stop_margin=0.0)
+    policy, asked = pruning(PrunerSpec(type="none"), constraints=[host])
+    assert not policy.should_stop({"stage": "ppo", "step": 0,
+                                   "mem/peak_host_rss_so_far_bytes": 2e9})  # fmt: skip
+    assert policy.should_stop({"stage": "ppo", "step": 1, "mem/peak_host_rss_so_far_bytes": 2.5e9})
+    assert policy.stopped_by == ("mem/peak_host_rss_so_far_bytes 2.5e+09 is past the constraint "
+                                 "mem/peak_host_rss_bytes <= 2e+09 by more than 0%")  # fmt: skip
+    # A CPU trial reports no device peaks: a device bound never stops it.
+    device = Constraint("mem/peak_device_allocated_bytes", max=1.0, stop_margin=0.0)
+    policy, _ = pruning(PrunerSpec(type="none"), constraints=[device])
+    assert not policy.should_stop({"stage": "ppo", "step": 1,
+                                   "mem/peak_host_rss_so_far_bytes": 9e9})  # fmt: skip
+    assert asked == []
+
+
 def test_dominance_stops_a_trial_only_when_beaten_on_every_objective():
     beaten_by = {THROUGHPUT.metric: 1000.0, MEMORY.metric: 1e9}
     policy, asked = pruning(PrunerSpec(type="dominance"), [beaten_by])

@@ -70,10 +70,18 @@ PROGRESS_METRICS = {
     "ppo/kl_recent": "minimize",  # KL to the reference
 }
 RECENT_STEPS = 5
-# A final metric a running trial already approaches: ppo/kl_final is the mean KL over the last
-# quarter of the steps, and KL to the reference grows with training (in expectation), so a
-# trial far past a KL bound midway is very unlikely to end within it (spec Constraint.stop_margin).
-RUNNING = {"ppo/kl_final": "ppo/kl_recent"}
+# Final metrics a running trial already approaches, and the progress value that does
+# (spec Constraint.stop_margin). ppo/kl_final is the mean KL over the last quarter of the steps,
+# and KL to the reference grows with training (in expectation), so a trial far past a KL bound
+# midway is very unlikely to end within it. Memory peaks only grow, and the peaks so far are
+# taken as the final ones are (max over ranks): one past a bound is a final peak past it, so a
+# stop margin of 0 stops no trial that would have ended within the bound.
+RUNNING = {
+    "ppo/kl_final": "ppo/kl_recent",
+    "mem/peak_host_rss_bytes": "mem/peak_host_rss_so_far_bytes",
+    "mem/peak_device_allocated_bytes": "mem/peak_device_allocated_so_far_bytes",
+    "mem/peak_device_reserved_bytes": "mem/peak_device_reserved_so_far_bytes",
+}
 
 
 def recent_mean(values: Sequence[float]) -> float:

@@ -62,6 +62,12 @@ def test_default_trial_writes_metrics_json(default_trial):
         assert recent == pytest.approx(
             [statistics.fmean(series[name][max(0, s - 4) : s + 1]) for s in range(20)]
         )
+    # The host peak so far (stop lines): it only grows and ends at most at the final peak. A CPU
+    # trial has no device peaks.
+    so_far = [p["mem/peak_host_rss_so_far_bytes"] for p in progress]
+    assert so_far == sorted(so_far)
+    assert 0 < so_far[-1] <= on_disk["metrics"]["mem/peak_host_rss_bytes"]
+    assert not any("device" in key for p in progress for key in p)
 
 
 def test_predicted_and_measured_memory_side_by_side(default_trial):

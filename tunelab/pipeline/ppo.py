@@ -16,7 +16,7 @@ import torch
 
 from tunelab.data import gold_reward
 from tunelab.flops import forward_flops, generation_flops, train_flops
-from tunelab.metrics import recent_mean
+from tunelab.metrics import RUNNING, recent_mean
 from tunelab.pipeline import ppo_math
 from tunelab.pipeline.batching import batch_indices, eval_batches, position_ids
 from tunelab.pipeline.context import TrialContext
@@ -420,6 +420,9 @@ def run_ppo(ctx: TrialContext, handoff: dict):
                                                 in record.items()])  # fmt: skip
         progress = {f"{name}_recent": recent_mean(series[name])
                     for name in ("ppo/score", "ppo/gold", "ppo/kl") if name in series}  # fmt: skip
+        # Peaks so far, max over ranks as the final metrics are (constraint stop lines).
+        peaks = runtime.all_max(ctx.memory.peaks())
+        progress.update({RUNNING[name]: value for name, value in peaks.items()})
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
         if timed:

@@ -43,6 +43,14 @@ class Runtime:
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
 
+    def all_max(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's maximum over ranks, in one collective (float64: exact for byte counts)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return dict(zip(values, tensor.tolist(), strict=True))
+
     def all_gather(self, obj):
         if self.world_size == 1:
             return [obj]

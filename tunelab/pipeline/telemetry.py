@@ -206,6 +206,17 @@ class MemoryTracker:
         self._stop.set()
         self._thread.join()
 
+    def peaks(self) -> dict[str, int]:
+        """This rank's overall peaks up to now (`mem/peak_*_bytes`; device ones as of the last
+        stage block left). They only grow: the final metrics are the last reading."""
+        # ru_maxrss is in KiB on Linux and covers the whole process life, imports included.
+        result = {"mem/peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                  * 1024}  # fmt: skip
+        if self.device_allocated:
+            result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
+            result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
+        return result
+
     def metrics(self) -> dict[str, float | str]:
         """`mem/<stage>/...` per stage plus the overall peaks of this rank."""
         result: dict[str, float | str] = {}
@@ -214,13 +225,7 @@ class MemoryTracker:
         for stage, peak in self.device_allocated.items():
             result[f"mem/{stage}/peak_device_allocated_bytes"] = peak
             result[f"mem/{stage}/peak_device_reserved_bytes"] = self.device_reserved[stage]
-        # ru_maxrss is in KiB on Linux and covers the whole process life, imports included.
-        result["mem/peak_host_rss_bytes"] = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
-        if self.device_allocated:
-            result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
-            result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
+        result.update(self.peaks())
         if self._nvml is not None:
             result.update(self._nvml.metrics())
         if self.nvml_status:
