@@ -12,6 +12,10 @@ around the command with the trial's own figures (`time/*` metrics):
   eval      time/eval_s: held-out RM accuracy, PPO start and end evaluation
   handoff   time/handoff_s: consolidating SFT and RM weights for the next stage
   steps     the rest of time/trial_s: every SFT, RM and PPO step (warm-up included)
+Also keeps what the trial learned (QUALITY: SFT loss, RM held-out accuracy, gold reward, first
+and last), the figures README quotes for the tiny preset. Then times the imports alone, in a
+fresh process each repeat, one library after another in the order a trial needs them
+(IMPORT_STEPS): what each adds once the ones before it are loaded.
 Writes reports/bench/trial_wall.{json,md}. Timings: run on a quiet machine.
 """
 
@@ -30,6 +34,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("start", "imports", "data", "setup", "eval", "handoff", "steps")
+QUALITY = ("sft/loss_first", "sft/loss_final", "rm/eval_accuracy_start", "rm/eval_accuracy",
+           "rm/eval_pairs", "ppo/gold_start", "ppo/gold_end", "ppo/steps")  # fmt: skip
+# Each adds its own modules to what the steps before loaded; transformers' share covers the
+# OPT model classes and generation code every tiny trial uses.
+IMPORT_STEPS = {
+    "torch": "import torch",
+    "transformers": "import transformers.models.opt.modeling_opt, transformers.generation",
+    "peft": "import peft",
+    "deepspeed": "import deepspeed",
+    "deepspeed muon": "import deepspeed.runtime.zero.muon.muon_optimizer",
+    "tunelab.pipeline": "import tunelab.pipeline.run",
+}
+IMPORT_TIMER = """
+import json, time
+seconds = {}
+for name, statement in STEPS.items():
+    started = time.perf_counter()
+    exec(statement)
+    seconds[name] = time.perf_counter() - started
+print(json.dumps(seconds))
+"""
 # Found with `python -m cProfile -m tunelab.pipeline --config DIR/trial.json --out DIR` and
 # `python -X importtime`; the numbers are the 2-core machine's (2026-11-29).
 LEFT_OUTSIDE = [
@@ -39,12 +64,13 @@ LEFT_OUTSIDE = [
     "`gc.collect()` calls (DeepSpeed's optimizers, tunelab's memory release) walked every "
     "imported object, 0.3 s a call (imports now run with the collector off, their objects "
     "frozen). The median wall was 12.59 s with 3.98 s of setup before (commit fd61876).",
-    "- imports: torch 0.7 s, peft 1.3 s (its constants import transformers' BLOOM model and "
-    "generation modules), transformers 0.35 s, DeepSpeed 0.15 s. Every trial is its own "
-    "process (isolation: memory, CUDA state, a crash ends one trial), so each pays them; a "
-    "pre-imported parent forking trials would break CUDA: importing DeepSpeed calls "
-    "`torch.cuda.is_available()`, which starts the CUDA runtime, and a forked child of such a "
-    "process cannot use CUDA.",
+    "- imports (table above): torch and transformers are most of them; peft adds little once "
+    "transformers' modules are loaded (`python -X importtime` credits them to peft when peft "
+    "comes first). Every trial is its own process (isolation: memory, CUDA state, a crash ends "
+    "one trial), so each pays them. Not built: a parent holding torch and transformers that "
+    "forks each trial. A forked child can use CUDA only if nothing in the parent has touched "
+    "it (importing DeepSpeed calls `torch.cuda.is_available()`, which starts the CUDA "
+    "runtime); without a GPU here that cannot be checked, and the GPU path has not run yet.",
     "- setup and the first step of each stage: DeepSpeed imports its Muon optimizer in every "
     "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
     "TorchInductor (about 1.1 s once per process); cutting it would mean stubbing a DeepSpeed "
@@ -77,14 +103,23 @@ def main() -> None:
                             folder], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
             wall = time.perf_counter() - started
             metrics = json.loads((Path(folder) / "metrics.json").read_text())["metrics"]
-            runs.append({"wall": wall, **split(wall, metrics)})
-    median = {key: statistics.median(r[key] for r in runs) for key in ("wall", *PARTS)}
+            runs.append({"wall": wall, **split(wall, metrics),
+                         **{name: metrics[name] for name in QUALITY}})  # fmt: skip
+    median = {key: statistics.median(r[key] for r in runs) for key in ("wall", *PARTS, *QUALITY)}
+    timer = f"STEPS = {IMPORT_STEPS!r}" + IMPORT_TIMER
+    imports = [json.loads(subprocess.run([sys.executable, "-c", timer], cwd=ROOT, check=True,
+                                         capture_output=True, text=True).stdout.splitlines()[-1])
+               for _ in range(args.repeats)]  # fmt: skip
+    import_median = {name: statistics.median(i[name] for i in imports) for name in IMPORT_STEPS}
     record = {
         "command": "python benchmarks/trial_wall.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}",
         "runs": runs,
         "median_s": median,
+        "import_steps": IMPORT_STEPS,
+        "import_s": imports,
+        "import_median_s": import_median,
     }
     out = ROOT / "reports" / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +134,18 @@ def main() -> None:
     share = 1 - median["steps"] / median["wall"]
     lines += ["", f"Outside the stages' steps: {share:.0%} of the median wall. "
               "Parts as in the module docstring of benchmarks/trial_wall.py.", "",
-              *LEFT_OUTSIDE]  # fmt: skip
+              "What each run learned (the same seed: runs differ only by nondeterminism):", "",
+              "| run | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 1) + "|",
+              *(f"| {i} | " + " | ".join(f"{r[k]:.3g}" for k in QUALITY) + " |"
+                for i, r in enumerate(runs)),
+              "",
+              "Imports alone, one after another (each after the ones above it), median of "
+              f"{args.repeats} fresh processes:", "", "| import | adds (s) | statement |",
+              "|---|---|---|",
+              *(f"| {name} | {import_median[name]:.2f} | `{IMPORT_STEPS[name]}` |"
+                for name in IMPORT_STEPS),
+              "", "DeepSpeed's Muon module is imported by its first ZeRO or bf16 optimizer, so "
+              "a trial counts it in setup, not in imports.", "", *LEFT_OUTSIDE]  # fmt: skip
     (out / "trial_wall.md").write_text("\n".join(lines))
     print((out / "trial_wall.md").read_text())
 
