@@ -31,7 +31,7 @@ from tunelab.cli import main
 from tunelab.config import TrialConfig, check_inputs, config_from_dict, load_config
 from tunelab.data import load_preference_file
 from tunelab.errors import InputError
-from tunelab.metrics import COMMON
+from tunelab.metrics import COMMON, PROGRESS_METRICS, RUNNING
 from tunelab.records import TrialAttr
 from tunelab.spec import PRUNER_CLASSES, SAMPLER_CLASSES, load_spec, trial_config
 from tunelab.study import build_pruner, build_sampler, suggest_params
@@ -66,10 +66,12 @@ SPEC_KEYS = ["name", "base", "objectives", "budget", "base_overrides", "space", 
              "high", "step", "log", "same_as", "when", "metric", "direction", "max", "min",
              "type", "seed", "options", "margin", "trials", "minutes", "params", "overrides",
              "launcher", "trial_timeout_s", "gpus_per_trial", "device_gib",
-             "host_gib"]  # fmt: skip
+             "host_gib", "stop_margin", "measure", "confirm", "top_k",
+             "repeats"]  # fmt: skip
 WORDS = sorted({*CONFIG_KEYS, *(k.rsplit(".", 1)[-1] for k in CONFIG_KEYS), *SPEC_KEYS,
-                *OPTUNA_OPTIONS, *COMMON, "tpe", "nsga2", "random", "grid", "qmc", "median",
-                "percentile", "hyperband", "successive_halving", "dominance", "none", "cpu",
+                *OPTUNA_OPTIONS, *COMMON, *PROGRESS_METRICS, *RUNNING.values(), "tpe", "nsga2",
+                "random", "grid", "qmc", "median", "percentile", "hyperband",
+                "successive_halving", "dominance", "none", "cpu",
                 "cuda", "auto", "fp16", "bf16", "fp32", "tiny", "tiny-llama", "opt-350m",
                 "synthetic", "maximize", "minimize", "torchrun", "deepspeed", "all-linear",
                 "q_proj,v_proj", "1e-5", "nan", "inf", "", " ", "trials/tiny.yaml",
@@ -174,6 +176,7 @@ _SPEC_PLACES = [
     ("baselines", 0, "overrides", "{config}"), ("base_overrides", "{config}"),
     ("constraints", 0, "{spec}"), ("objectives", 0, "metric"), ("sampler", "type"),
     ("pruner", "type"), ("memory_budget", "device_gib"), ("resources", "trial_timeout_s"),
+    ("constraints", 0, "stop_margin"), ("pruner", "metric"), ("measure",), ("confirm", "{spec}"),
 ]  # fmt: skip
 
 
