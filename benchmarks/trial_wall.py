@@ -73,8 +73,8 @@ LEFT_OUTSIDE = [
     "runtime); without a GPU here that cannot be checked, and the GPU path has not run yet.",
     "- setup and the first step of each stage: DeepSpeed imports its Muon optimizer in every "
     "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
-    "TorchInductor (about 1.1 s once per process); cutting it would mean stubbing a DeepSpeed "
-    "module, which tunelab does not do.",
+    "TorchInductor (`deepspeed muon` in the table above, once per process); cutting it "
+    "would mean stubbing a DeepSpeed module, which tunelab does not do.",
     "- eval (held-out accuracy, PPO start/end evaluation) is measurement the study reports.", "",
 ]
 
