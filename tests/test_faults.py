@@ -363,8 +363,12 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
     spec = yaml.safe_load(path.read_text())
     spec["space"]["ppo.kl_coef"]["high"] = 0.9  # another search space, same study name
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    # Another study into the same folder would overwrite its numbered trial folders.
+    another = tmp_path / "another.yaml"
+    another.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "name": "another"}))
     monkeypatch.chdir(tmp_path)
     for argv in (
+        ["run", another, "--out", out],
         ["run", changed, "--out", out],
         ["run", path, "--out", out, "--workers", "0"],
         ["export", out, "--trial", "99"],
@@ -374,7 +378,11 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err  # `run` first says which study and storage it opens
         assert err.count("tunelab: error: ") == 1 and err.splitlines()[-1].startswith("tunelab:")
+        if argv[1] == another:
+            assert err == (f"tunelab: error: --out {out}: holds the trials of study {name!r}; "
+                           "give study 'another' a folder of its own\n")  # fmt: skip
     assert snapshot() == before
+    assert optuna.get_all_study_names(url) == [name]
 
 
 # -- read-only commands ---------------------------------------------------------------------

@@ -89,6 +89,7 @@ HASH_ATTR = "tunelab:search_hash"
 PROCESSES_ATTR = "tunelab:processes"  # how many orchestrator processes have joined the study
 PGID_ATTR = "pgid"
 OUTCOME_FILE = "outcome.json"  # beside each launched trial: what was (or will be) recorded
+OWNER_FILE = ".tunelab-study"  # in a study folder: whose numbered trial folders it holds
 _SERIES_POINTS = 200  # per-step series kept in storage are thinned to this many points
 # A stage-cache claim not refreshed for this long (heartbeats refresh it every 10 s) is stale.
 CLAIM_STALE_S = GRACE_S
@@ -392,7 +393,26 @@ def _kill_left_over(pgid: int | None, worker: str) -> None:
             os.killpg(pgid, 9)
 
 
-def _saved_outcome(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+def claim_out_dir(out_dir: Path, name: str) -> None:
+    """Mark `out_dir` as study `name`'s (OWNER_FILE); InputError when it is another study's:
+    trial folders are numbered per study, so two studies there would overwrite each other's
+    trials and recover each other's saved outcomes."""
+    owner_file = out_dir / OWNER_FILE
+    try:
+        owner = owner_file.read_text().strip()
+    except FileNotFoundError:
+        temporary = owner_file.with_name(f"{OWNER_FILE}.{os.getpid()}")
+        temporary.write_text(name + "\n")
+        temporary.replace(owner_file)
+        return
+    if owner != name:
+        raise InputError(f"--out {out_dir}: holds the trials of study {owner!r}; give study "
+                         f"{name!r} a folder of its own")  # fmt: skip
+
+
+def _saved_outcome(
+    trial: optuna.trial.FrozenTrial, study_name: str
+) -> dict[str, Any] | None:
     folder = trial.user_attrs.get(TrialAttr.OUT_DIR)
     if not folder:
         return None
@@ -400,7 +420,8 @@ def _saved_outcome(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
         saved = json.loads((Path(folder) / OUTCOME_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return saved if saved.get("trial") == trial.number else None
+    ours = saved.get("study") == study_name and saved.get("trial") == trial.number
+    return saved if ours else None
 
 
 def recover_interrupted(study: optuna.Study) -> list[str]:
@@ -422,7 +443,7 @@ def recover_interrupted(study: optuna.Study) -> list[str]:
             continue
         if worker is not None:
             _kill_left_over(trial.user_attrs.get(PGID_ATTR), worker)
-        saved = _saved_outcome(trial)
+        saved = _saved_outcome(trial, study.study_name)
         if saved is not None:
             record_outcome(study, optuna.Trial(study, trial._trial_id), saved)
             folder = trial.user_attrs[TrialAttr.OUT_DIR]
@@ -731,7 +752,8 @@ class Orchestrator:
             saved = measured["outcome"].out_dir / OUTCOME_FILE
             with contextlib.suppress(OSError):  # a full disk still leaves the storage
                 temporary = saved.with_suffix(".tmp")
-                temporary.write_text(json.dumps({"trial": trial.number, **record}))
+                temporary.write_text(json.dumps({"study": self.spec.name, "trial": trial.number,
+                                                 **record}))  # fmt: skip
                 temporary.replace(saved)
         try:
             self._store(f"recording trial {trial.number}",
