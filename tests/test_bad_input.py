@@ -268,3 +268,31 @@ def test_unknown_subcommand_and_bad_counts_are_one_line(capsys):
                  "-1"], ["trial", TINY, "--out", "o", "--timeout", "inf"]):  # fmt: skip
         code, _, err = cli(capsys, *args)
         one_line_error(code, err)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://u:secret@127.0.0.1:1/db", "storage mysql://u:***@127.0.0.1:1/db: its database "
+         "driver (MySQLdb) is not installed; tunelab uses PyMySQL: write mysql+pymysql://…"),
+        ("foo://bar", "storage 'foo://bar': tunelab does not take the URL scheme 'foo'; give "
+         "sqlite:///PATH, postgresql://…, mysql+pymysql://…, or a journal file (PATH.log"),
+        ("sqlite://", "SQLite needs a file path after sqlite:///"),
+        ("study.db", "not a URL, nor a journal file (a SQLite file is sqlite:///study.db)"),
+    ],
+    ids=["mysql-without-driver", "unknown-scheme", "sqlite-in-memory", "bare-path"],
+)  # fmt: skip
+def test_a_storage_url_tunelab_cannot_open_says_what_to_write(capsys, url, message):
+    code, _, err = cli(capsys, "report", "--storage", url, "--study", "s")
+    one_line_error(code, err, message)
+    assert "secret" not in err
+
+
+def test_a_storage_of_several_studies_says_how_to_name_one(tmp_path, capsys):
+    from .report_tests.studies import cpu_study
+
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    cpu_study("smoke", url), cpu_study("smoke2", url)
+    capsys.readouterr()  # Optuna's "A new study created" lines
+    code, _, err = cli(capsys, "report", "--storage", url)
+    one_line_error(code, err, "holds 2 studies (smoke, smoke2); name one with --study NAME")

@@ -38,6 +38,11 @@ STORAGE_ATTEMPTS = 4  # a storage call that fails is tried again after 1, 2 and 
 STORAGE_BACKOFF_S = 1.0
 
 _JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+# What open_storage takes (the forms storage_lock can lock), for errors naming a wrong one.
+ACCEPTED_FORMS = (
+    "give sqlite:///PATH, postgresql://…, mysql+pymysql://…, or a journal file "
+    "(PATH.log, .journal, .jsonl, or journal:///PATH)"
+)
 # What a database or file system raises when it fails under a running study.
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
 
@@ -105,11 +110,8 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     do not race."""
     shown = display_url(url)
     journal = _journal_path(url)
-    if journal is None and "://" not in url:
-        raise InputError(
-            f"storage {shown!r}: expected an RDB URL (sqlite:///…, postgresql://…, "
-            f"mysql+pymysql://…) or a journal file (*.log, journal:///path)"
-        )
+    if journal is None and not (_server(url) or _sqlite_path(url)):
+        raise InputError(f"storage {shown!r}: {_unknown_form(url)}; {ACCEPTED_FORMS}")
     local = journal or _sqlite_path(url)
     try:
         if local is not None and not create and not local.is_file():
@@ -129,8 +131,27 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
             return _rdb_storage(url)
     except InputError:
         raise
+    except ModuleNotFoundError as exc:  # SQLAlchemy's default driver for the scheme
+        raise InputError(f"storage {shown}: {_missing_driver(url, exc.name)}") from None
     except Exception as exc:  # sqlalchemy, drivers and the file system raise many types
         raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
+
+
+def _unknown_form(url: str) -> str:
+    """What is wrong with a storage that is no form open_storage takes."""
+    if url.startswith("sqlite:"):
+        return "SQLite needs a file path after sqlite:/// (an in-memory database keeps nothing)"
+    if "://" not in url:
+        return f"not a URL, nor a journal file (a SQLite file is sqlite:///{url})"
+    return f"tunelab does not take the URL scheme {url.split('://')[0]!r}"
+
+
+def _missing_driver(url: str, module: str | None) -> str:
+    """Which URL to write instead when the scheme's driver is not installed."""
+    missing = f"its database driver ({module}) is not installed"
+    if url.startswith("mysql"):
+        return f"{missing}; tunelab uses PyMySQL: write mysql+pymysql://… (pip install pymysql)"
+    return f"{missing}; tunelab uses psycopg 3: write postgresql+psycopg://… (pip install psycopg)"
 
 
 def set_trial_user_attrs(study: optuna.Study, trial_id: int, attrs: dict) -> None:
@@ -262,7 +283,7 @@ def load_study(folder: Path | None = None, url: str | None = None, name: str | N
             if len(names) != 1:
                 listed = ", ".join(names) or "none"
                 raise InputError(f"storage {shown}: holds {len(names)} studies ({listed}); "
-                                 "name one")  # fmt: skip
+                                 "name one with --study NAME")  # fmt: skip
             name = names[0]
         if name not in names:
             raise InputError(f"storage {shown}: no study named {name!r}")
