@@ -296,3 +296,28 @@ def test_a_storage_of_several_studies_says_how_to_name_one(tmp_path, capsys):
     capsys.readouterr()  # Optuna's "A new study created" lines
     code, _, err = cli(capsys, "report", "--storage", url)
     one_line_error(code, err, "holds 2 studies (smoke, smoke2); name one with --study NAME")
+
+
+@pytest.mark.parametrize(
+    ("command", "path", "message"),
+    [
+        ("trial", ROOT / "studies" / "smoke.yaml", "smoke.yaml: this is a study spec (it has "
+         "name, base, base_overrides, objectives, ...); `tunelab trial` takes a trial config "
+         "such as studies/trials/tiny.yaml"),
+        ("estimate", ROOT / "studies" / "smoke.yaml", "`tunelab estimate` takes a trial config"),
+        ("run", TINY, "tiny.yaml: this is a trial config (it has seed, device, precision, "
+         "models, ...); `tunelab run` takes a study spec such as studies/smoke.yaml"),
+    ],
+)  # fmt: skip
+def test_the_wrong_kind_of_file_is_named_in_one_line(tmp_path, capsys, command, path, message):
+    extra = ["--out", tmp_path / "out"] if command != "estimate" else []
+    code, _, err = cli(capsys, command, path, *extra)
+    one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_a_stray_spec_key_still_lists_its_mistakes(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 1\nobjectives: []\n")  # a config after all: the loader says why
+    code, _, err = cli(capsys, "estimate", path)
+    one_line_error(code, err, f"{path}: objectives: unknown key")

@@ -70,6 +70,36 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
     return folder
 
 
+# Each kind of input file, with a shipped example to point a user at.
+_EXAMPLES = {"trial config": "studies/trials/tiny.yaml", "study spec": "studies/smoke.yaml"}
+
+
+def _top_level_keys() -> dict[str, set[str]]:
+    """The top-level keys of each kind of input file (their dataclasses' fields; disjoint)."""
+    from dataclasses import fields
+
+    from tunelab.config import TrialConfig
+    from tunelab.spec import StudySpec
+
+    return {"trial config": {f.name for f in fields(TrialConfig)},
+            "study spec": {f.name for f in fields(StudySpec)}}  # fmt: skip
+
+
+def expect_kind(path: Path, wanted: str, command: str) -> None:
+    """Refuse a study spec given where a trial config goes, or the other way round, in one
+    line saying so (the loader would list each of its keys as unknown)."""
+    from tunelab._typed import read_mapping
+
+    data = read_mapping(path)
+    keys = _top_level_keys()
+    other = next(kind for kind in keys if kind != wanted)
+    theirs = [key for key in data if key in keys[other]]
+    if theirs and not keys[wanted] & set(data):
+        shown = ", ".join(theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+        raise InputError(f"{path}: this is a {other} (it has {shown}); `tunelab {command}` "
+                         f"takes a {wanted} such as {_EXAMPLES[wanted]}")  # fmt: skip
+
+
 def _build_ops_for(config, out: Path) -> None:
     """Build the DeepSpeed ops the trial needs and the cache lacks, saying so (tunelab.ops)."""
     from tunelab import ops
@@ -142,6 +172,7 @@ def _cmd_trial(args) -> int:
     from tunelab.launcher import launch_trial
     from tunelab.records import Status
 
+    expect_kind(args.config, "trial config", "trial")
     config = load_config(args.config, args.overrides)
     check_inputs(config)
     writable_folder(args.out)
@@ -159,6 +190,7 @@ def _cmd_estimate(args) -> int:
     overrides = list(args.overrides)
     if args.ranks is not None:
         overrides += [f"ranks={args.ranks}", "batch.train_global=null"]
+    expect_kind(args.config, "trial config", "estimate")
     config = load_config(args.config, overrides)
     shapes = []
     for role in ("actor", "critic"):
@@ -187,6 +219,7 @@ def _cmd_run(args) -> int:
     from tunelab.storage import default_url
     from tunelab.study import claim_out_dir, create_or_resume
 
+    expect_kind(args.spec, "study spec", "run")
     loaded = load_spec(args.spec)
     _check_base(loaded, args.workers)
     out = writable_folder(args.out or Path("runs") / loaded.spec.name)
@@ -300,6 +333,8 @@ def _cmd_import_dschat(args) -> int:
     if not flags:
         raise InputError("import-dschat: give DeepSpeed-Chat's step-3 flags after --")
     values, notes = import_step3(flags)
+    if args.base:
+        expect_kind(args.base, "trial config", "import-dschat --base")
     base = read_mapping(args.base) if args.base else {}
     config = config_from_dict(with_dotted(base, values), "DeepSpeed-Chat command:")
     out = args.out
@@ -311,6 +346,7 @@ def _cmd_import_dschat(args) -> int:
     print(f"trial config: {out}")
     if args.spec is not None:
         spec_out = args.spec_out or out.with_name(f"{out.stem}-study.yaml")
+        expect_kind(args.spec, "study spec", "import-dschat --spec")
         spec = read_mapping(args.spec)
         mine = config.to_dict()
         fixed = {knob: _dotted(mine, knob) for knob, how in spec.get("space", {}).items()
