@@ -260,17 +260,25 @@ def _check_base(loaded, workers: int) -> None:
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
-    from tunelab.storage import default_url, display_url
     from tunelab.study import Orchestrator
 
     _stop_on_sigterm()
     code = Orchestrator(loaded, study, url, out, workers).run()
-    if url == default_url(out):
-        target = str(out)
-    else:
-        target = f"--storage {display_url(url)} --study {loaded.spec.name}"
-    print(f"report: tunelab report {target}", file=sys.stderr)
+    print(f"report: {report_command(url, out, loaded.spec.name)}", file=sys.stderr)
     return code
+
+
+def report_command(url: str, out: Path, name: str) -> str:
+    """The `tunelab report` command for a run's study, writing into the run's folder (report's
+    own default for a storage URL is runs/<study>, maybe another run's)."""
+    import shlex
+
+    from tunelab.storage import default_url, display_url
+
+    if url == default_url(out):
+        return shlex.join(["tunelab", "report", str(out)])
+    return shlex.join(["tunelab", "report", "--storage", display_url(url), "--study", name,
+                       "--out", str(out / "report")])  # fmt: skip
 
 
 def _study(args):

@@ -135,3 +135,24 @@ def test_comparison_opens_in_chromium(tmp_path, chromium):
     screenshot = tmp_path / "screenshot.png"
     assert_page_is_whole(chromium(index, screenshot), images=1)
     assert screenshot.stat().st_size > 0
+
+
+def test_the_report_command_a_run_prints_writes_into_that_runs_folder(tmp_path, monkeypatch):
+    """`tunelab run SPEC --storage j.log --out j` prints a report command; run as printed from
+    anywhere, it writes j/report, not runs/<study>/report (another run's folder)."""
+    import shlex
+
+    from tunelab.cli import main, report_command
+    from tunelab.storage import default_url, open_storage
+
+    journal, out = tmp_path / "j.log", tmp_path / "j"
+    cpu_study(storage=open_storage(str(journal)))
+    monkeypatch.chdir(tmp_path)
+    printed = report_command(str(journal), out, "smoke")
+    argv = shlex.split(printed)
+    assert argv[:2] == ["tunelab", "report"] and argv[-2:] == ["--out", str(out / "report")]
+    assert main(argv[1:]) == 0
+    assert (out / "report" / "index.html").is_file()
+    assert not (tmp_path / "runs").exists()
+    # In the study's own folder (its default SQLite file) the folder alone says it.
+    assert report_command(default_url(out), out, "smoke") == f"tunelab report {out}"
