@@ -303,14 +303,19 @@ def _cmd_report(args) -> int:
 
 def _cmd_compare(args) -> int:
     from tunelab.report import write_comparison
+    from tunelab.report.compare import study_labels
     from tunelab.storage import load_study
 
     studies = [load_study(folder) for folder in args.study_dirs]
     studies += [load_study(url=args.storage, name=name) for name in args.study or ()]
     if len(studies) < 2:
         raise InputError("compare needs at least two studies (folders or --storage with --study)")
-    default = Path("runs") / ("compare-" + "-vs-".join(s.study_name for s in studies))
-    print(f"comparison: {write_comparison(studies, writable_folder(args.out or default))}")
+    folders = [folder.resolve().name for folder in args.study_dirs]
+    folders += [None] * (len(studies) - len(folders))
+    labels = study_labels([s.study_name for s in studies], folders)
+    default = Path("runs") / ("compare-" + "-vs-".join(labels))
+    out = writable_folder(args.out or default)
+    print(f"comparison: {write_comparison(studies, out, labels)}")
     return 0
 
 

@@ -31,6 +31,15 @@ def test_unique_names_number_repeats():
     assert compare.unique_names(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
 
 
+def test_studies_of_one_name_are_labelled_by_their_run_folders():
+    assert compare.study_labels(["smoke", "smoke"], ["h100", "a100"]) == ["h100", "a100"]
+    assert compare.study_labels(["smoke", "h200"], ["h100", "a100"]) == ["smoke", "h200"]
+    # By storage URL (no folder): their names, numbered; folders alike: numbered too.
+    assert compare.study_labels(["a", "a", "b"], ["x", None, None]) == ["x", "a", "b"]
+    assert compare.study_labels(["s", "s"], [None, None]) == ["s", "s (2)"]
+    assert compare.study_labels(["s", "s"], ["run", "run"]) == ["run", "run (2)"]
+
+
 def test_shared_objectives_match_metric_and_direction(studies):
     assert compare.shared_objectives(studies) == [Objective(THROUGHPUT, "maximize")]
     assert compare.shared_objectives(studies[:1]) == studies[0].objectives

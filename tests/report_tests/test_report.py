@@ -156,3 +156,19 @@ def test_the_report_command_a_run_prints_writes_into_that_runs_folder(tmp_path, 
     assert not (tmp_path / "runs").exists()
     # In the study's own folder (its default SQLite file) the folder alone says it.
     assert report_command(default_url(out), out, "smoke") == f"tunelab report {out}"
+
+
+def test_compare_of_two_runs_of_one_spec_names_them_by_folder(tmp_path, monkeypatch):
+    """Two copies of one spec (both studies named smoke) run into runs/h100 and runs/a100:
+    the comparison labels them h100 and a100 and goes to runs/compare-h100-vs-a100/."""
+    from tunelab.cli import main
+    from tunelab.storage import default_url
+
+    for folder in ("h100", "a100"):
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        cpu_study(storage=default_url(tmp_path / "runs" / folder))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "runs/h100", "runs/a100/"]) == 0
+    out = tmp_path / "runs" / "compare-h100-vs-a100"
+    assert set(pd.read_csv(out / "trials.csv")["study"]) == {"h100", "a100"}
+    assert "# tunelab comparison: h100 vs a100" in (out / "report.md").read_text()

@@ -408,14 +408,17 @@ def comparison_sections(studies: Sequence[compare.StudyData]) -> list[Section]:
     return [summary, best_section, pareto]
 
 
-def write_comparison(studies: Sequence[optuna.Study], out_dir: Path) -> Path:
+def write_comparison(
+    studies: Sequence[optuna.Study], out_dir: Path, labels: Sequence[str] | None = None
+) -> Path:
     """Write one report setting several Optuna studies side by side; returns index.html.
 
-    Same outputs as `write_report`; trials.csv has a `study` column.
+    Same outputs as `write_report`; trials.csv has a `study` column holding `labels` (default:
+    the study names, numbered where repeated).
     """
     if not studies:
         raise ValueError("write_comparison needs at least one study")
-    names = compare.unique_names([s.study_name for s in studies])
+    names = compare.unique_names(labels or [s.study_name for s in studies])
     compared = [
         compare.StudyData(name, _records(s), _objectives(s))
         for name, s in zip(names, studies, strict=True)

@@ -28,6 +28,15 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return unique
 
 
+def study_labels(names: Sequence[str], folders: Sequence[str | None]) -> list[str]:
+    """How a comparison names its studies: by their names when those differ; a study whose
+    name another shares, by its run folder's name (`folders`: None for a study given by
+    storage URL). Labels still alike get " (2)", " (3)" (unique_names)."""
+    shared = {name for name in names if names.count(name) > 1}
+    return unique_names([folder if name in shared and folder else name
+                         for name, folder in zip(names, folders, strict=True)])  # fmt: skip
+
+
 def shared_objectives(studies: Sequence[StudyData]) -> list[Objective]:
     """The objectives (metric and direction) every study has, in the first study's order."""
     if not studies:
