@@ -237,6 +237,26 @@ def test_a_storage_that_stays_down_ends_the_study_and_keeps_the_outcome(tmp_path
 # -- killed, oom, interrupted ---------------------------------------------------------------
 
 
+def test_a_study_stopped_by_sigterm_records_its_running_trial_as_interrupted(tmp_path):
+    """SIGTERM (like Ctrl-C) kills the running trial, records it as interrupted and enqueues its
+    parameters again, before the orchestrator exits 130."""
+    name, path = write_spec(tmp_path, budget={"trials": 2},
+                            space={"ppo.kl_coef": {"low": 0.05, "high": 0.2}})  # fmt: skip
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'study.db'}"
+    run = popen("run", path, "--out", out)
+    victim = wait_for_running_trial(url, name)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    assert f"trial {victim.number}: interrupted (the orchestrator was stopped)" in err
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    assert trials[victim.number].state == TrialState.FAIL
+    assert trials[victim.number].user_attrs["status"] == "interrupted"
+    again = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.params for t in again] == [trials[victim.number].params]
+
+
 def test_a_trial_killed_by_hand_is_killed_not_oom(tmp_path, tiny_config):
     # Enough PPO steps after the first progress record that the trial is still running when
     # the launcher (polling every 0.2 s) reads it.

@@ -772,13 +772,15 @@ class Orchestrator:
 
     # the loop
 
-    def _work(self, gpus: list[int] | None) -> None:
+    def _work(self, gpus: list[int] | None, done: threading.Event) -> None:
         try:
             while (trial := self._ask()) is not None:
                 self._run_one(trial, gpus)
         except BaseException as exc:  # reported by run(); the other workers stop too
             self.errors.append(exc)
             self.stop.set()
+        finally:
+            done.set()
 
     def _prepare(self) -> None:
         """Recover what a dead orchestrator left, say where the study stands, and build the
@@ -804,23 +806,28 @@ class Orchestrator:
     def run(self) -> int:
         """Run until the budget is used; returns an exit code (130 when interrupted)."""
         self._prepare()
-        threads = [threading.Thread(target=self._work, args=(slot,), name=f"worker-{i}")
-                   for i, slot in enumerate(self.slots)]  # fmt: skip
+        # Waited on through events, not Thread.join: Python 3.11 marks a thread stopped when a
+        # signal interrupts a join on it, and a later join then returns at once, so the study
+        # ended before its workers recorded the trials they were stopping.
+        finished = [threading.Event() for _ in self.slots]
+        threads = [
+            threading.Thread(target=self._work, args=(slot, done), name=f"worker-{i}")
+            for i, (slot, done) in enumerate(zip(self.slots, finished, strict=True))
+        ]
         beat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
         beat.start()
         for thread in threads:
             thread.start()
         interrupted = False
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.5)
+            for done in finished:
+                done.wait()
         except KeyboardInterrupt:
             interrupted = True
             self.echo("interrupted: stopping the running trials (they will be run again)")
             self.stop.set()
-            for thread in threads:
-                thread.join()
+            for done in finished:
+                done.wait()
         self.stop.set()
         if self.errors:
             raise self.errors[0]
