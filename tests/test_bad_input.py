@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from tunelab.cli import main
+from tunelab.errors import InputError
 
 from .conftest import ROOT, TINY
 
@@ -177,6 +178,37 @@ def test_a_pruner_against_the_objectives_direction_is_one_line(tmp_path, capsys)
                    "higher, but Optuna's pruner reads it in the objective's direction "
                    "(minimize) and would stop the best trials; use one of "
                    "ppo/kl_recent")  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "where", "metric"), [
+    ("constraints: [{metric: mem/peak_device_allocated_bytes, max: 4.0e+10}]",
+     "constraints[0].metric", "mem/peak_device_allocated_bytes"),
+    ("constraints: [{metric: mem/ppo_train/peak_device_reserved_bytes, max: 4.0e+10}]",
+     "constraints[0].metric", "mem/ppo_train/peak_device_reserved_bytes"),
+    ("constraints: [{metric: gpu/util_mean_pct, min: 50}]", "constraints[0].metric",
+     "gpu/util_mean_pct"),
+    ("constraints: [{metric: perf/ppo_e2e_mfu, min: 0.1}]", "constraints[0].metric",
+     "perf/ppo_e2e_mfu"),
+])  # fmt: skip
+def test_a_gpu_only_metric_on_a_cpu_node_is_one_line(tmp_path, capsys, body, where, metric):
+    """Each trial would run in full, then be recorded as an error for the missing metric."""
+    path = spec(tmp_path, body)
+    code, _, err = cli(capsys, "run", path)
+    one_line_error(code, err, f"{path}: {where}: {metric} is measured on a GPU, and this "
+                   "node's trials run on the CPU (NVML finds no GPU here)")  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+
+
+def test_mfu_on_a_cpu_node_needs_the_configs_device_peak(tmp_path):
+    from tunelab.spec import load_spec
+    from tunelab.study import check_cpu_metrics
+
+    mfu = "constraints: [{metric: perf/ppo_e2e_mfu, min: 0.1}]\n"
+    check_cpu_metrics(load_spec(spec(tmp_path, mfu + "base_overrides: {peak_tflops: 2.0}")),
+                      [None])  # fmt: skip
+    with pytest.raises(InputError, match="device: cpu"):
+        check_cpu_metrics(load_spec(spec(tmp_path, mfu + "base_overrides: {device: cpu}")),
+                          [[0]])  # fmt: skip
 
 
 def test_several_mistakes_are_reported_at_once(tmp_path, capsys):

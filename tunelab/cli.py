@@ -253,10 +253,10 @@ def _check_base(loaded, workers: int) -> None:
     before any study is created or joined."""
     from tunelab.config import check_inputs, config_from_dict
     from tunelab.devices import gpu_inventory
-    from tunelab.study import worker_slots
+    from tunelab.study import check_cpu_metrics, worker_slots
 
     check_inputs(config_from_dict(loaded.base_config, f"{loaded.source} base:"))
-    worker_slots(loaded, workers, gpu_inventory())
+    check_cpu_metrics(loaded, worker_slots(loaded, workers, gpu_inventory()))
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:

@@ -47,6 +47,11 @@ PATTERNS = tuple(
     )
 )
 
+# Measured on a GPU only: device memory (torch.cuda's counters) and NVML's figures. MFU needs a
+# device peak, which a CPU has only when the trial config gives one (peak_tflops).
+GPU_ONLY = re.compile(r"mem/(\w+/)?peak_device_\w+|gpu/\w+")
+NEEDS_PEAK = re.compile(r"perf/\w+_mfu")
+
 # Examples for "did you mean" hints.
 COMMON = (
     "perf/ppo_e2e_tokens_per_s", "perf/ppo_e2e_nonpad_tokens_per_s", "perf/ppo_e2e_samples_per_s",

@@ -40,6 +40,7 @@ from tunelab import launcher, ops
 from tunelab.config import SEED_LIMIT
 from tunelab.devices import Gpu, gpu_inventory, gpu_slots
 from tunelab.errors import InputError, StorageFault
+from tunelab.metrics import GPU_ONLY, NEEDS_PEAK
 from tunelab.prelaunch import Verdict, check_trial
 from tunelab.pruning import TrialPruning
 from tunelab.records import (
@@ -529,6 +530,30 @@ def worker_slots(loaded: LoadedSpec, workers: int, gpus: list[Gpu]) -> list[list
     if per_trial is None:
         per_trial = base_value(loaded, "ranks") if gpus else 0
     return gpu_slots(workers, per_trial, gpus)
+
+
+def check_cpu_metrics(loaded: LoadedSpec, slots: list[list[int] | None]) -> None:
+    """InputError when this node's trials run on the CPU (`slots` from worker_slots, or the
+    base config's device) and an objective or constraint needs a GPU's measurement: every
+    trial would run in full and then be recorded as an error for the missing metric."""
+    if base_value(loaded, "device") == "cpu":
+        why = "the base config runs trials on the CPU (device: cpu)"
+    elif all(slot is None for slot in slots):
+        given = "resources.gpus_per_trial is 0" if loaded.spec.resources.gpus_per_trial == 0 \
+            else "NVML finds no GPU here"  # fmt: skip
+        why = f"this node's trials run on the CPU ({given})"
+    else:
+        return
+    if "device" in loaded.spec.space:
+        return
+    has_peak = base_value(loaded, "peak_tflops") is not None
+    named = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(loaded.spec.objectives)]
+    named += [(f"constraints[{i}].metric", c.metric)
+              for i, c in enumerate(loaded.spec.constraints)]  # fmt: skip
+    for where, metric in named:
+        if GPU_ONLY.fullmatch(metric) or (NEEDS_PEAK.fullmatch(metric) and not has_peak):
+            raise InputError(f"{loaded.source}: {where}: {metric} is measured on a GPU, and "
+                             f"{why}")  # fmt: skip
 
 
 class Orchestrator:
