@@ -16,6 +16,8 @@ from tunelab.export import (
     choose_trial,
     export_files,
     reproduce_table,
+    reproduce_text,
+    rerun_seeds,
     write_export,
 )
 from tunelab.records import ENGINES, OBJECTIVES_ATTR, from_frozen_trial
@@ -122,12 +124,63 @@ def test_choose_trial_errors_are_one_line():
 
 
 def test_reproduce_table_puts_reruns_next_to_the_study():
-    figures = {"objectives": OBJECTIVES, "values": [100.0]}
+    figures = {"objectives": OBJECTIVES, "values": [100.0], "runs": [3], "sd": [5.0],
+               "ci95_half_width": [12.4]}  # fmt: skip
     table = reproduce_table(figures, [{"perf/ppo_e2e_tokens_per_s": 90.0},
                                       {"perf/ppo_e2e_tokens_per_s": 110.0}])  # fmt: skip
     row = table.iloc[0]
-    assert row["mean"] == 100.0 and row["mean / study"] == 1.0
-    assert row["min"] == 90.0 and row["max"] == 110.0 and row["runs ok"] == 2
+    assert (row["study"], row["study ± 95%"], row["study runs"]) == (100.0, 12.4, 3)
+    assert row["reruns"] == 100.0 and row["reruns / study"] == 1.0 and row["runs ok"] == 2
+    assert row["reruns ± 95%"] == pytest.approx(12.706 * 200**0.5 / 2**0.5)
+    assert row["95% intervals"] == "overlap"
+    far = reproduce_table(figures, [{"perf/ppo_e2e_tokens_per_s": v} for v in (200.0, 201.0)])
+    assert far.iloc[0]["95% intervals"] == "disjoint"
+    once = reproduce_table({**figures, "runs": [1], "sd": [None], "ci95_half_width": [None]},
+                           [{"perf/ppo_e2e_tokens_per_s": 90.0}, {}])  # fmt: skip
+    assert once.iloc[0]["95% intervals"] == "a side ran once" and once.iloc[0]["runs ok"] == 1
+
+
+def test_reproduce_text_prints_bytes_in_mib():
+    figures = {"objectives": [{"metric": "mem/peak_host_rss_bytes", "direction": "minimize"}],
+               "values": [537692842.7], "runs": [3], "sd": [180704.3],
+               "ci95_half_width": [448930.7]}  # fmt: skip
+    runs = [{"mem/peak_host_rss_bytes": v} for v in (5.377e8, 5.378e8)]
+    text = reproduce_text(reproduce_table(figures, runs))
+    assert "513 MiB" in text and "0.428 MiB" in text and "e+08" not in text
+
+
+def test_reproduce_reruns_the_studys_seeds_and_says_which(tmp_path, monkeypatch, capsys):
+    """Each repeat runs its own seed, the trial's then the ones its confirmation runs took
+    (not the export's one seed three times, whose spread is 0)."""
+    import tunelab.cli
+    import tunelab.launcher
+    from tunelab.launcher import TrialOutcome
+    from tunelab.records import Status
+
+    config = load_config(TINY, ["seed=1234"])
+    study = _study_with(config, 1000.0, repeats=(900.0, 1100.0))
+    export = write_export(study, choose_trial(study), tmp_path / "export")
+    seeds = []
+
+    def launch(config, out_dir, **options):
+        seeds.append(config.seed)
+        metrics = {"perf/ppo_e2e_tokens_per_s": 950.0 + 50 * len(seeds)}
+        return TrialOutcome(Status.OK, "", metrics, {}, 1.0, 0, out_dir)
+
+    monkeypatch.setattr(tunelab.launcher, "launch_trial", launch)
+    monkeypatch.setattr(tunelab.cli, "_build_ops_for", lambda config, out: None)
+    code = tunelab.cli.main(["reproduce", str(export), "--out", str(tmp_path / "reruns")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert seeds == [1234, 1235, 1236] == rerun_seeds(1234, 3)
+    assert "repeat 1 (seed 1235): ok" in err
+    header, columns, row = out.splitlines()
+    assert header.startswith(f"study {study.study_name}, trial 0, 3 repeats, seeds 1234, 1235, "
+                             "1236 (")  # fmt: skip
+    assert columns.split()[:7] == ["objective", "direction", "study", "study", "±", "95%", "study"]
+    assert row.split()[:9] == ["perf/ppo_e2e_tokens_per_s", "maximize", "1000", "tokens/s",
+                               "248", "tokens/s", "3", "1050", "tokens/s"]  # fmt: skip
+    assert row.endswith("overlap")
 
 
 def test_engines_from_exported_json_run_a_ppo_step(in_process_trials, tmp_path):
@@ -174,3 +227,25 @@ def test_engines_from_exported_json_run_a_ppo_step(in_process_trials, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the actor learned
     assert from_frozen_trial(study.trials[0]).config["actor"]["zero_stage"] == 3
+
+
+def test_export_prints_no_deepspeed_accelerator_warning(tmp_path):
+    """Export imports DeepSpeed to validate the configs; on a machine without a GPU its import
+    warned "Setting accelerator to CPU", noise for an export (a fresh process: DeepSpeed not
+    loaded yet)."""
+    import subprocess
+    import sys
+
+    from tunelab.storage import default_url
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study = _study_with(load_config(TINY))
+    copy = optuna.create_study(storage=default_url(folder), study_name="s",
+                               directions=["maximize"])  # fmt: skip
+    copy.set_user_attr(OBJECTIVES_ATTR, OBJECTIVES)
+    copy.add_trials(study.trials)
+    run = subprocess.run([sys.executable, "-m", "tunelab", "export", str(folder)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("exported trial 0 of s to ") and run.stderr == ""

@@ -100,6 +100,6 @@ def test_export_then_reproduce_prints_the_table(smoke, tmp_path):
     reproduce = tunelab("reproduce", export, "--repeats", "1", "--out", tmp_path / "reruns")
     assert reproduce.returncode == 0, reproduce.stderr[-2000:]
     lines = reproduce.stdout.splitlines()
-    assert lines[0] == f"study smoke, trial {best.number}, 1 repeats:"
-    assert lines[1].split()[:5] == ["objective", "direction", "study", "mean", "std"]
+    assert lines[0].startswith(f"study smoke, trial {best.number}, 1 repeats, seeds ")
+    assert lines[1].split()[:6] == ["objective", "direction", "study", "study", "±", "95%"]
     assert any(line.split()[0] == "perf/ppo_e2e_tokens_per_s" for line in lines[2:])

@@ -393,21 +393,27 @@ def _dotted(mapping: dict, key: str):
 
 
 def _cmd_reproduce(args) -> int:
-    from tunelab.export import read_export, reproduce_table
+    from dataclasses import replace
+
+    from tunelab.export import read_export, reproduce_table, reproduce_text, rerun_seeds
     from tunelab.launcher import launch_trial
     from tunelab.records import Status
 
     config, figures = read_export(args.export_dir)
     out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
     _build_ops_for(config, out)
+    seeds = rerun_seeds(config.seed, args.repeats)
     runs = []
-    for repeat in range(args.repeats):
-        outcome = launch_trial(config, out / f"repeat{repeat}", timeout_s=args.timeout)
-        print(f"repeat {repeat}: {outcome.status} {outcome.reason}".rstrip(), file=sys.stderr)
+    for repeat, seed in enumerate(seeds):
+        rerun = replace(config, seed=seed)
+        outcome = launch_trial(rerun, out / f"repeat{repeat}", timeout_s=args.timeout)
+        print(f"repeat {repeat} (seed {seed}): {outcome.status} {outcome.reason}".rstrip(),
+              file=sys.stderr)  # fmt: skip
         runs.append(outcome.metrics if outcome.status == Status.OK else {})
-    table = reproduce_table(figures, runs)
-    print(f"study {figures['study']}, trial {figures['trial']}, {args.repeats} repeats:")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"study {figures['study']}, trial {figures['trial']}, {args.repeats} repeats, seeds "
+          f"{', '.join(map(str, seeds))} (the trial's, then one more per repeat, as the study's "
+          "confirmation runs):")  # fmt: skip
+    print(reproduce_text(reproduce_table(figures, runs)))
     return 0 if all(runs) else 1
 
 

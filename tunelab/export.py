@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import shlex
 from pathlib import Path
@@ -24,11 +25,21 @@ import pandas as pd
 import yaml
 
 from tunelab import dsconfig
+from tunelab._typed import read_mapping
 from tunelab.config import TrialConfig, config_from_dict
 from tunelab.dschat import step3_command
 from tunelab.errors import InputError
-from tunelab.records import ENGINES, OBJECTIVES_ATTR, from_frozen_trial
-from tunelab.repeats import Configuration, configurations, ranked_configurations
+from tunelab.records import ENGINES, OBJECTIVES_ATTR, from_frozen_trial, is_finite
+from tunelab.repeats import (
+    Configuration,
+    Estimate,
+    Verdict,
+    configurations,
+    estimate,
+    ranked_configurations,
+    repeat_seed,
+    verdict,
+)
 
 
 def choose_trial(study, objective: str | None = None, number: int | None = None) -> Configuration:
@@ -73,11 +84,19 @@ def measured_line(objectives: list[dict], chosen: Configuration) -> str:
     return "; ".join(parts)
 
 
+def _no_accelerator_warning(record: logging.LogRecord) -> bool:
+    """Drop DeepSpeed's import-time "Setting accelerator to CPU ... unable to detect it": an
+    export only parses configs, which needs no accelerator, and is made on machines without
+    one."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def validate_ds_config(ds_config: dict, ranks: int, where: str) -> None:
     """DeepSpeed's own parser accepts the config (raises InputError naming the file if not).
 
     DeepSpeed reads the world size from a live process group, which an export has not; the
     batch keys are checked against `ranks` here and parsed for one rank."""
+    logging.getLogger("DeepSpeed").addFilter(_no_accelerator_warning)  # before DeepSpeed loads
     from deepspeed.runtime.config import DeepSpeedConfig
 
     batch = ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"]
@@ -190,6 +209,10 @@ def write_export(study, chosen: Configuration, out_dir: Path) -> Path:
     return out_dir
 
 
+# What reproduce reads of study.json (an export before the 95% intervals lacks some).
+_FIGURES = {"study", "trial", "objectives", "values", "runs", "sd", "ci95_half_width"}
+
+
 def read_export(export_dir: Path) -> tuple[TrialConfig, dict[str, Any]]:
     """The trial config and study figures of an export folder."""
     for name in ("trial.yaml", "study.json"):
@@ -198,18 +221,56 @@ def read_export(export_dir: Path) -> tuple[TrialConfig, dict[str, Any]]:
     from tunelab.config import load_config
 
     config = load_config(export_dir / "trial.yaml")
-    return config, json.loads((export_dir / "study.json").read_text())
+    figures = read_mapping(export_dir / "study.json")
+    if not set(figures) >= _FIGURES:
+        raise InputError(f"{export_dir / 'study.json'}: lacks the study's intervals (written by "
+                         "an older tunelab: export the trial again)")  # fmt: skip
+    return config, figures
+
+
+def rerun_seeds(seed: int, repeats: int) -> list[int]:
+    """The seeds of `repeats` reruns of a trial: its own, then those its confirmation runs
+    took in the study (tunelab.repeats.repeat_seed), so reruns measure noise as the study did."""
+    return [repeat_seed(seed, ordinal) for ordinal in range(repeats)]
+
+
+# Whether the study's and the reruns' 95% intervals overlap (tunelab.repeats.verdict).
+_AGREEMENT = {Verdict.WITHIN: "overlap", Verdict.OUTSIDE: "disjoint",
+              Verdict.UNKNOWN: "a side ran once"}  # fmt: skip
 
 
 def reproduce_table(figures: dict[str, Any], runs: list[dict[str, float]]) -> pd.DataFrame:
-    """Per objective: the study's figure next to the mean and spread of the reruns."""
+    """Per objective: the study's mean and 95% half-width next to the reruns' (NaN below two
+    runs), and whether the two intervals overlap."""
     rows = []
-    for objective, value in zip(figures["objectives"], figures["values"], strict=True):
-        measured = pd.Series([run.get(objective["metric"]) for run in runs], dtype=float)
+    for index, objective in enumerate(figures["objectives"]):
+        metric = objective["metric"]
+        study = Estimate(figures["values"][index], _nan(figures["sd"][index]),
+                         figures["runs"][index], _nan(figures["ci95_half_width"][index]))
+        rerun = estimate([run[metric] for run in runs if is_finite(run.get(metric))])
         rows.append({
-            "objective": objective["metric"], "direction": objective["direction"],
-            "study": value, "mean": measured.mean(), "std": measured.std(ddof=1),
-            "min": measured.min(), "max": measured.max(), "runs ok": int(measured.notna().sum()),
-            "mean / study": measured.mean() / value if value else float("nan"),
+            "objective": metric, "direction": objective["direction"],
+            "study": study.mean, "study ± 95%": study.half_width, "study runs": study.n,
+            "reruns": rerun.mean, "reruns ± 95%": rerun.half_width, "runs ok": rerun.n,
+            "reruns / study": rerun.mean / study.mean if study.mean else math.nan,
+            "95% intervals": _AGREEMENT[verdict(study, rerun)],
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _nan(value: float | None) -> float:
+    """JSON's null (one run: no spread) as NaN."""
+    return math.nan if value is None else value
+
+
+def reproduce_text(table: pd.DataFrame) -> str:
+    """`reproduce_table` as text, each figure in its objective's unit (bytes as MiB/GiB)."""
+    from tunelab.report.render import format_metric, format_number
+
+    figures = ("study", "study ± 95%", "reruns", "reruns ± 95%")
+    shown = table.assign(**{
+        column: [format_metric(metric, value)
+                 for metric, value in zip(table["objective"], table[column], strict=True)]
+        for column in figures
+    }, **{"reruns / study": table["reruns / study"].map(format_number)})  # fmt: skip
+    return shown.to_string(index=False)
