@@ -15,6 +15,7 @@ from tunelab.repeats import Verdict
 from tunelab.report import data
 from tunelab.report.build import gain_text, headline_sentence
 from tunelab.report.render import (
+    HALF_WIDTH,
     Image,
     Section,
     Table,
@@ -56,6 +57,12 @@ def test_format_metric_by_name(name, value, text):
 def test_display_formats_every_cell_by_its_column():
     frame = pd.DataFrame({"number": [1, 2], "time/sft_s": [0.5, math.nan]})
     assert display(frame).to_dict("list") == {"number": ["1", "2"], "time/sft_s": ["0.5 s", ""]}
+
+
+def test_a_half_width_column_is_in_its_metrics_unit():
+    frame = pd.DataFrame({"mem/peak_host_rss_bytes": [512 * MIB],
+                          "mem/peak_host_rss_bytes" + HALF_WIDTH: [844432.0]})  # fmt: skip
+    assert display(frame).iloc[0].tolist() == ["512 MiB", "0.805 MiB"]
 
 
 def headline_rows():

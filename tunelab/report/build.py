@@ -16,6 +16,7 @@ from tunelab.records import TrialRecord, from_frozen_trial
 from tunelab.repeats import Verdict
 from tunelab.report import compare, data, plots
 from tunelab.report.render import (
+    HALF_WIDTH,
     Image,
     Section,
     Table,
@@ -156,8 +157,8 @@ def pareto_section(records: Sequence[TrialRecord]) -> Section:
     table = front[["number", "zero_stage", "category", "runs", "memory_bytes",
                    "memory_half_width", "tokens_per_s", "tokens_half_width"]]  # fmt: skip
     table = table.rename(columns={
-        "memory_bytes": metric, "memory_half_width": f"{metric} ± 95%",
-        "tokens_per_s": data.THROUGHPUT, "tokens_half_width": f"{data.THROUGHPUT} ± 95%",
+        "memory_bytes": metric, "memory_half_width": metric + HALF_WIDTH,
+        "tokens_per_s": data.THROUGHPUT, "tokens_half_width": data.THROUGHPUT + HALF_WIDTH,
     })  # fmt: skip
     return Section(
         "Throughput vs memory",

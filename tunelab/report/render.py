@@ -30,6 +30,9 @@ _UNITS = (
 )
 
 
+HALF_WIDTH = " ± 95%"  # names a column of 95% half-widths after its metric's column
+
+
 def format_bytes(value: float) -> str:
     """MiB below 1 GiB, else GiB."""
     return f"{value / GIB:.2f} GiB" if abs(value) >= GIB else f"{value / MIB:.3g} MiB"
@@ -66,10 +69,14 @@ def format_metric(name: str, value: Any) -> str:
 
 
 def display(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every cell as text, formatted by its column's name (see `format_metric`)."""
+    """Every cell as text, formatted by its column's name (see `format_metric`); a column
+    "<metric> ± 95%" (half-widths) in its metric's unit."""
     return pd.DataFrame(
         {
-            column: [format_metric(str(column), value) for value in frame[column]]
+            column: [
+                format_metric(str(column).removesuffix(HALF_WIDTH), value)
+                for value in frame[column]
+            ]
             for column in frame.columns
         },
         columns=frame.columns,
