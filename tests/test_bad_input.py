@@ -236,6 +236,37 @@ def test_several_mistakes_are_reported_at_once(tmp_path, capsys):
     ])  # fmt: skip
 
 
+@pytest.mark.parametrize("command", ["trial", "run"])
+def test_a_model_neither_local_nor_in_the_hub_cache_is_one_line(tmp_path, capsys, command):
+    """A mistyped checkpoint path looks like a hub name; a trial would fail after ~50 s."""
+    if command == "trial":
+        code, _, err = cli(capsys, "trial", TINY, "--out", tmp_path / "t",
+                           "models.actor=output/step1_actr")  # fmt: skip
+    else:
+        critic = spec(tmp_path, "base_overrides: {models.critic: output/step2_critic}")
+        code, _, err = cli(capsys, "run", critic)
+    role, name = ("actor", "step1_actr") if command == "trial" else ("critic", "step2_critic")
+    one_line_error(code, err, f"models.{role}: 'output/{name}' is not a local directory, nor a "
+                   "model in the Hugging Face cache (", "huggingface-cli download")  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_hub_model_in_the_cache_passes_the_input_check(tmp_path, monkeypatch, tiny_config):
+    from huggingface_hub import constants
+
+    from tunelab.config import check_inputs
+
+    snapshot = tmp_path / "models--org--lm" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--lm" / "refs").mkdir()
+    (tmp_path / "models--org--lm" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    check_inputs(tiny_config("models.actor=org/lm"))
+    with pytest.raises(InputError, match="'org/other' is not a local directory"):
+        check_inputs(tiny_config("models.actor=org/other"))
+
+
 def test_config_mistakes_are_reported_at_once(capsys):
     # Every section's own rules run; a section's cross-field rules need its fields valid.
     code, _, err = cli(capsys, "estimate", TINY, "actor.zero_stage=7", "ppo.gamma=2",

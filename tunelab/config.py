@@ -321,10 +321,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Trial
 def check_inputs(config: TrialConfig) -> None:
     """Check what a trial reads before launching it: model sources, data file, lengths."""
     from tunelab.data import load_preferences
-    from tunelab.presets import resolve_model
+    from tunelab.presets import hub_cache_problem, resolve_model
 
     for role in ("actor", "critic"):
         source = resolve_model(getattr(config.models, role))
+        if source.shape is None and (problem := hub_cache_problem(source.name)):
+            raise InputError(f"models.{role}: {problem}")
         length = config.ppo.max_prompt_len + config.ppo.max_answer_len
         if source.shape is not None and length > source.shape.max_positions:
             raise InputError(

@@ -180,6 +180,23 @@ def shape_from_hf_config(config: dict[str, Any], where: str) -> ModelShape:
     raise InputError(f"{where}: model_type {model_type!r} is not supported (opt or llama family)")
 
 
+def hub_cache_problem(name: str) -> str | None:
+    """Why hub model `name` cannot be loaded as README promises (from the local Hugging Face
+    cache: trials never download), or None when the cache holds its config.json."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        return f"{name!r} is neither a local directory nor a hub name"
+    if isinstance(cached, str):
+        return None
+    return (f"{name!r} is not a local directory, nor a model in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); download it first (`huggingface-cli download {name}`) "
+            "or correct the path")  # fmt: skip
+
+
 def resolve_model(name: str) -> ModelSource:
     """A preset name, a local directory holding config.json, or a hub name (resolved later)."""
     if name in PRESETS:
