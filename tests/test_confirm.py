@@ -20,6 +20,9 @@ def test_the_budget_then_confirmation_runs_with_their_own_seeds(tmp_path):
     run = tunelab("run", path, "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "confirmation runs 1/1" in run.stderr
+    # The last progress line's best is the configuration's mean, as report and export take it.
+    last = [line for line in run.stderr.splitlines() if line.startswith(f"[{name}]")][-1]
+    assert "(#0, mean of 2)" in last
     study = optuna.load_study(study_name=name, storage=default_url(out))
     original, repeat = study.trials
     assert original.user_attrs.get("repeat_of") is None

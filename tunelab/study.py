@@ -53,7 +53,7 @@ from tunelab.records import (
     prediction_metrics,
     trial_metrics,
 )
-from tunelab.repeats import repeat_seed, repeats_needed
+from tunelab.repeats import ranked_configurations, repeat_seed, repeats_needed
 from tunelab.spec import (
     PRUNER_CLASSES,
     SAMPLER_CLASSES,
@@ -494,13 +494,17 @@ def progress_line(loaded: LoadedSpec, trials: list, elapsed_s: float, walls: lis
     if repeats:
         finished = sum(t.state.is_finished() for t in repeats)
         parts.append(f"confirmation runs {finished}/{len(repeats)}")
+    # The best as the report and export choose it: by configuration mean, feasible in every
+    # run, repeated ones first once any configuration has its confirmation runs.
+    records = [from_frozen_trial(t) for t in trials] if ok else []
     bests = []
     for index, objective in enumerate(spec.objectives):
-        if ok:
-            pick = max if objective.direction == "maximize" else min
-            best = pick(ok, key=lambda t, i=index: t.values[i])
-            bests.append(f"{objective.metric} {_fmt(objective.metric, best.values[index])} "
-                         f"(#{best.number})")  # fmt: skip
+        ranking = ranked_configurations(records, index, objective.direction)
+        if ranking:
+            best, found = ranking[0]
+            runs = f", mean of {found.n}" if found.n > 1 else ""
+            bests.append(f"{objective.metric} {_fmt(objective.metric, found.mean)} "
+                         f"(#{best.number}{runs})")  # fmt: skip
     if bests:
         parts.append("best " + ", ".join(bests))
     remaining = max(spec.budget.trials - len(done), 0)
