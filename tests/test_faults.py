@@ -30,6 +30,7 @@ from tunelab.spec import load_spec
 from tunelab.storage import MAX_RETRY, open_storage, storage_lock
 from tunelab.study import (
     PGID_ATTR,
+    Orchestrator,
     create_or_resume,
     interrupt,
     progress_line,
@@ -364,6 +365,17 @@ def test_the_retry_cap_is_stated_and_reported(tmp_path):
     assert all(t.user_attrs["status"] == "interrupted" for t in study.trials)
     line = progress_line(loaded, study.trials, 0.0, [], 1)
     assert f"1 interrupted past the retry cap ({MAX_RETRY})" in line
+
+
+def test_trial_folders_are_recorded_from_the_root(tmp_path, monkeypatch):
+    """A relative --out is recorded absolute, so a saved outcome or a log is found from any
+    directory the study is resumed or reported from."""
+    _, path = unsupported_spec(tmp_path, trials=1)
+    loaded = load_spec(path)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    orchestrator = Orchestrator(loaded, create_or_resume(loaded, url), url, Path("runs/x"))
+    assert orchestrator.out_dir == tmp_path / "runs" / "x"
 
 
 def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeypatch):

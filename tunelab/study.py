@@ -566,7 +566,9 @@ class Orchestrator:
     def __init__(self, loaded: LoadedSpec, study: optuna.Study, url: str, out_dir: Path,
                  workers: int = 1, echo=None) -> None:  # fmt: skip
         self.loaded, self.spec, self.study, self.url = loaded, loaded.spec, study, url
-        self.out_dir = out_dir
+        # Absolute: records name trial folders that resume, report and export (run from any
+        # directory) read back, e.g. a saved outcome.
+        self.out_dir = out_dir.resolve()
         self.workers = workers
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.gpus: list[Gpu] = gpu_inventory()
