@@ -6,7 +6,9 @@
 Runs ppo_step.py's trial (tiny OPT-shaped preset, bf16, optimizer offload, batch 4, 32 + 32
 tokens) under `py-spy record --subprocesses -f raw` and splits the samples taken inside PPO's
 generation and training by the frame they were in (self time, code line stripped). Sampling
-slows the trial down, so the shares, not the seconds, are the result.
+slows the trial down, so the shares, not the seconds, are the result. Also times one linear layer
+of the model's width ([4, 64] x [64, 64], a decoding step's shape) in bf16 and fp32 (LINEAR_CALLS
+calls each, one thread): on a CPU without bf16 matmul units, bf16 costs a fixed time per call.
 Writes reports/bench/ppo_step_profile.{json,md}.
 """
 
@@ -29,6 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # "frame;frame;... count", each frame "function (file:line)").
 PHASES = {"generate": "PPOTrainer.generate (", "train": "PPOTrainer.train ("}
 TOP = 12
+LINEAR_CALLS = 2000
+LINEAR_TIMER = """
+import json, time, torch
+torch.set_num_threads(1)
+seconds = {}
+for dtype in (torch.bfloat16, torch.float32):
+    x, w = torch.randn(4, 64, dtype=dtype), torch.randn(64, 64, dtype=dtype)
+    for _ in range(100):
+        torch.nn.functional.linear(x, w)
+    started = time.perf_counter()
+    for _ in range(CALLS):
+        torch.nn.functional.linear(x, w)
+    seconds[str(dtype).split(".")[1]] = (time.perf_counter() - started) / CALLS
+print(json.dumps(seconds))
+"""
 
 
 def package(frame: str) -> str:
@@ -76,6 +93,9 @@ def main() -> None:
             capture_output=True,
         )  # fmt: skip
         raw = raw_path.read_text()
+    linear_s = json.loads(subprocess.run(
+        [sys.executable, "-c", f"CALLS = {LINEAR_CALLS}" + LINEAR_TIMER], check=True,
+        capture_output=True, text=True).stdout)  # fmt: skip
     phases = {}
     for phase, phase_frame in PHASES.items():
         total, frames_found, packages = self_time(raw, phase_frame)
@@ -89,13 +109,17 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "zero": args.zero,
         "phases": phases,
+        "linear_call_s": linear_s,
     }
     out = ROOT / "reports" / "bench"
     (out / "ppo_step_profile.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["# Where a PPO step's time goes", "",
              f"`{record['command'].strip()}` on {record['date']}: ZeRO-{args.zero}, the trial of "
              "benchmarks/ppo_step.py under py-spy; share of each phase's samples by the frame "
-             "they were in (self time).", ""]  # fmt: skip
+             "they were in (self time).", "",
+             f"One `F.linear` call of [4, 64] x [64, 64], mean of {LINEAR_CALLS}: bf16 "
+             f"{linear_s['bfloat16'] * 1e6:.1f} us, fp32 {linear_s['float32'] * 1e6:.1f} us.",
+             ""]  # fmt: skip
     for phase, found in phases.items():
         shares = ", ".join(f"{name} {share:.0%}" for name, share in found["packages"].items())
         lines += [f"## {phase} ({found['samples']} samples)", "", f"By package: {shares}.", "",
