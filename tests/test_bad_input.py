@@ -190,25 +190,43 @@ def test_a_pruner_against_the_objectives_direction_is_one_line(tmp_path, capsys)
     ("constraints: [{metric: perf/ppo_e2e_mfu, min: 0.1}]", "constraints[0].metric",
      "perf/ppo_e2e_mfu"),
 ])  # fmt: skip
-def test_a_gpu_only_metric_on_a_cpu_node_is_one_line(tmp_path, capsys, body, where, metric):
+def test_a_gpu_only_metric_on_a_cpu_node_is_one_line(tmp_path, capsys, monkeypatch, body,
+                                                    where, metric):  # fmt: skip
     """Each trial would run in full, then be recorded as an error for the missing metric."""
+    import tunelab.devices
+    import tunelab.study
+
+    monkeypatch.setattr(tunelab.devices, "gpu_inventory", lambda: [])  # a CPU node, anywhere
+    monkeypatch.setattr(tunelab.study, "cuda_device_files", lambda: False)
     path = spec(tmp_path, body)
     code, _, err = cli(capsys, "run", path)
     one_line_error(code, err, f"{path}: {where}: {metric} is measured on a GPU, and this "
-                   "node's trials run on the CPU (NVML finds no GPU here)")  # fmt: skip
+                   "node has no GPU (NVML finds none, and there is no /dev/nvidia*)")  # fmt: skip
     assert not (tmp_path / "runs").exists()
 
 
-def test_mfu_on_a_cpu_node_needs_the_configs_device_peak(tmp_path):
+def test_gpu_only_metrics_are_refused_only_where_trials_surely_run_on_the_cpu(
+    tmp_path, monkeypatch
+):
+    import tunelab.study
+    from tunelab.devices import Gpu
     from tunelab.spec import load_spec
     from tunelab.study import check_cpu_metrics
 
-    mfu = "constraints: [{metric: perf/ppo_e2e_mfu, min: 0.1}]\n"
-    check_cpu_metrics(load_spec(spec(tmp_path, mfu + "base_overrides: {peak_tflops: 2.0}")),
-                      [None])  # fmt: skip
+    monkeypatch.setattr(tunelab.study, "cuda_device_files", lambda: False)
+    gpu = Gpu(0, "NVIDIA H200", 141 * 2**30, (9, 0), "GPU-x", "0000:01:00.0")
+    device = "constraints: [{metric: mem/peak_device_allocated_bytes, max: 4.0e+10}]\n"
+    check_cpu_metrics(load_spec(spec(tmp_path, device)), [gpu])  # NVML finds a GPU
+    # device: cuda without NVML (a container without libnvidia-ml): CUDA decides, not NVML
+    check_cpu_metrics(load_spec(spec(tmp_path, device + "base_overrides: {device: cuda}")), [])
+    monkeypatch.setattr(tunelab.study, "cuda_device_files", lambda: True)
+    check_cpu_metrics(load_spec(spec(tmp_path, device)), [])  # /dev/nvidia0 without NVML
     with pytest.raises(InputError, match="device: cpu"):
-        check_cpu_metrics(load_spec(spec(tmp_path, mfu + "base_overrides: {device: cpu}")),
-                          [[0]])  # fmt: skip
+        check_cpu_metrics(load_spec(spec(tmp_path, device + "base_overrides: {device: cpu}")),
+                          [gpu])  # fmt: skip
+    mfu = "constraints: [{metric: perf/ppo_e2e_mfu, min: 0.1}]\n"
+    check_cpu_metrics(load_spec(spec(tmp_path, mfu + "base_overrides: {device: cpu, "
+                                               "peak_tflops: 2.0}")), [])  # fmt: skip
 
 
 def test_several_mistakes_are_reported_at_once(tmp_path, capsys):

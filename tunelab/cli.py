@@ -256,7 +256,9 @@ def _check_base(loaded, workers: int) -> None:
     from tunelab.study import check_cpu_metrics, worker_slots
 
     check_inputs(config_from_dict(loaded.base_config, f"{loaded.source} base:"))
-    check_cpu_metrics(loaded, worker_slots(loaded, workers, gpu_inventory()))
+    gpus = gpu_inventory()
+    worker_slots(loaded, workers, gpus)
+    check_cpu_metrics(loaded, gpus)
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:

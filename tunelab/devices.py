@@ -69,6 +69,12 @@ def visible_gpus(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
     return chosen
 
 
+def cuda_device_files() -> bool:
+    """Whether the NVIDIA driver exposes a GPU here (/dev/nvidia0, ...), NVML or not: a
+    container may lack libnvidia-ml and still run CUDA."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def trial_cuda_env(gpus: list[int] | None) -> dict[str, str]:
     """Environment of a trial process: CUDA's order set to NVML's (PCI bus), and the worker's
     GPU slice when it has one."""

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 
 from tunelab import launcher, ops
 from tunelab.config import SEED_LIMIT
-from tunelab.devices import Gpu, gpu_inventory, gpu_slots
+from tunelab.devices import Gpu, cuda_device_files, gpu_inventory, gpu_slots
 from tunelab.errors import InputError, StorageFault
 from tunelab.metrics import GPU_ONLY, NEEDS_PEAK
 from tunelab.prelaunch import Verdict, check_trial
@@ -536,16 +536,16 @@ def worker_slots(loaded: LoadedSpec, workers: int, gpus: list[Gpu]) -> list[list
     return gpu_slots(workers, per_trial, gpus)
 
 
-def check_cpu_metrics(loaded: LoadedSpec, slots: list[list[int] | None]) -> None:
-    """InputError when this node's trials run on the CPU (`slots` from worker_slots, or the
-    base config's device) and an objective or constraint needs a GPU's measurement: every
-    trial would run in full and then be recorded as an error for the missing metric."""
-    if base_value(loaded, "device") == "cpu":
+def check_cpu_metrics(loaded: LoadedSpec, gpus: list[Gpu]) -> None:
+    """InputError when trials surely run on the CPU (the base config says `device: cpu`, or
+    `auto` on a node with neither an NVML GPU nor an NVIDIA device file) and an objective or
+    constraint needs a GPU's measurement: every trial would run in full and then be recorded
+    as an error for the missing metric."""
+    device = base_value(loaded, "device")
+    if device == "cpu":
         why = "the base config runs trials on the CPU (device: cpu)"
-    elif all(slot is None for slot in slots):
-        given = "resources.gpus_per_trial is 0" if loaded.spec.resources.gpus_per_trial == 0 \
-            else "NVML finds no GPU here"  # fmt: skip
-        why = f"this node's trials run on the CPU ({given})"
+    elif device == "auto" and not gpus and not cuda_device_files():
+        why = "this node has no GPU (NVML finds none, and there is no /dev/nvidia*)"
     else:
         return
     if "device" in loaded.spec.space:
