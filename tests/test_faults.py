@@ -29,6 +29,7 @@ from tunelab.records import trial_metrics
 from tunelab.spec import load_spec
 from tunelab.storage import MAX_RETRY, open_storage, storage_lock
 from tunelab.study import (
+    OWNER_FILE,
     PGID_ATTR,
     Orchestrator,
     create_or_resume,
@@ -406,6 +407,7 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
         ["export", out, "--trial", "99"],
         ["report", out, "--out", "/dev/null/x"],
         ["worker", "--storage", url, "--study", name, "--workers", "-2"],
+        ["worker", "--storage", url, "--study", "typo", "--out", tmp_path / "w"],
     ):
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err  # `run` first says which study and storage it opens
@@ -415,6 +417,8 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
                            "give study 'another' a folder of its own\n")  # fmt: skip
     assert snapshot() == before
     assert optuna.get_all_study_names(url) == [name]
+    assert not (tmp_path / "w" / OWNER_FILE).exists()  # a study that did not open claims none
+    assert (out / OWNER_FILE).read_text() == f"{name}\n"
 
 
 # -- read-only commands ---------------------------------------------------------------------

@@ -217,23 +217,23 @@ def _stop_on_sigterm() -> None:
 def _cmd_run(args) -> int:
     from tunelab.spec import load_spec
     from tunelab.storage import default_url
-    from tunelab.study import claim_out_dir, create_or_resume
+    from tunelab.study import check_out_dir, create_or_resume
 
     expect_kind(args.spec, "study spec", "run")
     loaded = load_spec(args.spec)
     _check_base(loaded, args.workers)
     out = writable_folder(args.out or Path("runs") / loaded.spec.name)
-    claim_out_dir(out, loaded.spec.name)
+    check_out_dir(out, loaded.spec.name)
     url = args.storage or default_url(out)
     _starting(loaded.spec.name, url, out)
     return _orchestrate(loaded, create_or_resume(loaded, url), url, out, args.workers)
 
 
 def _cmd_worker(args) -> int:
-    from tunelab.study import claim_out_dir, create_or_resume, load_for_worker
+    from tunelab.study import check_out_dir, create_or_resume, load_for_worker
 
     out = writable_folder(args.out or Path("runs") / args.study)
-    claim_out_dir(out, args.study)
+    check_out_dir(out, args.study)
     _starting(args.study, args.storage, out)
     loaded = load_for_worker(args.storage, args.study)
     _check_base(loaded, args.workers)
@@ -262,8 +262,9 @@ def _check_base(loaded, workers: int) -> None:
 
 
 def _orchestrate(loaded, study, url: str, out: Path, workers: int) -> int:
-    from tunelab.study import Orchestrator
+    from tunelab.study import Orchestrator, claim_out_dir
 
+    claim_out_dir(out, loaded.spec.name)
     _stop_on_sigterm()
     code = Orchestrator(loaded, study, url, out, workers).run()
     print(f"report: {report_command(url, out, loaded.spec.name)}", file=sys.stderr)

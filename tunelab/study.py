@@ -394,21 +394,26 @@ def _kill_left_over(pgid: int | None, worker: str) -> None:
             os.killpg(pgid, 9)
 
 
+def check_out_dir(out_dir: Path, name: str) -> None:
+    """InputError when `out_dir` is another study's (OWNER_FILE): trial folders are numbered
+    per study, so two studies there would overwrite each other's trials and recover each
+    other's saved outcomes."""
+    with contextlib.suppress(FileNotFoundError):
+        owner = (out_dir / OWNER_FILE).read_text().strip()
+        if owner != name:
+            raise InputError(f"--out {out_dir}: holds the trials of study {owner!r}; give "
+                             f"study {name!r} a folder of its own")  # fmt: skip
+
+
 def claim_out_dir(out_dir: Path, name: str) -> None:
-    """Mark `out_dir` as study `name`'s (OWNER_FILE); InputError when it is another study's:
-    trial folders are numbered per study, so two studies there would overwrite each other's
-    trials and recover each other's saved outcomes."""
-    owner_file = out_dir / OWNER_FILE
-    try:
-        owner = owner_file.read_text().strip()
-    except FileNotFoundError:
-        temporary = owner_file.with_name(f"{OWNER_FILE}.{os.getpid()}")
-        temporary.write_text(name + "\n")
-        temporary.replace(owner_file)
-        return
-    if owner != name:
-        raise InputError(f"--out {out_dir}: holds the trials of study {owner!r}; give study "
-                         f"{name!r} a folder of its own")  # fmt: skip
+    """Mark `out_dir` as study `name`'s once the study is open (a mistyped name claims
+    nothing); of two studies claiming a new folder at once, the second gets check_out_dir's
+    error."""
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(out_dir / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(descriptor, "w") as owner:
+            owner.write(name + "\n")
+    check_out_dir(out_dir, name)
 
 
 def _saved_outcome(
@@ -421,7 +426,8 @@ def _saved_outcome(
         saved = json.loads((Path(folder) / OUTCOME_FILE).read_text())
     except (OSError, ValueError):
         return None
-    ours = saved.get("study") == study_name and saved.get("trial") == trial.number
+    # Outcomes saved before they named their study (the folder's owner file guards it now)
+    ours = saved.get("study", study_name) == study_name and saved.get("trial") == trial.number
     return saved if ours else None
 
 
