@@ -273,6 +273,7 @@ def test_a_hub_model_in_the_cache_passes_the_input_check(tmp_path, monkeypatch, 
     from huggingface_hub import constants
 
     from tunelab.config import check_inputs
+    from tunelab.launcher import TRIAL_ENV
 
     snapshot = tmp_path / "models--org--lm" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
@@ -281,6 +282,7 @@ def test_a_hub_model_in_the_cache_passes_the_input_check(tmp_path, monkeypatch, 
     (tmp_path / "models--org--lm" / "refs" / "main").write_text("abc")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     check_inputs(tiny_config("models.actor=org/lm"))
+    assert TRIAL_ENV["HF_HUB_OFFLINE"] == "1"  # and the trial loads it from there, offline
     with pytest.raises(InputError, match="'org/other' is not a local directory"):
         check_inputs(tiny_config("models.actor=org/other"))
 

@@ -46,7 +46,10 @@ _RANK_VARIABLES = frozenset(
 # module by module, hand-off copies) stay in the heap and a rank's resident memory never falls
 # back. Measured on 2 ranks building OPT-350m for ZeRO-3 in bf16: peak rise 1009 MB without it,
 # 478 MB with it (tests/helpers/partitioned_build.py).
-TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# HF_HUB_OFFLINE: a trial loads hub models from the local cache only (config.check_inputs
+# refuses one the cache lacks before launch); a download would be timed with the trial, and
+# would race between workers.
+TRIAL_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "HF_HUB_OFFLINE": "1"}
 
 
 def cpu_threads(ranks: int, concurrent: int = 1) -> int:
