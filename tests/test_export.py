@@ -138,6 +138,8 @@ def test_reproduce_table_puts_reruns_next_to_the_study():
     once = reproduce_table({**figures, "runs": [1], "sd": [None], "ci95_half_width": [None]},
                            [{"perf/ppo_e2e_tokens_per_s": 90.0}, {}])  # fmt: skip
     assert once.iloc[0]["95% intervals"] == "a side ran once" and once.iloc[0]["runs ok"] == 1
+    failed = reproduce_table(figures, [{}, {}])  # every rerun failed
+    assert failed.iloc[0]["95% intervals"] == "no rerun ok" and failed.iloc[0]["runs ok"] == 0
 
 
 def test_reproduce_text_prints_bytes_in_mib():

@@ -242,6 +242,8 @@ _AGREEMENT = {Verdict.WITHIN: "overlap", Verdict.OUTSIDE: "disjoint",
 def reproduce_table(figures: dict[str, Any], runs: list[dict[str, float]]) -> pd.DataFrame:
     """Per objective: the study's mean and 95% half-width next to the reruns' (NaN below two
     runs), and whether the two intervals overlap."""
+    from tunelab.report.render import HALF_WIDTH  # the report package draws with matplotlib
+
     rows = []
     for index, objective in enumerate(figures["objectives"]):
         metric = objective["metric"]
@@ -250,10 +252,10 @@ def reproduce_table(figures: dict[str, Any], runs: list[dict[str, float]]) -> pd
         rerun = estimate([run[metric] for run in runs if is_finite(run.get(metric))])
         rows.append({
             "objective": metric, "direction": objective["direction"],
-            "study": study.mean, "study ± 95%": study.half_width, "study runs": study.n,
-            "reruns": rerun.mean, "reruns ± 95%": rerun.half_width, "runs ok": rerun.n,
+            "study": study.mean, f"study{HALF_WIDTH}": study.half_width, "study runs": study.n,
+            "reruns": rerun.mean, f"reruns{HALF_WIDTH}": rerun.half_width, "runs ok": rerun.n,
             "reruns / study": rerun.mean / study.mean if study.mean else math.nan,
-            "95% intervals": _AGREEMENT[verdict(study, rerun)],
+            "95% intervals": _AGREEMENT[verdict(study, rerun)] if rerun.n else "no rerun ok",
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -265,9 +267,9 @@ def _nan(value: float | None) -> float:
 
 def reproduce_text(table: pd.DataFrame) -> str:
     """`reproduce_table` as text, each figure in its objective's unit (bytes as MiB/GiB)."""
-    from tunelab.report.render import format_metric, format_number
+    from tunelab.report.render import HALF_WIDTH, format_metric, format_number
 
-    figures = ("study", "study ± 95%", "reruns", "reruns ± 95%")
+    figures = ("study", f"study{HALF_WIDTH}", "reruns", f"reruns{HALF_WIDTH}")
     shown = table.assign(**{
         column: [format_metric(metric, value)
                  for metric, value in zip(table["objective"], table[column], strict=True)]
