@@ -361,9 +361,12 @@ def test_unknown_subcommand_and_bad_counts_are_one_line(capsys):
         ("foo://bar", "storage 'foo://bar': tunelab does not take the URL scheme 'foo'; give "
          "sqlite:///PATH, postgresql://…, mysql+pymysql://…, or a journal file (PATH.log"),
         ("sqlite://", "SQLite needs a file path after sqlite:///"),
+        ("sqlite:///:memory:", "SQLite needs a file path after sqlite:/// (an in-memory"),
+        ("sqlite:///", "SQLite needs a file path after sqlite:///"),
         ("study.db", "not a URL, nor a journal file (a SQLite file is sqlite:///study.db)"),
     ],
-    ids=["mysql-without-driver", "unknown-scheme", "sqlite-in-memory", "bare-path"],
+    ids=["mysql-without-driver", "unknown-scheme", "sqlite-in-memory", "sqlite-memory-path",
+         "sqlite-empty-path", "bare-path"],
 )  # fmt: skip
 def test_a_storage_url_tunelab_cannot_open_says_what_to_write(capsys, url, message):
     code, _, err = cli(capsys, "report", "--storage", url, "--study", "s")

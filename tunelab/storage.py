@@ -99,7 +99,10 @@ def _server(url: str) -> bool:
 
 
 def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+    """The file of a sqlite:/// URL; None for any other URL, or one without a file (an empty
+    path, or SQLite's in-memory database, which keeps nothing)."""
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
 
 
 def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
@@ -131,7 +134,10 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
             return _rdb_storage(url)
     except InputError:
         raise
-    except ModuleNotFoundError as exc:  # SQLAlchemy's default driver for the scheme
+    except ModuleNotFoundError as exc:
+        if not _server(url):  # not a database driver: a broken installation
+            raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
+        # SQLAlchemy's default driver for the scheme
         raise InputError(f"storage {shown}: {_missing_driver(url, exc.name)}") from None
     except Exception as exc:  # sqlalchemy, drivers and the file system raise many types
         raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
