@@ -24,11 +24,11 @@ import contextlib
 import hashlib
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from tunelab._files import private_name, write_once
 from tunelab.config import EngineConfig, TrialConfig
 from tunelab.records import STAGES as PIPELINE_STAGES
 
@@ -100,30 +100,12 @@ def claim_file(entry: Path) -> Path:
     return entry.with_name(entry.name + ".claim")
 
 
-def _private_name(path: Path, what: str) -> Path:
-    """A sibling of `path` no other process or thread writes."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{what}")
-
-
 def try_claim(entry: Path, owner: str) -> str | None:
     """Claim the training of `entry` for `owner`: None when it is now `owner`'s, else who holds
-    it ("" when it was released meanwhile: ask again). The name is written to a draft and
-    linked into place (a link, unlike a rename, fails when the claim exists), so a claim is
-    never seen empty."""
+    it ("" when it was released meanwhile: ask again); never seen empty (write_once)."""
     claim = claim_file(entry)
     claim.parent.mkdir(parents=True, exist_ok=True)
-    draft = _private_name(claim, "draft")
-    draft.write_text(owner)
-    try:
-        os.link(draft, claim)
-        return None
-    except FileExistsError:
-        try:
-            return claim.read_text()
-        except FileNotFoundError:
-            return ""
-    finally:
-        draft.unlink(missing_ok=True)
+    return write_once(claim, owner)
 
 
 def release_claim(entry: Path, owner: str) -> bool:
@@ -133,7 +115,7 @@ def release_claim(entry: Path, owner: str) -> bool:
     (unless a third claimant linked one in that instant; then both train it, and the first
     finished entry wins)."""
     claim = claim_file(entry)
-    aside = _private_name(claim, "released")
+    aside = private_name(claim, "released")
     try:
         os.rename(claim, aside)
     except FileNotFoundError:

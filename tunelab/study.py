@@ -37,6 +37,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tunelab import launcher, ops
+from tunelab._files import write_atomic, write_once
 from tunelab.config import SEED_LIMIT
 from tunelab.devices import Gpu, cuda_device_files, gpu_inventory, gpu_slots
 from tunelab.errors import InputError, StorageFault
@@ -409,11 +410,8 @@ def claim_out_dir(out_dir: Path, name: str) -> None:
     """Mark `out_dir` as study `name`'s once the study is open (a mistyped name claims
     nothing); of two studies claiming a new folder at once, the second gets check_out_dir's
     error."""
-    with contextlib.suppress(FileExistsError):
-        descriptor = os.open(out_dir / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "w") as owner:
-            owner.write(name + "\n")
-    check_out_dir(out_dir, name)
+    if write_once(out_dir / OWNER_FILE, name + "\n") is not None:
+        check_out_dir(out_dir, name)
 
 
 def _saved_outcome(
@@ -788,10 +786,8 @@ class Orchestrator:
         if measured.get("outcome") is not None:
             saved = measured["outcome"].out_dir / OUTCOME_FILE
             with contextlib.suppress(OSError):  # a full disk still leaves the storage
-                temporary = saved.with_suffix(".tmp")
-                temporary.write_text(json.dumps({"study": self.spec.name, "trial": trial.number,
-                                                 **record}))  # fmt: skip
-                temporary.replace(saved)
+                write_atomic(saved, json.dumps({"study": self.spec.name, "trial": trial.number,
+                                                **record}))  # fmt: skip
         try:
             self._store(f"recording trial {trial.number}",
                         lambda: record_outcome(self.study, trial, record))  # fmt: skip

@@ -21,6 +21,8 @@ import os
 import platform
 from pathlib import Path
 
+from tunelab._files import write_atomic
+
 CPU_INFO_ENV = "TUNELAB_CPU_INFO_CACHE"  # a folder; default ~/.cache/tunelab
 
 
@@ -72,9 +74,7 @@ def remember_cpu_info(path: Path | None = None) -> None:
         info = probe()
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            draft = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            draft.write_text(json.dumps(info))
-            draft.replace(path)  # a concurrent reader sees the whole file or none
+            write_atomic(path, json.dumps(info))  # a concurrent reader sees all of it or none
         return info
 
     cpuinfo.get_cpu_info = get_cpu_info
