@@ -7,7 +7,8 @@ Rank 0 asks for 2 new tokens, rank 1 for 9, through PPOTrainer.generate's own pa
 gather or synced_gpus the ranks fall out of step in DeepSpeed's per-layer gathers and hang. A
 forward pre-pre-hook on the model counts the forwards (one per token) that started with every
 linear weight partitioned, i.e. gathered again for that token (nothing persists or stays cached
-here).
+here). Then, as PPO does after each step, the ranks take the max of per-rank values
+(Runtime.all_max, the peaks so far behind memory stop lines).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(mode: str, out_path: str) -> None:
             output = decode(engine.module, prompt, torch.ones_like(prompt), decoding)
         result[f"width_{new_tokens}"] = output.shape[1] - prompt.shape[1]
         result[f"fetches_{new_tokens}"] = fetches[0] - before
+    result["all_max"] = runtime.all_max({"rank": float(runtime.rank),
+                                         "other": 5.0 * (1 - runtime.rank)})  # fmt: skip
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, result)
     if runtime.rank == 0:

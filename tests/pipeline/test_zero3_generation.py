@@ -24,6 +24,7 @@ def test_ranks_finish_at_different_lengths(mode, tmp_path):
     run_on_ranks(HELPER, mode, str(out))
     rank0, rank1 = json.loads(out.read_text())
     assert (rank0["width_9"], rank1["width_9"]) == (2, 9)  # each rank got its own length
+    assert rank0["all_max"] == rank1["all_max"] == {"rank": 1.0, "other": 5.0}
     if mode == "gather_once":
         # Gathered once per generate call: no token starts with partitioned weights.
         assert rank0["fetches_9"] == rank1["fetches_9"] == 0
