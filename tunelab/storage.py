@@ -134,12 +134,9 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
             return _rdb_storage(url)
     except InputError:
         raise
-    except ModuleNotFoundError as exc:
-        if not _server(url):  # not a database driver: a broken installation
-            raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
-        # SQLAlchemy's default driver for the scheme
-        raise InputError(f"storage {shown}: {_missing_driver(url, exc.name)}") from None
     except Exception as exc:  # sqlalchemy, drivers and the file system raise many types
+        if isinstance(exc, ModuleNotFoundError) and _server(url):  # the scheme's default driver
+            raise InputError(f"storage {shown}: {_missing_driver(url, exc.name)}") from None
         raise InputError(f"storage {shown}: cannot open ({first_line(exc, url)})") from None
 
 

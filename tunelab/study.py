@@ -545,14 +545,14 @@ def check_cpu_metrics(loaded: LoadedSpec, gpus: list[Gpu]) -> None:
     `auto` on a node with neither an NVML GPU nor an NVIDIA device file) and an objective or
     constraint needs a GPU's measurement: every trial would run in full and then be recorded
     as an error for the missing metric."""
+    if "device" in loaded.spec.space:  # trials choose their device
+        return
     device = base_value(loaded, "device")
     if device == "cpu":
         why = "the base config runs trials on the CPU (device: cpu)"
     elif device == "auto" and not gpus and not cuda_device_files():
         why = "this node has no GPU (NVML finds none, and there is no /dev/nvidia*)"
     else:
-        return
-    if "device" in loaded.spec.space:
         return
     has_peak = base_value(loaded, "peak_tflops") is not None
     named = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(loaded.spec.objectives)]
