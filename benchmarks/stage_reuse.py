@@ -5,18 +5,20 @@ by side in one run.
                                      [--stage-steps 40 200] [--other CHECKOUT]
 
 Runs `tunelab run` on the spec as shipped (`measure: [ppo]`: SFT and RM trained once and
-reused; its pruner and constraint stop lines: early stops), the same without early stops, and
-the same measuring every stage (each trial trains SFT and RM again, as every trial did before
-stage reuse) with early stops; same sampler seed and budget, without confirmation runs, each
-in a fresh folder. Records the command wall times, the trials' wall times (Optuna's start to
-end), how many trials reused their SFT and RM and how many stopped early. Answers are
-fixed-length (ppo.min_answer_len = max), so a trial's PPO time does not follow its sampled
-trajectory; `--stage-steps` runs the set once per SFT/RM step count (the shipped spec trains
-40 each; a real SFT or reward-model run is far longer than its PPO study's trials). `--other`
-(e.g. `git worktree add --detach /tmp/orig f63ad04`, the code before stage reuse, early stops
-on the reward and the start-up cuts) also runs the same study with that checkout's code: the
-spec without what it does not know (`measure`, `confirm`, the pruner, constraint stop
-margins), the base config likewise (`lora_learning_rate`, unused without LoRA).
+reused; its pruner and constraint stop lines: early stops; one-rank trials forked from a zygote
+that has imported torch & co.), the same without early stops, the same measuring every stage
+(each trial trains SFT and RM again, as every trial did before stage reuse) with early stops,
+and the shipped one with a fresh process per trial (`resources.preload: false`); same sampler
+seed and budget, without confirmation runs, each in a fresh folder. Records the command wall
+times, the trials' wall times (Optuna's start to end), how many trials reused their SFT and RM
+and how many stopped early. Answers are fixed-length (ppo.min_answer_len = max), so a trial's
+PPO time does not follow its sampled trajectory; `--stage-steps` runs the set once per SFT/RM
+step count (the shipped spec trains 40 each; a real SFT or reward-model run is far longer than
+its PPO study's trials). `--other` (e.g. `git worktree add --detach /tmp/orig f63ad04`, the
+code before stage reuse, early stops on the reward and the start-up cuts) also runs the same
+study with that checkout's code: the spec without what it does not know (`measure`, `confirm`,
+the pruner, constraint stop margins), the base config likewise (`lora_learning_rate`, unused
+without LoRA).
 Writes reports/bench/stage_reuse.{json,md}. Timings: run on a quiet machine.
 """
 
@@ -39,19 +41,22 @@ import yaml
 from tunelab.launcher import STAGE_PLAN
 
 ROOT = Path(__file__).resolve().parents[1]
-# label: (stages measured, early stops); BEFORE runs the other checkout's code, with neither
-MODES = {"reuse + early stops": (["ppo"], True), "reuse": (["ppo"], False),
-         "no reuse + early stops": (["sft", "rm", "ppo"], True)}  # fmt: skip
+# label: (stages measured, early stops, trials forked from a zygote: resources.preload);
+# BEFORE runs the other checkout's code, with none of them
+MODES = {"reuse + early stops": (["ppo"], True, True), "reuse": (["ppo"], False, True),
+         "no reuse + early stops": (["sft", "rm", "ppo"], True, True),
+         "reuse + early stops, fresh processes": (["ppo"], True, False)}  # fmt: skip
 BEFORE = "no reuse, no early stops"
 NEW_SPEC_KEYS = ("measure", "confirm", "pruner")  # what `--other` does not know
 NEW_ENGINE_KEYS = ("lora_learning_rate",)
 
 
 def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_stops: bool,
-              stage_steps: int, folder: Path, tree: Path = ROOT) -> dict:  # fmt: skip
+              preload: bool, stage_steps: int, folder: Path,
+              tree: Path = ROOT) -> dict:  # fmt: skip
     """Run the spec with `trials` trials measuring `measure` (None: an earlier checkout
-    without stage reuse) with the code of `tree`, with or without its early stops (pruner,
-    constraint stop margins); wall time and trial figures."""
+    without stage reuse or zygotes) with the code of `tree`, with or without its early stops
+    (pruner, constraint stop margins) and zygotes; wall time and trial figures."""
     spec = yaml.safe_load(spec_path.read_text())
     base = yaml.safe_load((spec_path.parent / spec["base"]).read_text())
     answer = spec["base_overrides"].get("ppo.max_answer_len", base["ppo"]["max_answer_len"])
@@ -66,6 +71,8 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
                                for c in spec.get("constraints", [])]  # fmt: skip
     if measure is None:
         spec = {k: v for k, v in spec.items() if k not in NEW_SPEC_KEYS}
+    else:
+        spec["resources"] = {**spec.get("resources", {}), "preload": preload}
         for role in ("actor", "critic"):
             base[role] = {k: v for k, v in base[role].items() if k not in NEW_ENGINE_KEYS}
     (folder / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
@@ -84,6 +91,7 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
         "checkout": _commit(tree),
         "measure": measure,
         "early_stops": early_stops,
+        "preload": preload,
         "stage_steps": stage_steps,
         "command_wall_s": wall,
         "trial_walls_s": [t.duration.total_seconds() for t in study.trials],
@@ -113,17 +121,17 @@ def main() -> None:
     parser.add_argument("--stage-steps", type=int, nargs="+", default=[40])
     parser.add_argument("--other", type=Path, help="an earlier checkout, without stage reuse")
     args = parser.parse_args()
-    modes = {label: (measure, stops, ROOT) for label, (measure, stops) in MODES.items()}
+    modes = {label: (*mode, ROOT) for label, mode in MODES.items()}
     if args.other:
-        modes[BEFORE] = (None, False, args.other)
+        modes[BEFORE] = (None, False, False, args.other)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.stage_steps:
-            for label, (measure, early_stops, tree) in modes.items():
-                folder = Path(tmp) / f"{label.replace(' ', '-').replace('+', 'and')}-{steps}"
+            for i, (label, (measure, early_stops, preload, tree)) in enumerate(modes.items()):
+                folder = Path(tmp) / f"mode{i}-{steps}"
                 folder.mkdir()
-                result = run_study(ROOT / args.spec, args.trials, measure, early_stops, steps,
-                                   folder, tree)  # fmt: skip
+                result = run_study(ROOT / args.spec, args.trials, measure, early_stops,
+                                   preload, steps, folder, tree)  # fmt: skip
                 results.append({"mode": label, **result})
 
     def wall(steps, mode):

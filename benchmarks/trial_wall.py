@@ -12,10 +12,11 @@ around the command with the trial's own figures (`time/*` metrics):
   eval      time/eval_s: held-out RM accuracy, PPO start and end evaluation
   handoff   time/handoff_s: consolidating SFT and RM weights for the next stage
   steps     the rest of time/trial_s: every SFT, RM and PPO step (warm-up included)
-Also keeps what the trial learned (QUALITY: SFT loss, RM held-out accuracy, gold reward, first
-and last), the figures README quotes for the tiny preset. Then times the imports alone, in a
-fresh process each repeat, one library after another in the order a trial needs them
-(IMPORT_STEPS): what each adds once the ones before it are loaded.
+Then runs the same trial forked from one zygote (tunelab.zygote), as a study's one-rank trials
+run, and splits it the same way. Also keeps what the trial learned (QUALITY: SFT loss, RM
+held-out accuracy, gold reward, first and last), the figures README quotes for the tiny preset.
+Then times the imports alone, in a fresh process each repeat, one library after another in the
+order a trial needs them (IMPORT_STEPS): what each adds once the ones before it are loaded.
 Writes reports/bench/trial_wall.{json,md}. Timings: run on a quiet machine.
 """
 
@@ -67,10 +68,11 @@ LEFT_OUTSIDE = [
     "- imports (table above): torch and transformers are most of them; peft adds little once "
     "transformers' modules are loaded (`python -X importtime` credits them to peft when peft "
     "comes first). Every trial is its own process (isolation: memory, CUDA state, a crash ends "
-    "one trial), so each pays them. Not built: a parent holding torch and transformers that "
-    "forks each trial. A forked child can use CUDA only if nothing in the parent has touched "
-    "it (importing DeepSpeed calls `torch.cuda.is_available()`, which starts the CUDA "
-    "runtime); without a GPU here that cannot be checked, and the GPU path has not run yet.",
+    "one trial). A study's one-rank trials fork from a zygote that imported torch, "
+    "transformers and peft once, and DeepSpeed with its Muon module where no GPU is visible "
+    "(DeepSpeed's import starts the CUDA runtime, after which a forked child cannot use CUDA; "
+    "a child that finds the driver loaded starts a fresh process instead). Multi-rank trials "
+    "start fresh through torchrun or the DeepSpeed launcher.",
     "- setup and the first step of each stage: DeepSpeed imports its Muon optimizer in every "
     "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
     "TorchInductor (`deepspeed muon` in the table above, once per process); cutting it "
@@ -90,6 +92,30 @@ def split(wall: float, metrics: dict[str, float]) -> dict[str, float]:
     }
 
 
+def forked_runs(config_path: str, repeats: int) -> tuple[float, list[dict[str, float]]]:
+    """`repeats` trials forked from one zygote as a study's worker runs them (launch_trial with
+    a ZygotePool), after one that waits for the zygote's imports: (that wait, the runs)."""
+    from tunelab.config import load_config
+    from tunelab.launcher import launch_trial
+    from tunelab.zygote import ZygotePool
+
+    config = load_config(ROOT / config_path)
+    pool = ZygotePool()
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            for index in range(repeats + 1):
+                outcome = launch_trial(config, Path(folder) / str(index), zygotes=pool)
+                if outcome.status != "ok":
+                    raise SystemExit(f"forked trial: {outcome.status} {outcome.reason}")
+                metrics = outcome.metrics
+                runs.append({"wall": outcome.wall_s, **split(outcome.wall_s, metrics),
+                             **{name: metrics[name] for name in QUALITY}})  # fmt: skip
+    finally:
+        pool.close()
+    return runs[0]["start"], runs[1:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -106,6 +132,9 @@ def main() -> None:
             runs.append({"wall": wall, **split(wall, metrics),
                          **{name: metrics[name] for name in QUALITY}})  # fmt: skip
     median = {key: statistics.median(r[key] for r in runs) for key in ("wall", *PARTS, *QUALITY)}
+    zygote_start, forked = forked_runs(args.config, args.repeats)
+    forked_median = {key: statistics.median(r[key] for r in forked)
+                     for key in ("wall", *PARTS, *QUALITY)}  # fmt: skip
     timer = f"STEPS = {IMPORT_STEPS!r}" + IMPORT_TIMER
     imports = [json.loads(subprocess.run([sys.executable, "-c", timer], cwd=ROOT, check=True,
                                          capture_output=True, text=True).stdout.splitlines()[-1])
@@ -117,6 +146,9 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()}",
         "runs": runs,
         "median_s": median,
+        "forked_runs": forked,
+        "forked_median_s": forked_median,
+        "zygote_first_start_s": zygote_start,
         "import_steps": IMPORT_STEPS,
         "import_s": imports,
         "import_median_s": import_median,
@@ -132,12 +164,29 @@ def main() -> None:
         label = "median" if i == len(runs) else str(i)
         lines.append(f"| {label} | " + " | ".join(f"{r[k]:.2f}" for k in ("wall", *PARTS)) + " |")
     share = 1 - median["steps"] / median["wall"]
+    forked_share = 1 - forked_median["steps"] / forked_median["wall"]
     lines += ["", f"Outside the stages' steps: {share:.0%} of the median wall. "
               "Parts as in the module docstring of benchmarks/trial_wall.py.", "",
+              f"Forked from one zygote (tunelab.zygote), as a study's one-rank trials run: "
+              f"{args.repeats} trials after a first one, whose start also waited "
+              f"{zygote_start:.2f} s for the zygote's imports (once per worker and trial "
+              "environment). Parts as above; `start` is the fork and `imports` the child's "
+              "set-up before the trial (mapping the zygote's library pages, tunelab.pipeline's "
+              "main).", "",
+              "| run | wall (s) | " + " | ".join(f"{p} (s)" for p in PARTS) + " |",
+              "|---" * (len(PARTS) + 2) + "|",
+              *(f"| {'median' if i == len(forked) else i} | "
+                + " | ".join(f"{r[k]:.2f}" for k in ("wall", *PARTS)) + " |"
+                for i, r in enumerate([*forked, forked_median])),
+              "", f"Outside the stages' steps, forked: {forked_share:.0%} of the median wall; "
+              f"the median wall is {forked_median['wall'] / median['wall']:.2f}x the fresh "
+              "process's.", "",
               "What each run learned (the same seed: runs differ only by nondeterminism):", "",
               "| run | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 1) + "|",
               *(f"| {i} | " + " | ".join(f"{r[k]:.3g}" for k in QUALITY) + " |"
                 for i, r in enumerate(runs)),
+              *(f"| forked {i} | " + " | ".join(f"{r[k]:.3g}" for k in QUALITY) + " |"
+                for i, r in enumerate(forked)),
               "",
               "Imports alone, one after another (each after the ones above it), median of "
               f"{args.repeats} fresh processes:", "", "| import | adds (s) | statement |",

@@ -401,18 +401,24 @@ def _cmd_reproduce(args) -> int:
     from tunelab.export import read_export, reproduce_table, reproduce_text, rerun_seeds
     from tunelab.launcher import launch_trial
     from tunelab.records import Status
+    from tunelab.zygote import ZygotePool
 
     config, figures = read_export(args.export_dir)
     out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
     _build_ops_for(config, out)
     seeds = rerun_seeds(config.seed, args.repeats)
     runs = []
-    for repeat, seed in enumerate(seeds):
-        rerun = replace(config, seed=seed)
-        outcome = launch_trial(rerun, out / f"repeat{repeat}", timeout_s=args.timeout)
-        print(f"repeat {repeat} (seed {seed}): {outcome.status} {outcome.reason}".rstrip(),
-              file=sys.stderr)  # fmt: skip
-        runs.append(outcome.metrics if outcome.status == Status.OK else {})
+    zygotes = ZygotePool()  # as a study's trials: one-rank reruns fork from one
+    try:
+        for repeat, seed in enumerate(seeds):
+            rerun = replace(config, seed=seed)
+            outcome = launch_trial(rerun, out / f"repeat{repeat}", timeout_s=args.timeout,
+                                   zygotes=zygotes)  # fmt: skip
+            print(f"repeat {repeat} (seed {seed}): {outcome.status} {outcome.reason}".rstrip(),
+                  file=sys.stderr)  # fmt: skip
+            runs.append(outcome.metrics if outcome.status == Status.OK else {})
+    finally:
+        zygotes.close()
     print(f"study {figures['study']}, trial {figures['trial']}, {args.repeats} repeats, seeds "
           f"{', '.join(map(str, seeds))} (the trial's, then one more per repeat, as the study's "
           "confirmation runs):")  # fmt: skip

@@ -26,6 +26,7 @@ import psutil
 from tunelab.config import TrialConfig
 from tunelab.devices import trial_cuda_env
 from tunelab.records import Status
+from tunelab.zygote import ForkedTrial, ZygotePool, alive
 
 Launcher = Literal["torchrun", "deepspeed"]
 
@@ -86,13 +87,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pipeline_args(out_dir: Path) -> list[str]:
+    return ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
+
+
 def trial_argv(
     config: TrialConfig, out_dir: Path, launcher: Launcher = "torchrun", gpus=None
 ) -> list[str]:
     """The command that runs one trial: the pipeline module directly, or through a launcher.
     `gpus` (indices) is the worker's slice; torchrun sees it through CUDA_VISIBLE_DEVICES, the
     DeepSpeed launcher (which sets that variable itself) through --include."""
-    entry = ["--config", str(out_dir / "trial.json"), "--out", str(out_dir)]
+    entry = pipeline_args(out_dir)
     if config.ranks == 1:
         return [sys.executable, "-m", "tunelab.pipeline", *entry]
     if launcher == "deepspeed":
@@ -112,14 +117,7 @@ def trial_argv(
     ]  # fmt: skip
 
 
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+def kill_process_tree(process: subprocess.Popen | ForkedTrial, grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL, the trial's process group and every descendant (a launcher may
     start workers in sessions of their own); returns once they are gone."""
     try:
@@ -137,9 +135,9 @@ def kill_process_tree(process: subprocess.Popen, grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             continue
         deadline = time.monotonic() + grace_s
-        while any(map(_alive, descendants)) and time.monotonic() < deadline:
+        while any(map(alive, descendants)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not any(map(_alive, descendants)):
+        if not any(map(alive, descendants)):
             return
     process.wait()
 
@@ -317,6 +315,7 @@ def launch_trial(
     poll_s: float = 0.2,
     stage_plan: dict | None = None,
     concurrent: int = 1,
+    zygotes: ZygotePool | None = None,
 ) -> TrialOutcome:
     """Run one trial in its own process group and wait for it.
 
@@ -326,6 +325,7 @@ def launch_trial(
     `on_progress` sees each progress record; returning True stops the trial (status `pruned`).
     Past `timeout_s` the whole group is killed (status `timeout`); so is it when `stop` is set
     (status `interrupted`). `on_start` gets the process group id.
+    `zygotes`: a one-rank trial is forked from one of them (tunelab.zygote) when it can be.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "progress.jsonl", STAGE_PLAN,
@@ -347,9 +347,15 @@ def launch_trial(
     with contextlib.closing(oom), (out_dir / "trial.log").open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
-        )
+        process: subprocess.Popen | ForkedTrial | None = None
+        if zygotes is not None and config.ranks == 1:
+            process = zygotes.start(pipeline_args(out_dir), child_env, out_dir / "trial.log", stop)
+        if process is None:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
+            )
+        else:  # the kernel may pick the zygote, the larger process, for the trial's memory
+            oom.pids.add(process.zygote.process.pid)
         if on_start is not None:
             on_start(process.pid)
         try:

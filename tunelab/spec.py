@@ -268,6 +268,8 @@ class Resources:
     launcher: LauncherType = "torchrun"
     trial_timeout_s: float = 1800.0
     gpus_per_trial: int | None = None  # None: the base config's ranks on a GPU node, 0 on CPU
+    # One-rank trials fork from a process that has imported torch & co. (tunelab.zygote).
+    preload: bool = True
 
     def __post_init__(self) -> None:
         enforce(self)

@@ -85,6 +85,7 @@ from tunelab.storage import (
     storage_lock,
     with_retries,
 )
+from tunelab.zygote import ZygotePool
 
 BASE_ATTR = "tunelab:base"
 HASH_ATTR = "tunelab:search_hash"
@@ -587,6 +588,7 @@ class Orchestrator:
         self.errors: list[BaseException] = []
         self.out_of_time = False  # budget.minutes ran out before budget.trials
         self.grid_done = False  # every point of a grid sampler's grid was run
+        self.zygotes = ZygotePool() if self.spec.resources.preload else None
 
     # storage, under the lock, with retries
 
@@ -762,7 +764,7 @@ class Orchestrator:
                 launcher=self.spec.resources.launcher, gpus=gpus,
                 on_progress=lambda record: not repeat and pruning.should_stop(record),
                 on_start=remember_group, stop=self.stop, stage_plan=plan,
-                concurrent=len(self.slots),
+                concurrent=len(self.slots), zygotes=self.zygotes,
             )  # fmt: skip
         except OSError as exc:  # the trial folder cannot be written: no trial can run here
             self._finish(trial, Status.INTERRUPTED, f"cannot write {out} ({first_line(exc)})")
@@ -861,6 +863,9 @@ class Orchestrator:
             self.stop.set()
             for done in finished:
                 done.wait()
+        finally:
+            if self.zygotes is not None:
+                self.zygotes.close()
         self.stop.set()
         if self.errors:
             raise self.errors[0]

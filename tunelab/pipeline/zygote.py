@@ -1,0 +1,186 @@
+"""A process that imports what every trial imports once, then forks one trial at a time.
+
+`python -m tunelab.pipeline.zygote`, started by tunelab.zygote with the environment a trial
+gets. A tiny trial spends about 3.7 s of its 10 s importing torch, transformers, peft and
+DeepSpeed (reports/bench/trial_wall.md); a forked child starts with them loaded. The child is
+still a process of its own (own session, memory and exit status), as isolated as a fresh one.
+
+Three things make a fork equal to a fresh start:
+- CUDA. A child can use CUDA only if its parent never started the driver. DeepSpeed's import
+  asks `torch.cuda.is_available()`, which starts it, so DeepSpeed is preloaded only where no
+  NVIDIA device file exists. Whatever the imports did, a child that finds the driver library
+  mapped (`cuda_driver_mapped`) replaces itself by a fresh trial process (exec), which is
+  exactly the path without a zygote.
+- Host memory. A fresh process counts the library pages its imports touched in its resident
+  set; a forked child would not, until it touches them again, so its `mem/peak_host_rss_bytes`
+  would read lower. The child maps the pages resident in the zygote before the trial starts
+  (`resident_file_runs`, `touch_pages`); heap pages are inherited and counted already.
+- State. Nothing runs in the zygote but the imports: no torch op (no thread pool, no RNG use),
+  no logging set-up, and the garbage collector stays off as in tunelab.pipeline's entry point.
+
+Protocol (JSON lines): the zygote writes {"ready": [modules]} once; each request on stdin,
+{"args": [...], "log": path}, gets {"pid": N} once the child runs in its own session, then
+{"exit": code} (negative: killed by that signal) when it ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+PRELOAD = ("torch", "transformers.models.opt.modeling_opt", "transformers.generation", "peft")
+# Imported by every trial's first ZeRO or bf16 optimizer (0.76 s, trial_wall.md); DeepSpeed's
+# import probes CUDA, so these only where no GPU can be seen.
+PRELOAD_WITHOUT_GPU = ("deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PR_SET_PDEATHSIG = 1
+_PRESENT = 1 << 63  # /proc/PID/pagemap: the page is in this process's page table
+
+
+def preload_modules(gpu_visible: bool) -> tuple[str, ...]:
+    return PRELOAD if gpu_visible else PRELOAD + PRELOAD_WITHOUT_GPU
+
+
+def cuda_driver_mapped(maps_text: str) -> bool:
+    """Whether the CUDA driver library is loaded (/proc/self/maps): the runtime loads it when
+    it starts, and a forked child of a process that did so cannot use CUDA."""
+    return any("libcuda.so" in line for line in maps_text.splitlines())
+
+
+def file_mappings(maps_text: str) -> list[tuple[int, int]]:
+    """(start, end) of the readable mappings of files (/proc/self/maps); devices and the
+    kernel's pseudo-files ([vdso], [heap], ...) left out."""
+    spans = []
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].startswith("/dev/"):
+            continue
+        if not fields[1].startswith("r"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        spans.append((start, end))
+    return spans
+
+
+def present_runs(start: int, entries: bytes) -> list[tuple[int, int]]:
+    """(address, pages) runs of present pages among the 8-byte pagemap entries from `start`."""
+    runs: list[tuple[int, int]] = []
+    count = len(entries) // 8
+    for index, entry in enumerate(memoryview(entries).cast("Q")[:count]):
+        if not entry & _PRESENT:
+            continue
+        address = start + index * _PAGE
+        if runs and runs[-1][0] + runs[-1][1] * _PAGE == address:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((address, 1))
+    return runs
+
+
+def resident_file_runs() -> list[tuple[int, int]]:
+    """Runs of this process's file-backed pages that are in its page table now."""
+    runs: list[tuple[int, int]] = []
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for start, end in file_mappings(Path("/proc/self/maps").read_text()):
+            pagemap.seek(start // _PAGE * 8)
+            runs += present_runs(start, pagemap.read((end - start) // _PAGE * 8))
+    return runs
+
+
+def touch_pages(runs: list[tuple[int, int]]) -> None:
+    """Read one byte of every page in `runs`, which maps it into this process (a minor fault:
+    the page is in the page cache already)."""
+    for address, pages in runs:
+        for page in range(pages):
+            ctypes.c_char.from_address(address + page * _PAGE).value  # noqa: B018
+
+
+def _child(request: dict, preloaded: tuple[str, ...], runs, started: float) -> int:
+    """In the forked child: become the trial process. Returns only its exit code."""
+    fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)  # also over the zygote's request and reply pipes
+    os.dup2(fd, 2)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    args = request["args"]
+    if cuda_driver_mapped(Path("/proc/self/maps").read_text()):
+        print("tunelab zygote: the CUDA driver is loaded here; starting a fresh process",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os.execv(sys.executable, [sys.executable, "-m", "tunelab.pipeline", *args])
+    touch_pages(runs)
+    print(f"tunelab zygote: forked from pid {os.getppid()}, {', '.join(preloaded)} imported "
+          "there", file=sys.stderr, flush=True)  # fmt: skip
+    from tunelab.pipeline.run import main
+
+    sys.argv = ["tunelab.pipeline", *args]
+    try:
+        return main(args, process_started=started)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _fork(request: dict, preloaded: tuple[str, ...], replies: int) -> None:
+    runs = resident_file_runs()
+    session_read, session_write = os.pipe()
+    started = time.time()
+    pid = os.fork()
+    if pid == 0:
+        os.close(session_read)
+        os.close(replies)
+        # Ends with the zygote: the orchestrator, which reads its exit status from the
+        # zygote, then knows it is gone.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()  # its own process group: the launcher ends a trial with killpg
+        os.close(session_write)  # the zygote waits for this: no kill can come before setsid
+        code = 1
+        try:
+            code = _child(request, preloaded, runs, started)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            import atexit
+
+            atexit._run_exitfuncs()  # what a fresh process runs at exit
+            os._exit(code)
+    os.close(session_write)
+    os.read(session_read, 1)  # EOF once the child has its own session
+    os.close(session_read)
+    _reply(replies, {"pid": pid})
+    _, status = os.waitpid(pid, 0)
+    _reply(replies, {"exit": os.waitstatus_to_exitcode(status)})
+
+
+def _reply(replies: int, message: dict) -> None:
+    os.write(replies, (json.dumps(message) + "\n").encode())
+
+
+def main() -> None:
+    replies = os.dup(1)
+    os.dup2(2, 1)  # what the imports print must not reach the protocol
+    gc.disable()  # as tunelab.pipeline's entry point: the child freezes and re-enables it
+    from tunelab.devices import cuda_device_files
+
+    preloaded = preload_modules(gpu_visible=cuda_device_files())
+    for module in preloaded:
+        __import__(module)
+    _reply(replies, {"ready": list(preloaded)})
+    for line in sys.stdin:  # ends when the orchestrator closes it (or is gone)
+        if line.strip():
+            _fork(json.loads(line), preloaded, replies)
+
+
+if __name__ == "__main__":
+    main()
