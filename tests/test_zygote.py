@@ -15,7 +15,7 @@ import threading
 import psutil
 import pytest
 
-from tunelab.launcher import launch_trial
+from tunelab.launcher import launch_trial, trial_env
 from tunelab.pipeline.zygote import (
     PRELOAD,
     PRELOAD_WITHOUT_GPU,
@@ -24,7 +24,7 @@ from tunelab.pipeline.zygote import (
     present_runs,
 )
 from tunelab.records import Status
-from tunelab.zygote import ZygotePool
+from tunelab.zygote import ZygotePool, ZygoteUnavailable
 
 from .conftest import ROOT
 
@@ -108,17 +108,27 @@ def short_config():
     return load_config(TINY, SHORT)
 
 
+def _zygotes_running() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "tunelab.pipeline.zygote" in child.cmdline():
+                found.append(child)
+    return found
+
+
 def test_forked_trials_learn_measure_stop_and_die_as_fresh_ones(short_config, tmp_path):
     """One story, as pytest gives each test an environment of its own (PYTEST_CURRENT_TEST)
     and a zygote serves one trial environment."""
     fresh = launch_trial(short_config, tmp_path / "fresh")
-    assert fresh.status == Status.OK and "tunelab zygote" not in _log(fresh)
-    pool = ZygotePool()
+    assert fresh.status == Status.OK and fresh.metrics["trial/forked"] == 0
+    pool = ZygotePool(tmp_path / "zygotes.log")
     try:
         forked = [launch_trial(short_config, tmp_path / f"forked{i}", zygotes=pool)
                   for i in range(2)]  # fmt: skip
         for outcome in forked:
             assert outcome.status == Status.OK, _log(outcome)[-2000:]
+            assert outcome.metrics["trial/forked"] == 1
             for name in LEARNED:  # the same seed and threads: the same numbers
                 assert outcome.metrics[name] == pytest.approx(fresh.metrics[name], rel=1e-6)
             # The libraries' pages count as in a fresh process (within 2%).
@@ -129,43 +139,60 @@ def test_forked_trials_learn_measure_stop_and_die_as_fresh_ones(short_config, tm
         imported = _log(forked[0])
         assert all(module in imported for module in PRELOAD + PRELOAD_WITHOUT_GPU)  # no GPU
 
-        started: list[int] = []
+        groups: list[tuple[int, int, int]] = []  # (pid, its session, its parent)
+
+        def remember(pid: int) -> None:
+            groups.append((pid, os.getsid(pid), psutil.Process(pid).ppid()))
+
         slow = launch_trial(short_config, tmp_path / "slow", zygotes=pool, timeout_s=1.0,
-                            on_start=started.append)  # fmt: skip
-        assert slow.status == Status.TIMEOUT
-        assert not psutil.pid_exists(started[0])  # its process group is gone, reaped
-        assert _zygote_pid(slow) == zygote  # which serves on
+                            on_start=remember)  # fmt: skip
+        assert slow.status == Status.TIMEOUT and slow.returncode == -signal.SIGTERM
+        pid, session, parent = groups[-1]
+        assert session == pid and parent == zygote  # its own session, forked by the zygote
+        assert not psutil.pid_exists(pid)  # gone and reaped
 
         def kill_zygote(pid: int) -> None:
-            started.append(pid)
-            threading.Timer(0.5, os.kill, (psutil.Process(pid).ppid(), signal.SIGKILL)).start()
+            remember(pid)
+            threading.Timer(0.5, os.kill, (groups[-1][2], signal.SIGKILL)).start()
 
         orphan = launch_trial(short_config, tmp_path / "orphan", zygotes=pool,
                               on_start=kill_zygote)  # fmt: skip
         assert orphan.status == Status.KILLED  # SIGKILL from outside, as the zygote's death is
+        assert groups[-1][2] == zygote
         with contextlib.suppress(psutil.NoSuchProcess):  # a zombie at most (this VM's init)
-            assert psutil.Process(started[-1]).status() == psutil.STATUS_ZOMBIE
+            assert psutil.Process(groups[-1][0]).status() == psutil.STATUS_ZOMBIE
         after = launch_trial(short_config, tmp_path / "after", zygotes=pool)
-        assert after.status == Status.OK
-        assert _zygote_pid(after) not in (zygote, psutil.Process().pid)  # a new zygote
+        assert after.status == Status.OK and after.metrics["trial/forked"] == 1
+        assert _zygote_pid(after) != zygote  # a new zygote
+        assert len(_zygotes_running()) == 1
     finally:
         pool.close()
+    assert not _zygotes_running()
 
 
-def test_a_zygote_with_the_cuda_driver_loaded_starts_each_trial_fresh(
+def test_a_zygote_whose_imports_load_the_cuda_driver_serves_no_trial(
     short_config, tmp_path, monkeypatch
 ):
     """A library named libcuda.so.1, preloaded by the dynamic loader into the zygote, stands
-    in for a CUDA runtime the imports started: the child must not run the trial itself."""
+    in for a CUDA driver its imports loaded: its trials start fresh, and the next one of that
+    environment does not try again."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a stand-in libcuda.so.1")
+    (tmp_path / "empty.c").write_text("int tunelab_stand_in;\n")
     fake = tmp_path / "libcuda.so.1"
-    shutil.copy("/lib/x86_64-linux-gnu/libutil.so.1", fake)
+    subprocess.run([compiler, "-shared", "-o", fake, tmp_path / "empty.c"], check=True)
     monkeypatch.setenv("LD_PRELOAD", str(fake))
     pool = ZygotePool()
     try:
         outcome = launch_trial(short_config, tmp_path / "t", zygotes=pool)
+        assert outcome.status == Status.OK, _log(outcome)[-2000:]
+        assert outcome.metrics["trial/forked"] == 0
+        reason = "the imports loaded the CUDA driver, so a forked child could not use CUDA"
+        assert f"tunelab: no zygote ({reason}); a fresh process runs the trial" in _log(outcome)
+        assert not _zygotes_running()
+        with pytest.raises(ZygoteUnavailable, match="loaded the CUDA driver"):
+            pool.start(["--config", "x"], trial_env(ranks=1), tmp_path / "x.log")
+        assert not _zygotes_running()  # none started for it
     finally:
         pool.close()
-    assert outcome.status == Status.OK, _log(outcome)[-2000:]
-    log = _log(outcome)
-    assert "the CUDA driver is loaded here; starting a fresh process" in log
-    assert "tunelab zygote: forked" not in log

@@ -408,7 +408,7 @@ def _cmd_reproduce(args) -> int:
     _build_ops_for(config, out)
     seeds = rerun_seeds(config.seed, args.repeats)
     runs = []
-    zygotes = ZygotePool()  # as a study's trials: one-rank reruns fork from one
+    zygotes = ZygotePool(out / "zygotes.log", limit=1)  # one-rank reruns fork, as in a study
     try:
         for repeat, seed in enumerate(seeds):
             rerun = replace(config, seed=seed)

@@ -26,7 +26,7 @@ import psutil
 from tunelab.config import TrialConfig
 from tunelab.devices import trial_cuda_env
 from tunelab.records import Status
-from tunelab.zygote import ForkedTrial, ZygotePool, alive
+from tunelab.zygote import ForkedTrial, ZygotePool, ZygoteUnavailable, alive
 
 Launcher = Literal["torchrun", "deepspeed"]
 
@@ -302,6 +302,16 @@ class ProgressReader:
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+def trial_env(ranks: int, gpus: list[int] | None = None, concurrent: int = 1) -> dict[str, str]:
+    """The environment of a trial's processes (see launch_trial)."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    env.update(TRIAL_ENV, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(cpu_threads(ranks, concurrent)))
+    env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
+    env.update(trial_cuda_env(gpus))
+    return env
+
+
 def launch_trial(
     config: TrialConfig,
     out_dir: Path,
@@ -335,11 +345,7 @@ def launch_trial(
     if stage_plan:
         (out_dir / STAGE_PLAN).write_text(json.dumps(stage_plan, indent=1))
     argv = trial_argv(config, out_dir, launcher, gpus)
-    child_env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    child_env.update(TRIAL_ENV, PYTHONUNBUFFERED="1")
-    child_env.setdefault("OMP_NUM_THREADS", str(cpu_threads(config.ranks, concurrent)))
-    child_env[WATCH_ENV] = f"{os.getpid()}:{psutil.Process().create_time():.2f}"
-    child_env.update(trial_cuda_env(gpus))
+    child_env = trial_env(config.ranks, gpus, concurrent)
     progress = ProgressReader(out_dir / "progress.jsonl")
     oom = OomWatch()
     started = time.monotonic()
@@ -349,12 +355,17 @@ def launch_trial(
         log.flush()
         process: subprocess.Popen | ForkedTrial | None = None
         if zygotes is not None and config.ranks == 1:
-            process = zygotes.start(pipeline_args(out_dir), child_env, out_dir / "trial.log", stop)
+            try:
+                process = zygotes.start(pipeline_args(out_dir), child_env, out_dir / "trial.log",
+                                        stop)  # fmt: skip
+            except ZygoteUnavailable as exc:
+                log.write(f"tunelab: no zygote ({exc}); a fresh process runs the trial\n".encode())
+                log.flush()
         if process is None:
             process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
             )
-        else:  # the kernel may pick the zygote, the larger process, for the trial's memory
+        else:  # the kernel's OOM killer may pick the zygote for the trial's memory
             oom.pids.add(process.zygote.process.pid)
         if on_start is not None:
             on_start(process.pid)

@@ -43,7 +43,7 @@ PATTERNS = tuple(
         r"gpu/(name|memory_total_bytes|nvml_used_peak_bytes|util_mean_pct|power_mean_w)",
         rf"model/({_ENGINES})/(parameters|trainable_parameters)",
         r"gpu/nvml_status",  # "on (<uuid>)" or "off: <why>" on a GPU
-        r"trial/(ranks|cpu_threads)",
+        r"trial/(ranks|cpu_threads|forked)",  # forked: 1 when from a zygote (tunelab.zygote)
     )
 )
 

@@ -588,7 +588,8 @@ class Orchestrator:
         self.errors: list[BaseException] = []
         self.out_of_time = False  # budget.minutes ran out before budget.trials
         self.grid_done = False  # every point of a grid sampler's grid was run
-        self.zygotes = ZygotePool() if self.spec.resources.preload else None
+        self.zygotes = (ZygotePool(self.out_dir / "zygotes.log", limit=len(self.slots))
+                        if self.spec.resources.preload else None)  # fmt: skip
 
     # storage, under the lock, with retries
 

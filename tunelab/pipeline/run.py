@@ -209,12 +209,14 @@ def run_trial(
     out_dir: str | Path | None = None,
     process_started: float | None = None,
     plan: dict | None = None,
+    forked: bool = False,
 ) -> dict:
     """Run one trial in this process (one rank of it); returns the result rank 0 writes.
 
     Failures become a status and a one-line reason (the traceback goes to the log).
     `process_started` (epoch seconds) adds the process's wall time since then, imports included;
-    `plan` is the stage-cache plan (the launcher's DIR/stages.json).
+    `plan` is the stage-cache plan (the launcher's DIR/stages.json); `forked`: this process was
+    forked from a zygote (tunelab.pipeline.zygote), its imports done there before it started.
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -255,6 +257,7 @@ def run_trial(
     result["metrics"]["time/trial_s"] = time.perf_counter() - started
     result["metrics"]["trial/ranks"] = config.ranks
     result["metrics"]["trial/cpu_threads"] = torch.get_num_threads()  # per rank
+    result["metrics"]["trial/forked"] = int(forked)
     if process_started is not None:
         result["metrics"]["time/process_s"] = time.time() - process_started
     for key in {k for info in ranks for k in info if k.startswith("mem/")}:
@@ -299,8 +302,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def main(argv: list[str] | None = None, process_started: float | None = None) -> int:
-    """`process_started`: epoch seconds at the entry point's first line (time/process_s)."""
+def main(argv: list[str] | None = None, process_started: float | None = None,
+         forked: bool = False) -> int:  # fmt: skip
+    """`process_started`: epoch seconds at the entry point's first line, or at the fork
+    (time/process_s); `forked`: from a zygote (trial/forked)."""
     parser = argparse.ArgumentParser(prog="tunelab.pipeline")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None, process_started: float | None = None) ->
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     remember_cpu_info()
     freeze_imported_objects()
-    result = run_trial(config, args.out, process_started, plan)
+    result = run_trial(config, args.out, process_started, plan, forked)
     if result["status"] == Status.OK and dist.is_initialized():
         # Every rank got through, so none waits in a collective: leave the group before exit
         # (NCCL warns, and may hang at exit, when it is left open).

@@ -1,7 +1,7 @@
 """Measurement inside the trial process: phase timers, per-stage memory peaks, NVML sampling.
 
 Host memory: a sampler thread reads this process's resident set (/proc/self/statm) every few
-milliseconds and keeps the peak per stage; ru_maxrss gives the exact lifetime peak. Device
+milliseconds and keeps the peak per stage; VmHWM gives the exact lifetime peak. Device
 memory: torch.cuda peak allocated/reserved, reset at each stage entry. NVML (device memory used,
 the part of it outside PyTorch's allocator, utilisation, power) on a GPU; when NVML cannot be
 used, `gpu/nvml_status` says why (and the log).
@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import threading
 import time
 from collections import defaultdict
@@ -32,6 +31,18 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * _PAGE
+
+
+def peak_rss_bytes(status_text: str | None = None) -> int:
+    """This process's peak resident set over its life (VmHWM), imports included. Not
+    ru_maxrss: Linux carries the parent's peak into it across vfork and exec, which is how
+    subprocess starts a trial, so a trial started by a larger process (pytest that has run
+    models, a busy orchestrator) would read that process's peak."""
+    if status_text is None:
+        with open("/proc/self/status") as handle:
+            status_text = handle.read()
+    line = next(x for x in status_text.splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 class PhaseTimer:
@@ -209,9 +220,7 @@ class MemoryTracker:
     def peaks(self) -> dict[str, int]:
         """This rank's overall peaks up to now (`mem/peak_*_bytes`; device ones as of the last
         stage block left). They only grow: the final metrics are the last reading."""
-        # ru_maxrss is in KiB on Linux and covers the whole process life, imports included.
-        result = {"mem/peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  * 1024}  # fmt: skip
+        result = {"mem/peak_host_rss_bytes": peak_rss_bytes()}
         if self.device_allocated:
             result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
             result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())

@@ -5,22 +5,27 @@ gets. A tiny trial spends about 3.7 s of its 10 s importing torch, transformers,
 DeepSpeed (reports/bench/trial_wall.md); a forked child starts with them loaded. The child is
 still a process of its own (own session, memory and exit status), as isolated as a fresh one.
 
-Three things make a fork equal to a fresh start:
+What makes a fork equal to a fresh start:
 - CUDA. A child can use CUDA only if its parent never started the driver. DeepSpeed's import
   asks `torch.cuda.is_available()`, which starts it, so DeepSpeed is preloaded only where no
-  NVIDIA device file exists. Whatever the imports did, a child that finds the driver library
-  mapped (`cuda_driver_mapped`) replaces itself by a fresh trial process (exec), which is
-  exactly the path without a zygote.
+  NVIDIA device file exists. A zygote that finds the driver library mapped after its imports
+  (`cuda_driver_mapped`) says so instead of serving, and its trials start fresh.
 - Host memory. A fresh process counts the library pages its imports touched in its resident
   set; a forked child would not, until it touches them again, so its `mem/peak_host_rss_bytes`
   would read lower. The child maps the pages resident in the zygote before the trial starts
   (`resident_file_runs`, `touch_pages`); heap pages are inherited and counted already.
-- State. Nothing runs in the zygote but the imports: no torch op (no thread pool, no RNG use),
-  no logging set-up, and the garbage collector stays off as in tunelab.pipeline's entry point.
+- State. Nothing runs in the zygote but the imports: no torch op (no thread pool, no use of
+  torch's generator), no logging set-up, and the garbage collector stays off as in
+  tunelab.pipeline's entry point. Python reseeds `random` at a fork and the child reseeds
+  numpy's global generator, as a fresh process draws both from the OS. Children share the
+  zygote's string-hash seed (PYTHONHASHSEED), which only orders sets of strings.
+- Exit. The child leaves as an interpreter does (SystemExit through the whole stack: threads
+  joined, atexit handlers run, streams flushed), never back into the zygote's loop.
 
-Protocol (JSON lines): the zygote writes {"ready": [modules]} once; each request on stdin,
-{"args": [...], "log": path}, gets {"pid": N} once the child runs in its own session, then
-{"exit": code} (negative: killed by that signal) when it ends.
+Protocol (JSON lines): the zygote writes {"ready": [modules], "unusable": reason or null} once
+(and ends when unusable); each request on stdin, {"args": [...], "log": path}, gets
+{"pid": N} once the child runs in its own session, then {"exit": code} (negative: killed by
+that signal) when it ends.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import os
 import signal
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 PRELOAD = ("torch", "transformers.models.opt.modeling_opt", "transformers.generation", "peft")
@@ -54,12 +61,14 @@ def cuda_driver_mapped(maps_text: str) -> bool:
 
 
 def file_mappings(maps_text: str) -> list[tuple[int, int]]:
-    """(start, end) of the readable mappings of files (/proc/self/maps); devices and the
-    kernel's pseudo-files ([vdso], [heap], ...) left out."""
+    """(start, end) of the readable mappings of files (/proc/self/maps); devices, /proc, /sys
+    and the kernel's pseudo-files ([vdso], [heap], ...) left out."""
     spans = []
     for line in maps_text.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].startswith("/dev/"):
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        if fields[5].startswith(("/dev/", "/proc/", "/sys/")):
             continue
         if not fields[1].startswith("r"):
             continue
@@ -102,69 +111,74 @@ def touch_pages(runs: list[tuple[int, int]]) -> None:
 
 
 def _child(request: dict, preloaded: tuple[str, ...], runs, started: float) -> int:
-    """In the forked child: become the trial process. Returns only its exit code."""
+    """In the forked child: become the trial process; returns its exit code."""
     fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)  # also over the zygote's request and reply pipes
+    os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
+    os.dup2(null, 0)  # the zygote's requests
     os.close(null)
-    args = request["args"]
-    if cuda_driver_mapped(Path("/proc/self/maps").read_text()):
-        print("tunelab zygote: the CUDA driver is loaded here; starting a fresh process",
-              file=sys.stderr, flush=True)  # fmt: skip
-        os.execv(sys.executable, [sys.executable, "-m", "tunelab.pipeline", *args])
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     touch_pages(runs)
     print(f"tunelab zygote: forked from pid {os.getppid()}, {', '.join(preloaded)} imported "
           "there", file=sys.stderr, flush=True)  # fmt: skip
     from tunelab.pipeline.run import main
 
-    sys.argv = ["tunelab.pipeline", *args]
+    sys.argv = ["tunelab.pipeline", *request["args"]]
     try:
-        return main(args, process_started=started)
+        return main(request["args"], process_started=started, forked=True)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
         return 1
 
 
-def _fork(request: dict, preloaded: tuple[str, ...], replies: int) -> None:
-    runs = resident_file_runs()
+def _fork(request: dict, served: Served) -> None:
     session_read, session_write = os.pipe()
     started = time.time()
+    zygote = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os.close(session_read)
-        os.close(replies)
-        # Ends with the zygote: the orchestrator, which reads its exit status from the
-        # zygote, then knows it is gone.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.setsid()  # its own process group: the launcher ends a trial with killpg
-        os.close(session_write)  # the zygote waits for this: no kill can come before setsid
         code = 1
         try:
-            code = _child(request, preloaded, runs, started)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            import atexit
-
-            atexit._run_exitfuncs()  # what a fresh process runs at exit
-            os._exit(code)
+            os.close(session_read)
+            os.close(served.replies)
+            # Ends with the zygote: the orchestrator, which reads its exit status from the
+            # zygote, then knows it is gone.
+            served.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != zygote:  # it died before prctl
+                os._exit(1)
+            os.setsid()  # its own process group: the launcher ends a trial with killpg
+            os.close(session_write)  # the zygote waits for this: no kill before setsid
+            code = _child(request, served.preloaded, served.runs, started)
+        except BaseException:
+            traceback.print_exc()
+        # Never back into the zygote's loop: SystemExit unwinds past it to the interpreter's
+        # own exit.
+        sys.exit(code)
     os.close(session_write)
     os.read(session_read, 1)  # EOF once the child has its own session
     os.close(session_read)
-    _reply(replies, {"pid": pid})
+    _reply(served.replies, {"pid": pid})
     _, status = os.waitpid(pid, 0)
-    _reply(replies, {"exit": os.waitstatus_to_exitcode(status)})
+    _reply(served.replies, {"exit": os.waitstatus_to_exitcode(status)})
 
 
 def _reply(replies: int, message: dict) -> None:
     os.write(replies, (json.dumps(message) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class Served:
+    """What every fork needs from the zygote."""
+
+    replies: int  # the reply pipe's descriptor
+    preloaded: tuple[str, ...]
+    runs: list[tuple[int, int]]  # resident file pages after the imports
+    prctl: object  # libc's prctl, looked up before forking
 
 
 def main() -> None:
@@ -176,10 +190,21 @@ def main() -> None:
     preloaded = preload_modules(gpu_visible=cuda_device_files())
     for module in preloaded:
         __import__(module)
-    _reply(replies, {"ready": list(preloaded)})
+    unusable, runs = None, []
+    if cuda_driver_mapped(Path("/proc/self/maps").read_text()):
+        unusable = "the imports loaded the CUDA driver, so a forked child could not use CUDA"
+    else:
+        try:
+            runs = resident_file_runs()
+        except OSError as exc:
+            unusable = f"cannot read /proc/self/pagemap ({exc}) to count library pages"
+    _reply(replies, {"ready": list(preloaded), "unusable": unusable})
+    if unusable:
+        return
+    served = Served(replies, preloaded, runs, ctypes.CDLL(None, use_errno=True).prctl)
     for line in sys.stdin:  # ends when the orchestrator closes it (or is gone)
         if line.strip():
-            _fork(json.loads(line), preloaded, replies)
+            _fork(json.loads(line), served)
 
 
 if __name__ == "__main__":
