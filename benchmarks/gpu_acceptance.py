@@ -13,12 +13,12 @@ run DEVICE_COMMAND below, then copy OUT to reports/gpu/<date>/.
 Steps: the OPT-1.3b + OPT-350m trial at DeepSpeed-Chat's single-GPU settings (fp16), a bf16
 ZeRO-2 and a bf16 ZeRO-3 + optimizer offload variant, and the 3-trial studies/gpu-smoke.yaml.
 The study's one-rank trials fork from tunelab's zygote (their CUDA use in a forked child is
-checked there; a child that finds the driver loaded starts fresh, and the summary counts
-each). Then PPO's decoding loop against transformers' generate (same greedy tokens; both timed)
-and a probe of a GPU-only refusal (optimizer offload at ZeRO-0). OUT gets summary.md (PASS/FAIL
-lines: every trial ok, predicted device peak within 10% of measured per stage, MFU and NVML
-figures reported, fp16 skipped steps, the probes), results.json (every metric) and the tail of
-each trial's log.
+checked there; where the zygote's imports loaded the driver they start fresh, and the summary
+says which). Then PPO's decoding loop against transformers' generate (same greedy tokens; both
+timed) and a probe of a GPU-only refusal (optimizer offload at ZeRO-0). OUT gets summary.md
+(PASS/FAIL lines: every trial ok, predicted device peak within 10% of measured per stage, MFU
+and NVML figures reported, fp16 skipped steps, the probes), results.json (every metric) and the
+tail of each trial's log.
 """
 
 from __future__ import annotations
@@ -400,13 +400,14 @@ def run_study(results: Results, spec: Path, work: Path) -> None:
                                "stderr_tail": run.stderr[-3000:]}  # fmt: skip
     results.check(run.returncode == 0 and statuses == ["ok"] * 3,
                   f"study {spec.name}: 3 trials, statuses {statuses}")  # fmt: skip
-    # One-rank trials fork from a zygote that imported torch, transformers and peft; a child
-    # that finds the CUDA driver loaded there starts fresh instead (tunelab.pipeline.zygote).
+    # One-rank trials fork from a zygote that imported torch, transformers and peft; where its
+    # imports loaded the CUDA driver, they start fresh and their logs say why (tunelab.zygote).
     logs = [p.read_text(errors="replace") for p in sorted(folder.glob("trials/*/trial.log"))]
     forked = sum("tunelab zygote: forked" in log for log in logs)
-    fresh = sum("starting a fresh process" in log for log in logs)
-    results.lines.append(f"INFO zygote: {forked} of {len(logs)} study trials forked, {fresh} "
-                         "started fresh as the CUDA driver was loaded in the zygote")  # fmt: skip
+    why = sorted({line for log in logs for line in log.splitlines()
+                  if line.startswith("tunelab: no zygote")})  # fmt: skip
+    results.lines.append(f"INFO zygote: {forked} of {len(logs)} study trials forked; "
+                         f"{'; '.join(why) or 'none started fresh'}")  # fmt: skip
 
 
 def _keep_log_tail(log: Path, target: Path, lines: int = 200) -> None:

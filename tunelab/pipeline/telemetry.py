@@ -37,7 +37,8 @@ def peak_rss_bytes(status_text: str | None = None) -> int:
     """This process's peak resident set over its life (VmHWM), imports included. Not
     ru_maxrss: Linux carries the parent's peak into it across vfork and exec, which is how
     subprocess starts a trial, so a trial started by a larger process (pytest that has run
-    models, a busy orchestrator) would read that process's peak."""
+    models, a busy orchestrator) would read that process's peak. The kernel reads its counters
+    approximately: two readings can go down by a few pages (MemoryTracker keeps the largest)."""
     if status_text is None:
         with open("/proc/self/status") as handle:
             status_text = handle.read()
@@ -160,6 +161,9 @@ class MemoryTracker:
         self._interval = interval_s
         self._stage: str | None = None
         self.host_peak: dict[str, int] = defaultdict(int)
+        # The largest of VmHWM's readings and the sampler's: the kernel's counters are
+        # approximate, so two readings can disagree by a few pages.
+        self._lifetime_host_peak = 0
         self.device_allocated: dict[str, int] = defaultdict(int)
         self.device_reserved: dict[str, int] = defaultdict(int)
         self._nvml: _NvmlSampler | None = None
@@ -220,7 +224,9 @@ class MemoryTracker:
     def peaks(self) -> dict[str, int]:
         """This rank's overall peaks up to now (`mem/peak_*_bytes`; device ones as of the last
         stage block left). They only grow: the final metrics are the last reading."""
-        result = {"mem/peak_host_rss_bytes": peak_rss_bytes()}
+        self._lifetime_host_peak = max(self._lifetime_host_peak, peak_rss_bytes(),
+                                       *self.host_peak.values())  # fmt: skip
+        result = {"mem/peak_host_rss_bytes": self._lifetime_host_peak}
         if self.device_allocated:
             result["mem/peak_device_allocated_bytes"] = max(self.device_allocated.values())
             result["mem/peak_device_reserved_bytes"] = max(self.device_reserved.values())
