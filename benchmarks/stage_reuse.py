@@ -120,8 +120,10 @@ def main() -> None:
     parser.add_argument("--spec", default="studies/ppo-coefficients.yaml")
     parser.add_argument("--stage-steps", type=int, nargs="+", default=[40])
     parser.add_argument("--other", type=Path, help="an earlier checkout, without stage reuse")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="which of this checkout's studies to run (the first is shipped)")
     args = parser.parse_args()
-    modes = {label: (*mode, ROOT) for label, mode in MODES.items()}
+    modes = {label: (*MODES[label], ROOT) for label in args.modes}
     if args.other:
         modes[BEFORE] = (None, False, False, args.other)
     results = []
@@ -138,7 +140,7 @@ def main() -> None:
         return next(r["command_wall_s"] for r in results
                     if r["stage_steps"] == steps and r["mode"] == mode)  # fmt: skip
 
-    shipped = next(iter(MODES))
+    shipped = next(iter(modes))
     ratios = {steps: {mode: wall(steps, shipped) / wall(steps, mode)
                       for mode in modes if mode != shipped}
               for steps in args.stage_steps}  # fmt: skip
