@@ -2,7 +2,7 @@
 by side in one run.
 
     python benchmarks/stage_reuse.py [--trials 6] [--spec studies/ppo-coefficients.yaml]
-                                     [--stage-steps 40 200] [--other CHECKOUT]
+                                     [--stage-steps 40 200] [--other CHECKOUT] [--modes ...]
 
 Runs `tunelab run` on the spec as shipped (`measure: [ppo]`: SFT and RM trained once and
 reused; its pruner and constraint stop lines: early stops; one-rank trials forked from a zygote
@@ -71,10 +71,10 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
                                for c in spec.get("constraints", [])]  # fmt: skip
     if measure is None:
         spec = {k: v for k, v in spec.items() if k not in NEW_SPEC_KEYS}
-    else:
-        spec["resources"] = {**spec.get("resources", {}), "preload": preload}
         for role in ("actor", "critic"):
             base[role] = {k: v for k, v in base[role].items() if k not in NEW_ENGINE_KEYS}
+    else:
+        spec["resources"] = {**spec.get("resources", {}), "preload": preload}
     (folder / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
