@@ -1,9 +1,10 @@
 """A process that imports what every trial imports once, then forks one trial at a time.
 
 `python -m tunelab.pipeline.zygote`, started by tunelab.zygote with the environment a trial
-gets. A tiny trial spends about 3.7 s of its 10 s importing torch, transformers, peft and
-DeepSpeed (reports/bench/trial_wall.md); a forked child starts with them loaded. The child is
-still a process of its own (own session, memory and exit status), as isolated as a fresh one.
+gets. A tiny trial spends a fifth to a third of its wall time importing torch, transformers,
+peft and DeepSpeed (reports/bench/trial_wall.md); a forked child starts with them loaded. The
+child is a process of its own (own session, memory and exit status), as isolated as a fresh
+one.
 
 What makes a fork equal to a fresh start:
 - CUDA. A child can use CUDA only if its parent never started the driver. DeepSpeed's import
