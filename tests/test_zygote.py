@@ -138,6 +138,9 @@ def test_forked_trials_learn_measure_stop_and_die_as_fresh_ones(short_config, tm
         assert _zygote_pid(forked[1]) == zygote  # one zygote served both
         imported = _log(forked[0])
         assert all(module in imported for module in PRELOAD + PRELOAD_WITHOUT_GPU)  # no GPU
+        # The zygote froze its imports' objects: a child's collections leave them alone.
+        frozen = int(imported.split(" objects frozen")[0].rsplit(" ", 1)[1])
+        assert frozen > 100_000
 
         groups: list[tuple[int, int, int]] = []  # (pid, its session, its parent)
 

@@ -37,27 +37,35 @@ class EncodedData:
 
 
 def _pad(rows: list[list[int]], length: int, pad_id: int, left: bool) -> Sequences:
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if left:
-            ids[i, length - len(row) :] = torch.tensor(row)
-            mask[i, length - len(row) :] = 1
-        else:
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-    return Sequences(ids, mask)
+    fill = [length - len(row) for row in rows]
+    if left:
+        ids = [[pad_id] * n + row for n, row in zip(fill, rows, strict=True)]
+        mask = [[0] * n + [1] * len(row) for n, row in zip(fill, rows, strict=True)]
+    else:
+        ids = [row + [pad_id] * n for n, row in zip(fill, rows, strict=True)]
+        mask = [[1] * len(row) + [0] * n for n, row in zip(fill, rows, strict=True)]
+    shape = (len(rows), length)  # no rows: still [0, length]
+    return Sequences(torch.tensor(ids, dtype=torch.long).reshape(shape),
+                     torch.tensor(mask, dtype=torch.long).reshape(shape))  # fmt: skip
 
 
 def encode(tokenizer, examples: list[PreferenceExample], eval_examples, prompt_len, answer_len):
-    """Tokenise every example once; prompts keep their last tokens when truncated."""
+    """Tokenise every distinct text once, in one batch per kind (a call per text costs the
+    tokenizer's Python wrapper each time: 0.8 s of a tiny trial's 1.2 s of data); prompts keep
+    their last tokens when truncated."""
+    rows = [*examples, *eval_examples]
+    prompt_texts = list(dict.fromkeys(r.prompt for r in rows))
+    response_texts = list(dict.fromkeys(t for r in rows for t in (r.chosen, r.rejected)))
+    prompt_of = dict(zip(prompt_texts, _token_ids(tokenizer, prompt_texts, True), strict=True))
+    response_of = dict(
+        zip(response_texts, _token_ids(tokenizer, response_texts, False), strict=True)
+    )
 
     def prompt_ids(text: str) -> list[int]:
-        return tokenizer(text)["input_ids"][-prompt_len:]
+        return prompt_of[text][-prompt_len:]
 
     def response_ids(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: answer_len - 1]
-        return [*ids, tokenizer.eos_token_id]
+        return [*response_of[text][: answer_len - 1], tokenizer.eos_token_id]
 
     def supervised(rows: list[PreferenceExample], field: str) -> Sequences:
         joined = [prompt_ids(r.prompt) + response_ids(getattr(r, field)) for r in rows]
@@ -76,6 +84,12 @@ def encode(tokenizer, examples: list[PreferenceExample], eval_examples, prompt_l
         prompts=prompts(examples),
         eval_prompts=prompts(eval_examples),
     )
+
+
+def _token_ids(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
