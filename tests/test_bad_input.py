@@ -325,6 +325,30 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, comm
     one_line_error(code, err, "--out /dev/null/x: cannot write there (Not a directory)")
 
 
+@pytest.mark.parametrize("command", ["trial", "reproduce"])
+def test_an_output_folder_of_an_earlier_run_is_refused_and_kept(tmp_path, capsys, command):
+    target, mark = TINY, tmp_path / "out" / "trial.log"
+    if command == "reproduce":
+        target, mark = ROOT / "exports" / "smoke-trial8", tmp_path / "out" / "repeat0"
+    mark.parent.mkdir()
+    mark.write_text("an earlier run")
+    code, _, err = cli(capsys, command, target, "--out", tmp_path / "out")
+    one_line_error(code, err, f"--out {tmp_path / 'out'}: holds an earlier run ({mark})")
+    assert mark.read_text() == "an earlier run"
+    assert sorted(p.name for p in mark.parent.iterdir()) == [mark.name]
+
+
+def test_reproduce_without_out_takes_a_new_folder_per_call(tmp_path):
+    from tunelab.cli import REPRODUCE_MARKS, first_unused
+
+    default = tmp_path / "reproduce-x"
+    assert first_unused(default, REPRODUCE_MARKS) == default
+    (default / "repeat0").mkdir(parents=True)
+    assert first_unused(default, REPRODUCE_MARKS) == tmp_path / "reproduce-x-2"
+    (tmp_path / "reproduce-x-2").mkdir()  # made, never used: taken again
+    assert first_unused(default, REPRODUCE_MARKS) == tmp_path / "reproduce-x-2"
+
+
 def test_running_out_of_memory_is_one_line(tmp_path):
     """Under an address-space limit just above what the command has loaded, reading a 64 MiB
     config raises MemoryError inside the command: one line, exit 2."""

@@ -11,6 +11,7 @@ their output, by default under the study's folder or runs/, never over the repos
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import shutil
@@ -68,6 +69,27 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
             f"{MIN_FREE_BYTES // 2**20} MiB tunelab asks for (logs, metrics, reports)"
         )
     return folder
+
+
+TRIAL_MARKS = ("trial.log", "metrics.json")  # what a trial writes to its folder
+REPRODUCE_MARKS = ("repeat0",)  # reproduce's first rerun
+
+
+def unused_folder(folder: Path, marks: tuple[str, ...], option: str = "--out") -> Path:
+    """`folder`, writable (writable_folder), refused when it holds an earlier run's `marks`:
+    writing there would lose what that run recorded."""
+    earlier = next((folder / mark for mark in marks if (folder / mark).exists()), None)
+    if earlier is not None:
+        raise InputError(f"{option} {folder}: holds an earlier run ({earlier}); choose another "
+                         "folder or move that one away")  # fmt: skip
+    return writable_folder(folder, option)
+
+
+def first_unused(folder: Path, marks: tuple[str, ...]) -> Path:
+    """`folder`, or `folder`-2, -3, ...: the first that holds none of `marks`."""
+    candidates = itertools.chain([folder], (folder.with_name(f"{folder.name}-{n}")
+                                            for n in itertools.count(2)))  # fmt: skip
+    return next(c for c in candidates if not any((c / mark).exists() for mark in marks))
 
 
 # Each kind of input file, with a shipped example to point a user at.
@@ -175,7 +197,7 @@ def _cmd_trial(args) -> int:
     expect_kind(args.config, "trial config", "trial")
     config = load_config(args.config, args.overrides)
     check_inputs(config)
-    writable_folder(args.out)
+    unused_folder(args.out, TRIAL_MARKS)
     _build_ops_for(config, args.out)
     outcome = launch_trial(config, args.out, timeout_s=args.timeout, launcher=args.launcher)
     print(trial_summary(outcome))
@@ -404,7 +426,11 @@ def _cmd_reproduce(args) -> int:
     from tunelab.zygote import ZygotePool
 
     config, figures = read_export(args.export_dir)
-    out = writable_folder(args.out or Path("runs") / f"reproduce-{args.export_dir.resolve().name}")
+    if args.out is None:  # a new folder per call: an earlier call's reruns stay
+        default = Path("runs") / f"reproduce-{args.export_dir.resolve().name}"
+        out = writable_folder(first_unused(default, REPRODUCE_MARKS))
+    else:
+        out = unused_folder(args.out, REPRODUCE_MARKS)
     _build_ops_for(config, out)
     seeds = rerun_seeds(config.seed, args.repeats)
     runs = []
@@ -439,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     trial = commands.add_parser("trial", help="run one SFT -> RM -> PPO trial and measure it")
     trial.add_argument("config", type=Path, help="trial config, YAML or JSON")
     trial.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    trial.add_argument("--out", type=Path, required=True, help="output folder")
+    trial.add_argument("--out", type=Path, required=True,
+                       help="output folder (not one that holds an earlier trial)")
     trial.add_argument("--timeout", type=_positive_number, help="seconds before it is killed")
     trial.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
     trial.set_defaults(handler=_cmd_trial)
@@ -505,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="rerun an export and compare its figures")
     reproduce.add_argument("export_dir", type=Path, help="folder written by tunelab export")
     reproduce.add_argument("--repeats", type=_count, default=3)
-    reproduce.add_argument("--out", type=Path, help="folder for the reruns")
+    reproduce.add_argument("--out", type=Path, help="folder for the reruns (default: "
+                           "runs/reproduce-EXPORT, -2, -3, ...: a new one per call)")
     reproduce.add_argument("--timeout", type=_positive_number, help="seconds per rerun")
     reproduce.set_defaults(handler=_cmd_reproduce)
     return parser
