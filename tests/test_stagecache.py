@@ -1,13 +1,16 @@
 """The stage cache: keys hold what determines a stage's weights; a trial started from cached
-SFT and RM weights begins PPO exactly where the trial that trained them did."""
+SFT and RM weights begins PPO exactly where the trial that trained them did, and one that also
+reads PPO's start evaluation from the cache runs the same PPO."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from tunelab.config import load_config
 from tunelab.stagecache import (
+    START,
     claim_age_s,
     claim_file,
     is_complete,
@@ -15,6 +18,7 @@ from tunelab.stagecache import (
     release_claim,
     stage_key,
     stage_plan,
+    start_key,
     try_claim,
 )
 
@@ -41,6 +45,24 @@ def test_keys_follow_what_determines_the_weights(tmp_path):
     assert stage_key(load_config(TINY, [f"data.source={data}"]), "rm") != first
 
 
+def test_the_start_key_leaves_out_only_what_ppo_steps_read():
+    base = load_config(TINY)
+    keys = [stage_key(base, stage) for stage in ("sft", "rm")]
+    key = start_key(base, keys)
+    for same in (["ppo.kl_coef=0.3"], ["ppo.clip_range=0.1"], ["ppo.value_clip_range=0.1"],
+                 ["ppo.lam=0.9"], ["ppo.gamma=0.9"], ["ppo.epochs=3"], ["ppo.steps=7"],
+                 ["ppo.generation_batches=2"], ["ppo.reward_clip=2.0"],
+                 ["actor.learning_rate=1e-2"], ["critic.learning_rate=1e-2"],
+                 ["actor.lora_learning_rate=1e-2"], ["warmup_steps=3"]):  # fmt: skip
+        assert start_key(load_config(TINY, same), keys) == key, same
+    for other in (["ppo.max_answer_len=12"], ["ppo.min_answer_len=10"], ["ppo.temperature=0.7"],
+                  ["ppo.decoding=greedy"], ["eval_seed=3"], ["batch.generation_micro=32"],
+                  ["actor.zero_stage=3"], ["precision=fp32"], ["data.eval_size=64"],
+                  ["actor.lora_rank=8"]):  # fmt: skip
+        assert start_key(load_config(TINY, other), keys) != key, other
+    assert start_key(base, [keys[0], "another reward model"]) != key
+
+
 def test_keys_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """A preset on synthetic data names no files: what else lies where a study is run from
     (a changing repository, other studies' output) must not change the key."""
@@ -57,6 +79,7 @@ def test_only_stages_a_study_does_not_measure_are_planned(tmp_path):
     assert set(stage_plan(config, tmp_path, ("rm", "ppo"))) == {"sft"}
     given = load_config(TINY, ["sft.steps=0"])
     assert set(stage_plan(given, tmp_path, ("ppo",))) == {"rm"}
+    assert set(stage_plan(config, tmp_path, ("ppo",))) == {"sft", "rm", START}
 
 
 def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypatch):
@@ -72,7 +95,10 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
     assert {entry["action"] for entry in loading.values()} == {"load"}
     # Threads: the suite's OMP_NUM_THREADS (conftest) is kept; without one, the launcher's.
     monkeypatch.delenv("OMP_NUM_THREADS")
-    reused = launch_trial(config, tmp_path / "reused", stage_plan=loading, timeout_s=300)
+    # PPO's start evaluated again, from the cached weights (its entry saved elsewhere).
+    again = {**loading, START: {**loading[START], "action": "save",
+                                "path": str(tmp_path / "elsewhere.json")}}  # fmt: skip
+    reused = launch_trial(config, tmp_path / "reused", stage_plan=again, timeout_s=300)
     assert reused.status == "ok", reused.reason
     assert fresh.metrics["trial/cpu_threads"] == 1
     cores = len(os.sched_getaffinity(0))
@@ -85,6 +111,19 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
         assert reused.metrics[name] == fresh.metrics[name], name
     assert "time/sft_s" in reused.metrics  # the cached stage's figures, marked as reused
     assert "mem/sft/peak_host_rss_bytes" not in reused.metrics  # not run here
+    assert "ppo/start_reused" not in reused.metrics
+    saved = json.loads(Path(loading[START]["path"]).read_text())
+    assert saved == json.loads((tmp_path / "elsewhere.json").read_text())
+    assert saved == {"score": fresh.metrics["ppo/score_start"],
+                     "gold": fresh.metrics["ppo/gold_start"]}  # fmt: skip
+    # The start read from the cache: no start evaluation, and the same PPO after it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    started = launch_trial(config, tmp_path / "started", stage_plan=loading, timeout_s=300)
+    assert started.status == "ok", started.reason
+    assert started.metrics["ppo/start_reused"] == 1
+    for name in ("ppo/score_start", "ppo/gold_start", "ppo/score_end", "ppo/gold_end",
+                 "ppo/kl_final", "ppo/value_loss_final", "ppo/policy_loss_final"):  # fmt: skip
+        assert started.metrics[name] == fresh.metrics[name], name
 
 
 def test_one_trial_at_a_time_holds_an_entrys_claim(tmp_path):

@@ -228,8 +228,8 @@ def test_two_workers_train_a_shared_stage_once(tmp_path):
     out = tmp_path / "out"
     run = tunelab("run", path, "--out", out, "--workers", "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stderr.count("; sft cached; rm cached)") == 1
-    assert run.stderr.count("; sft reused; rm reused)") == 1
+    assert run.stderr.count("; sft cached; rm cached; ppo start cached)") == 1
+    assert run.stderr.count("; sft reused; rm reused; ppo start ") == 1
     assert "waiting for sft, which " in run.stderr
     assert sorted(p.name for p in (out / "stage-cache").iterdir()) == sorted(
         p.name for p in (out / "stage-cache").iterdir() if not p.name.endswith(".claim")
@@ -255,7 +255,8 @@ def test_stale_claims_do_not_hold_a_study_up(tmp_path):
     os.utime(claim_file(rm), (1, 1))  # its heartbeats stopped long ago
     run = tunelab("run", path, "--out", out, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stderr.count("; sft cached; rm cached)") == 1 and "waiting" not in run.stderr
+    assert run.stderr.count("; sft cached; rm cached; ppo start cached)") == 1
+    assert "waiting" not in run.stderr
     assert not claim_file(sft).exists() and not claim_file(rm).exists()
     assert is_complete(sft) and is_complete(rm)
 
@@ -385,17 +386,19 @@ def test_a_study_that_measures_ppo_trains_sft_and_rm_once(tmp_path):
     run = tunelab("run", path, "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trial 0: started (ppo.kl_coef=" in run.stderr
-    assert run.stderr.count("; sft cached; rm cached)") == 1  # trial 0 trains and keeps them
-    assert run.stderr.count("; sft reused; rm reused)") == 2
-    assert sorted(p.name.split("-")[0] for p in (out / "stage-cache").iterdir()) == ["rm", "sft"]
+    # Trial 0 trains SFT and RM, evaluates PPO's start and keeps them; the others read them.
+    assert run.stderr.count("; sft cached; rm cached; ppo start cached)") == 1
+    assert run.stderr.count("; sft reused; rm reused; ppo start reused)") == 2
+    assert sorted(p.name.split("-")[0] for p in (out / "stage-cache").iterdir()) == [
+        "ppo_start", "rm", "sft"]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
     first, *later = sorted(study.trials, key=lambda t: t.number)
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert "sft/reused" not in trial_metrics(first.user_attrs)
     for trial in later:
         metrics = trial_metrics(trial.user_attrs)
-        assert metrics["sft/reused"] == metrics["rm/reused"] == 1
-        for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/gold_start"):
+        assert metrics["sft/reused"] == metrics["rm/reused"] == metrics["ppo/start_reused"] == 1
+        for name in ("sft/loss_final", "rm/eval_accuracy", "ppo/gold_start", "ppo/score_start"):
             assert metrics[name] == trial_metrics(first.user_attrs)[name], name
     for trial in study.trials:
         # One prediction per trial: the trial's own, the one the orchestrator checked before

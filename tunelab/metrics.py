@@ -25,7 +25,7 @@ PATTERNS = tuple(
         r"|eval_pairs)",
         r"ppo/(steps|timed_steps|actor_skipped_steps|critic_skipped_steps|score_start|score_end"
         r"|score_gain|gold_start|gold_end|gold_gain|kl_final|clip_fraction|value_loss_final"
-        r"|policy_loss_final|answer_tokens_mean)",
+        r"|policy_loss_final|answer_tokens_mean|start_reused)",
         rf"time/({_PHASES}|ppo_step|ppo_dschat_e2e|trial|process|data|setup|eval|handoff)_s",
         rf"perf/({_PHASES})_(samples_per_s|tokens_per_s|tflops_per_rank|mfu)",
         # Tokens that are not padding (answers up to eos for generation; prompt + answer for the

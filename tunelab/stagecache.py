@@ -9,6 +9,14 @@ rate, the seed, precision, ranks, batch sizes, sequence lengths, and the engine'
 dropout settings. ZeRO stage, offload and checkpointing change how a stage runs, not what it
 computes, so they are left out: their effect is what a measured stage is for.
 
+PPO's start evaluation (the held-out reward-model score and gold reward of the SFT policy,
+before any PPO step) follows from those two entries and the settings it reads, so a trial that
+both loads or saves keeps it too (`ppo_start-<key>.json`, START): one trial evaluates it, the
+next ones with the same key read it (`ppo/start_reused`). Its key is the two stage keys and
+the whole trial config but what only PPO's steps read (AFTER_START): coefficients, learning
+rates, step counts. ZeRO stage, offload and the rest stay in it: a start evaluated under other
+engine settings is not taken for this one's.
+
 Entries are folders `<cache>/<stage>-<key>/` holding `weights.pt` (the hand-off state dict),
 `stage.json` (metrics, series, what produced it); a trial writes one under a temporary name
 and renames it into place, so a half-written entry is never read. Before launching a trial
@@ -28,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab._files import private_name, write_once
+from tunelab._files import private_name, write_atomic, write_once
 from tunelab.config import EngineConfig, TrialConfig
 from tunelab.records import STAGES as PIPELINE_STAGES
 
@@ -37,6 +45,16 @@ FORMAT = 2  # bumped when what an entry holds, or how a stage trains, changes
 _ROLE = {"sft": "actor", "rm": "critic"}
 WEIGHTS, RECORD = "weights.pt", "stage.json"
 STAGE_CACHE = "stage-cache"  # the cache's folder in a study's output folder
+START = "ppo_start"  # the plan's entry for PPO's start evaluation
+# What only PPO's steps read, after its start evaluation (per config section; "" the top):
+# trials that differ in these alone evaluate the same start.
+AFTER_START = {
+    "ppo": ("steps", "kl_coef", "clip_range", "value_clip_range", "gamma", "lam", "epochs",
+            "generation_batches", "reward_clip"),
+    "actor": ("learning_rate", "lora_learning_rate"),
+    "critic": ("learning_rate", "lora_learning_rate"),
+    "": ("warmup_steps", "tracker", "peak_tflops"),
+}  # fmt: skip
 
 
 def _fingerprint(location: str) -> Any:
@@ -78,9 +96,22 @@ def stage_key(config: TrialConfig, stage: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def start_key(config: TrialConfig, stage_keys: list[str]) -> str:
+    """The key of PPO's start evaluation from the SFT and RM entries `stage_keys` (see the
+    module docstring)."""
+    settings = config.to_dict()
+    for section, names in AFTER_START.items():
+        for name in names:
+            (settings[section] if section else settings).pop(name)
+    blob = json.dumps({"format": FORMAT, "stages": stage_keys, "config": settings},
+                      sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
 def stage_plan(config: TrialConfig, cache: Path, measure: tuple[str, ...]) -> dict[str, dict]:
     """What a trial does with each stage it need not measure: `load` a complete cache entry,
-    or train the stage and `save` it. Stages measured, or given (0 steps), are not planned."""
+    or train the stage and `save` it. Stages measured, or given (0 steps), are not planned.
+    With SFT and RM both planned, PPO's start evaluation is too (START)."""
     plan = {}
     for stage in STAGES:
         if stage in measure or getattr(config, stage).steps == 0:
@@ -89,7 +120,23 @@ def stage_plan(config: TrialConfig, cache: Path, measure: tuple[str, ...]) -> di
         path = cache / f"{stage}-{key}"
         plan[stage] = {"action": "load" if is_complete(path) else "save", "path": str(path),
                        "key": key}  # fmt: skip
+    if all(stage in plan for stage in STAGES):
+        key = start_key(config, [plan[stage]["key"] for stage in STAGES])
+        path = cache / f"{START}-{key}.json"
+        plan[START] = {"action": "load" if path.is_file() else "save", "path": str(path),
+                       "key": key}  # fmt: skip
     return plan
+
+
+def save_start(path: Path, start: dict[str, float]) -> None:
+    """Keep a start evaluation's figures (whole or not at all: write_atomic); a later
+    evaluation of the same key replaces them with the same figures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(start))
+
+
+def read_start(path: Path) -> dict[str, float]:
+    return json.loads(path.read_text())
 
 
 def is_complete(entry: Path) -> bool:
@@ -146,4 +193,4 @@ def refresh_claim(entry: Path) -> None:
 
 def reused_stages(plan: dict[str, dict]) -> list[str]:
     """The stages a trial of `plan` loads from the cache instead of running."""
-    return [stage for stage, step in plan.items() if step["action"] == "load"]
+    return [stage for stage in STAGES if plan.get(stage, {}).get("action") == "load"]

@@ -36,7 +36,7 @@ import psutil
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tunelab import launcher, ops
+from tunelab import launcher, ops, stagecache
 from tunelab._files import write_atomic, write_once
 from tunelab.config import SEED_LIMIT
 from tunelab.devices import Gpu, cuda_device_files, gpu_inventory, gpu_slots
@@ -71,6 +71,7 @@ from tunelab.stagecache import (
     is_complete,
     refresh_claim,
     release_claim,
+    reused_stages,
     try_claim,
 )
 from tunelab.storage import (
@@ -658,6 +659,8 @@ class Orchestrator:
         claimed = dict(plan)
         try:
             for stage, step in plan.items():
+                if stage not in stagecache.STAGES:  # PPO start: never claimed or waited for
+                    continue
                 entry, said = Path(step["path"]), False
                 while claimed[stage]["action"] == "save":
                     holder = try_claim(entry, owner)
@@ -751,7 +754,8 @@ class Orchestrator:
         )  # fmt: skip
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
-        reuse = "".join(f"; {stage} {'reused' if step['action'] == 'load' else 'cached'}"
+        reuse = "".join(f"; {stage.replace('_', ' ')} "  # "ppo start" too
+                        f"{'reused' if step['action'] == 'load' else 'cached'}"
                         for stage, step in plan.items())  # fmt: skip
         self.echo(f"trial {trial.number}: started ({shown}{reuse})")
 
@@ -775,7 +779,7 @@ class Orchestrator:
         reason = outcome.reason
         if outcome.status == Status.PRUNED and pruning.stopped_by:
             reason = f"{reason}: {pruning.stopped_by}"
-        reused = [stage for stage, step in plan.items() if step["action"] == "load"]
+        reused = reused_stages(plan)
         self._finish(trial, outcome.status, reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate, reused=reused)  # fmt: skip

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ from tunelab.pipeline.models import (
 )
 from tunelab.pipeline.rm import pairwise_accuracy, sequence_scores
 from tunelab.pipeline.telemetry import throughput
+from tunelab.stagecache import read_start, save_start
 
 log = logging.getLogger("tunelab")
 
@@ -347,10 +349,11 @@ class PPOTrainer:
         ]
 
 
-def run_ppo(ctx: TrialContext, handoff: dict):
+def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
     """PPO for ppo.steps iterations from the SFT and RM weights in `handoff` (emptied once the
     engines are built, so host memory is freed); returns (metrics, per-step series, decoded
-    samples of the end evaluation)."""
+    samples of the end evaluation). `start_plan` (the stage plan's START entry) loads the
+    start evaluation from the stage cache, or saves it there."""
     config, runtime, timer = ctx.config, ctx.runtime, ctx.timer
     ppo, batch = config.ppo, config.batch
     # PPO's random stream starts from the seed, not from what SFT and RM drew: a trial whose
@@ -364,8 +367,15 @@ def run_ppo(ctx: TrialContext, handoff: dict):
             "rm/eval_accuracy": pairwise_accuracy(ctx, trainer.reward),
             "rm/eval_pairs": len(ctx.data.eval_chosen.ids),
         }
-    with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
-        start = trainer.evaluate()
+    start_reused = (start_plan or {}).get("action") == "load"
+    if start_reused:  # every rank: the plan is theirs alike, so none waits in an evaluation
+        start = read_start(Path(start_plan["path"]))
+    else:
+        with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
+            start = trainer.evaluate()
+        if start_plan and runtime.is_main:
+            figures = {name: value for name, value in start.items() if name != "samples"}
+            save_start(Path(start_plan["path"]), figures)
     prompts = ctx.data.prompts
     series: dict[str, list[float]] = {}
     # This rank's tokens per step: "generated" = answer width x rows (padding after an early
@@ -442,6 +452,8 @@ def run_ppo(ctx: TrialContext, handoff: dict):
     timed = ctx.timed_steps("ppo", ppo.steps)
     timed_tokens = {name: sum(counts[s] for s in timed) for name, counts in tokens.items()}
     metrics = {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, timed_tokens)}
+    if start_reused:
+        metrics["ppo/start_reused"] = 1
     return metrics, series, end["samples"]
 
 

@@ -46,7 +46,7 @@ from tunelab.pipeline.startup import freeze_imported_objects, remember_cpu_info
 from tunelab.pipeline.telemetry import MemoryTracker, PhaseTimer, ProgressLog
 from tunelab.presets import ModelSource, resolve_model, shape_from_hf_config
 from tunelab.records import Status
-from tunelab.stagecache import reused_stages
+from tunelab.stagecache import START, reused_stages
 
 log = logging.getLogger("tunelab")
 
@@ -167,7 +167,7 @@ def _run_stages(config: TrialConfig, runtime, memory, out_dir: Path | None, resu
             save_stage_entry(Path(cached["path"]), handoff[stage], record)
     log.info("rank %d: PPO (%d steps)", runtime.rank, config.ppo.steps)
     # run_ppo drops the hand-off once the engines hold it.
-    ppo_metrics, ppo_series, result["samples"] = run_ppo(ctx, handoff)
+    ppo_metrics, ppo_series, result["samples"] = run_ppo(ctx, handoff, plan.get(START))
     _release_memory()
     result["metrics"].update(ppo_metrics)
     for role, engine in ctx.engines.items():
