@@ -48,8 +48,10 @@ class TrialContext:
         """Model-state bytes of a live engine, read once per role. Trained engines are read
         between a backward and its step once the optimizer has stepped (Adam creates its
         moments at the first step): then params, grads and optimizer states all exist."""
+        if role in self.engine_states:  # asked at every micro-step: the cheap test first
+            return
         frozen = not any(p.requires_grad for p in engine.module.parameters())
-        if (frozen or engine.global_steps >= 1) and role not in self.engine_states:
+        if frozen or engine.global_steps >= 1:
             self.engine_states[role] = engine_state_bytes(engine, self.runtime.accelerator)
 
     def record_engine(self, role: str, engine, weights: str) -> None:
