@@ -13,6 +13,15 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session):
+    """A build lock left by an earlier run's killed process would hold every test that loads
+    that DeepSpeed op until the suite's timeout (tunelab.ops)."""
+    from tunelab.ops import clear_stale_locks
+
+    for lock in clear_stale_locks()[0]:
+        print(f"removed a stale op build lock: {lock}")
 TINY = ROOT / "studies" / "trials" / "tiny.yaml"
 
 

@@ -123,14 +123,16 @@ def expect_kind(path: Path, wanted: str, command: str) -> None:
 
 
 def _build_ops_for(config, out: Path) -> None:
-    """Build the DeepSpeed ops the trial needs and the cache lacks, saying so (tunelab.ops)."""
+    """Build the DeepSpeed ops the trial needs and the cache lacks, saying so, after removing
+    stale build locks (tunelab.ops)."""
     from tunelab import ops
     from tunelab.devices import gpu_inventory
 
+    echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    ops.report_stale_locks(echo)
     offloads = {config.actor.offload_optimizer, config.critic.offload_optimizer}
     missing = ops.missing_ops(ops.needed_ops(offloads, on_gpu=bool(gpu_inventory())))
     if missing:
-        echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         ops.build_ops(missing, out / "ops-build.log", echo)
 
 

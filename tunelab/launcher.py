@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import psutil
 
+from tunelab import ops
 from tunelab.config import TrialConfig
 from tunelab.devices import trial_cuda_env
 from tunelab.records import Status
@@ -117,13 +118,23 @@ def trial_argv(
     ]  # fmt: skip
 
 
-def kill_process_tree(process: subprocess.Popen | ForkedTrial, grace_s: float = 5.0) -> None:
+def kill_process_tree(process: subprocess.Popen | ForkedTrial, grace_s: float = 5.0) -> list[Path]:
     """SIGTERM, then SIGKILL, the trial's process group and every descendant (a launcher may
-    start workers in sessions of their own); returns once they are gone."""
+    start workers in sessions of their own); returns once they are gone, with the op build
+    locks they held and left, now removed (tunelab.ops: a trial killed while loading an op)."""
     try:
         descendants = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         descendants = []
+    held = ops.locks_held([process.pid, *(child.pid for child in descendants)])
+    try:
+        _end(process, descendants, grace_s)
+    finally:
+        removed = ops.clear_stale_locks(killed=held)[0] if held else []
+    return removed
+
+
+def _end(process, descendants: list[psutil.Process], grace_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)
@@ -140,6 +151,12 @@ def kill_process_tree(process: subprocess.Popen | ForkedTrial, grace_s: float = 
         if not any(map(alive, descendants)):
             return
     process.wait()
+
+
+def _note_removed(log, locks: list[Path]) -> None:
+    for lock in locks:
+        log.write(f"tunelab: removed {lock}, the op build lock the killed trial held\n".encode())
+    log.flush()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -383,11 +400,11 @@ def launch_trial(
                 if stop is not None and stop.is_set():
                     stopped = (Status.INTERRUPTED, "the orchestrator was stopped")
                 if stopped is not None:
-                    kill_process_tree(process)
+                    _note_removed(log, kill_process_tree(process))
                     break
         finally:
             if process.poll() is None:  # interrupted (Ctrl-C): leave nothing behind
-                kill_process_tree(process)
+                _note_removed(log, kill_process_tree(process))
         wall_s = time.monotonic() - started
         evidence = oom.evidence() if stopped is None and process.returncode else None
     outcome = collect_outcome(out_dir, process.returncode, wall_s, evidence)

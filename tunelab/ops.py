@@ -5,17 +5,29 @@ are quiet and no trial's wall time or timeout pays for a compiler run.
 
     python -m tunelab.ops cpu_adam fused_adam      # what build_ops runs (imports DeepSpeed)
 
+Stale build locks. torch takes a lock file in the op's folder (`FileBaton`) every time a
+process loads the op, built or not (it asks ninja whether to rebuild, about a second), and
+keeps the lock's descriptor open until it removes it. A process killed in that second (a trial
+stopped, timed out or pruned while starting) leaves the lock, and every later load of the op
+waits for it forever, silently. `clear_stale_locks` removes the locks that no process on this
+machine holds: after the launcher kills a trial, those its processes held; before a study's
+first trial (and before the test suite), every such lock on a local filesystem. On a network
+filesystem a process of another node may hold one, so those are named, not removed.
+
 The rest of this module never imports torch (the orchestrator stays light).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import psutil
 
 # Op name (its cache folder and .so) -> DeepSpeed op builder class.
 BUILDERS = {
@@ -50,6 +62,93 @@ def missing_ops(names: Iterable[str]) -> list[str]:
     """The ops of `names` that no extension cache folder holds yet."""
     folders = cache_dirs()
     return [n for n in names if not any((f / n / f"{n}.so").is_file() for f in folders)]
+
+
+LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in each op's build folder
+# Filesystems whose files processes of other machines may hold open (`/proc/mounts` types).
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs",
+                       "ceph", "glusterfs", "fuse.sshfs", "9p", "afs", "wekafs")  # fmt: skip
+
+
+def op_locks() -> list[Path]:
+    """The build locks in the extension cache now (resolved paths)."""
+    locks = []
+    for folder in cache_dirs():
+        with contextlib.suppress(OSError):
+            locks += [op / LOCK for op in sorted(folder.iterdir()) if (op / LOCK).is_file()]
+    return [lock.resolve() for lock in locks]
+
+
+def _open_paths(process: psutil.Process) -> set[Path]:
+    try:
+        return {Path(f.path) for f in process.open_files()}
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return set()
+
+
+def locks_held(pids: Iterable[int]) -> set[Path]:
+    """The build locks that the processes `pids` hold (have open)."""
+    locks, held = set(op_locks()), set()
+    if locks:
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                held |= _open_paths(psutil.Process(pid)) & locks
+    return held
+
+
+def mount_type(path: Path, mounts_text: str | None = None) -> str:
+    """The filesystem type of the mount `path` lies on (/proc/mounts' longest prefix)."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    best, kind = "", ""
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def clear_stale_locks(killed: set[Path] | None = None) -> tuple[list[Path], list[Path]]:
+    """Remove the build locks that no process on this machine holds: of `killed` (locks a
+    trial's processes held before the launcher killed them) when given, else every one not on
+    a network filesystem. Returns (removed, left: held by no process here, on a network
+    filesystem)."""
+    candidates = [lock for lock in (killed if killed is not None else op_locks()) if lock.exists()]
+    if not candidates:
+        return [], []
+    held: set[Path] = set()
+    for process in psutil.process_iter():
+        held |= _open_paths(process) & set(candidates)
+    removed, left = [], []
+    for lock in candidates:
+        if lock in held:
+            continue
+        if killed is None and mount_type(lock) in NETWORK_FILESYSTEMS:
+            left.append(lock)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+            removed.append(lock)
+    return removed, left
+
+
+def report_stale_locks(echo: Callable[[str], None]) -> None:
+    """clear_stale_locks before trials start, saying what it found."""
+    removed, left = clear_stale_locks()
+    for lock in removed:
+        echo(f"removed {lock}: a build lock no process holds (left by a process killed while "
+             "loading that op); every load of the op would have waited for it")  # fmt: skip
+    for lock in left:
+        echo(f"warning: {lock} is a build lock no process on this machine holds; if no other "
+             "machine is building that op, remove it, or every trial loading the op waits "
+             "for it")  # fmt: skip
 
 
 def build_ops(names: list[str], log_path: Path, echo: Callable[[str], None]) -> bool:

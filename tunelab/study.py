@@ -839,6 +839,7 @@ class Orchestrator:
         self.echo(line)
         if not self._budget_left():
             return
+        ops.report_stale_locks(self.echo)
         missing = ops.missing_ops(ops.needed_ops(_offload_values(self.loaded), bool(self.gpus)))
         if missing:
             ops.build_ops(missing, self.out_dir / "ops-build.log", self.echo)

@@ -1,0 +1,92 @@
+"""Build locks of DeepSpeed's ops that a killed process left: found, removed, reported; held
+ones kept. Processes hold torch's own FileBaton, as an op load does (tunelab.ops)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab import ops
+from tunelab.launcher import kill_process_tree
+
+# Takes the lock as torch.utils.cpp_extension._jit_compile does, then waits to be killed.
+HOLD = """
+import sys, time
+from torch.utils.file_baton import FileBaton
+assert FileBaton(sys.argv[1]).try_acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def extensions(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "torch_extensions"
+    for op in ("fused_adam", "cpu_adam"):
+        (folder / op).mkdir(parents=True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(folder))
+    return folder.resolve()
+
+
+def hold(lock: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    assert process.stdout.readline() == "held\n"
+    return process
+
+
+def test_a_lock_whose_holder_was_killed_is_removed_and_a_held_one_kept(extensions):
+    held, left = extensions / "fused_adam" / "lock", extensions / "cpu_adam" / "lock"
+    holder, killed = hold(held), hold(left)
+    try:
+        killed.kill()
+        killed.wait()
+        assert left.exists()  # what a load would now wait for, forever
+        assert ops.op_locks() == [left, held]  # sorted by op folder
+        assert ops.locks_held([holder.pid, killed.pid]) == {held}
+        assert ops.clear_stale_locks() == ([left], [])
+        assert held.exists() and not left.exists()
+        assert ops.clear_stale_locks(killed={held}) == ([], [])  # still held: kept
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ops.clear_stale_locks(killed={held}) == ([held], [])
+
+
+def test_killing_a_trial_removes_the_locks_it_held(extensions):
+    lock = extensions / "fused_adam" / "lock"
+    trial = hold(lock)
+    assert kill_process_tree(trial, grace_s=5) == [lock]
+    assert trial.returncode == -signal.SIGTERM
+    assert not lock.exists()
+
+
+def test_on_a_network_filesystem_a_lock_is_named_not_removed(extensions, monkeypatch):
+    lock = extensions / "cpu_adam" / "lock"
+    lock.touch()  # no process holds it here; one of another node might
+    monkeypatch.setattr(ops, "mount_type", lambda path: "nfs4")
+    seen: list[str] = []
+    ops.report_stale_locks(seen.append)
+    assert lock.exists()
+    assert seen == [f"warning: {lock} is a build lock no process on this machine holds; if no "
+                    "other machine is building that op, remove it, or every trial loading the "
+                    "op waits for it"]  # fmt: skip
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    seen.clear()
+    ops.report_stale_locks(seen.append)
+    assert not lock.exists() and seen[0].startswith(f"removed {lock}: a build lock no process")
+
+
+def test_mount_type_takes_the_longest_mount_point():
+    mounts = ("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\n"
+              "tmpfs /home/me/fast\\040disk tmpfs rw 0 0\n")  # fmt: skip
+    assert ops.mount_type(Path("/home/me/.cache"), mounts) == "nfs4"
+    assert ops.mount_type(Path("/home/me/fast disk/x"), mounts) == "tmpfs"
+    assert ops.mount_type(Path("/homework/x"), mounts) == "ext4"
+    assert ops.mount_type(Path(os.sep), mounts) == "ext4"
