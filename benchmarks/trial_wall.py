@@ -65,6 +65,14 @@ LEFT_OUTSIDE = [
     "`gc.collect()` calls (DeepSpeed's optimizers, tunelab's memory release) walked every "
     "imported object, 0.3 s a call (imports now run with the collector off, their objects "
     "frozen). The median wall was 12.59 s with 3.98 s of setup before (commit fd61876).",
+    "- Cut on 2026-11-30 evening: a forked child's first collection walked the heap it "
+    "inherited from the zygote and copied every page holding an object (1.40 s, timed in a "
+    "child of a process that imported what a zygote does; 0.1 ms once the zygote collects "
+    "and freezes before forking, tunelab/pipeline/zygote.py); data encoded each text with a "
+    "tokenizer call of its own (the tiny trial's data 1.3 s, now 0.5 s with one batched call "
+    "per kind of text, tunelab/pipeline/batching.py; both timed on this machine, alternating). "
+    "The afternoon's table (commit bfc2a83, a machine where a fresh trial took 26.5 s): the "
+    "forked child's set-up 1.11 s, data 1.57 s.",
     "- imports (table above): torch and transformers are most of them; peft adds little once "
     "transformers' modules are loaded (`python -X importtime` credits them to peft when peft "
     "comes first). Every trial is its own process (isolation: memory, CUDA state, a crash ends "
@@ -77,7 +85,9 @@ LEFT_OUTSIDE = [
     "ZeRO and bf16 optimizer constructor, and that module's `torch.compile` decorators import "
     "TorchInductor (`deepspeed muon` in the table above, once per process); cutting it "
     "would mean stubbing a DeepSpeed module, which tunelab does not do.",
-    "- eval (held-out accuracy, PPO start/end evaluation) is measurement the study reports.", "",
+    "- eval (held-out accuracy, PPO start/end evaluation) is measurement the study reports; "
+    "in a study that reuses SFT and RM, the RM's held-out accuracy and PPO's start come "
+    "from the stage cache (tunelab/stagecache.py), so such trials evaluate PPO's end only.", "",
 ]
 
 
