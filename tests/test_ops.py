@@ -74,8 +74,8 @@ def test_on_a_network_filesystem_a_lock_is_named_not_removed(extensions, monkeyp
     ops.report_stale_locks(seen.append)
     assert lock.exists()
     assert seen == [f"warning: {lock} is a build lock no process on this machine holds; if no "
-                    "other machine is building that op, remove it, or every trial loading the "
-                    "op waits for it"]  # fmt: skip
+                    "other machine or user is building that op, remove it, or every trial "
+                    "loading the op waits for it"]  # fmt: skip
     monkeypatch.undo()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     seen.clear()
@@ -83,10 +83,30 @@ def test_on_a_network_filesystem_a_lock_is_named_not_removed(extensions, monkeyp
     assert not lock.exists() and seen[0].startswith(f"removed {lock}: a build lock no process")
 
 
+def test_only_locks_made_since_a_trial_started_and_this_users_are_removed(extensions):
+    old, other, new = (extensions / op / "lock" for op in ("fused_adam", "cpu_adam", "x"))
+    new.parent.mkdir()
+    for lock in (old, other, new):
+        lock.touch()
+    os.utime(old, (1, 1))  # before the trial
+    os.chown(other, 12345, -1)  # another user's: a holder may be out of sight
+    assert ops.clear_stale_locks(since=2.0) == ([new], [other])
+    assert old.exists() and other.exists()
+
+
 def test_mount_type_takes_the_longest_mount_point():
     mounts = ("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\n"
-              "tmpfs /home/me/fast\\040disk tmpfs rw 0 0\n")  # fmt: skip
+              "tmpfs /home/me/fast\\040disk tmpfs rw 0 0\n"
+              "gluster:/v /mnt/g fuse.glusterfs rw 0 0\n")  # fmt: skip
     assert ops.mount_type(Path("/home/me/.cache"), mounts) == "nfs4"
     assert ops.mount_type(Path("/home/me/fast disk/x"), mounts) == "tmpfs"
     assert ops.mount_type(Path("/homework/x"), mounts) == "ext4"
     assert ops.mount_type(Path(os.sep), mounts) == "ext4"
+    assert ops.mount_type(Path("/mnt/g/cache"), mounts) == "fuse.glusterfs"
+
+
+def test_fuse_and_network_mounts_count_as_shared(monkeypatch):
+    for kind, shared in (("nfs4", True), ("fuse.glusterfs", True), ("fuseblk", True),
+                         ("lustre", True), ("ext4", False), ("overlay", False)):  # fmt: skip
+        monkeypatch.setattr(ops, "mount_type", lambda path, kind=kind: kind)
+        assert ops.on_network_filesystem(Path("/x")) == shared, kind

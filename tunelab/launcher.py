@@ -155,7 +155,7 @@ def _end(process, descendants: list[psutil.Process], grace_s: float) -> None:
 
 def _note_removed(log, locks: list[Path]) -> None:
     for lock in locks:
-        log.write(f"tunelab: removed {lock}, the op build lock the killed trial held\n".encode())
+        log.write(f"tunelab: removed {lock}, an op build lock the ended trial left\n".encode())
     log.flush()
 
 
@@ -365,7 +365,7 @@ def launch_trial(
     child_env = trial_env(config.ranks, gpus, concurrent)
     progress = ProgressReader(out_dir / "progress.jsonl")
     oom = OomWatch()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     stopped: tuple[Status, str] | None = None
     with contextlib.closing(oom), (out_dir / "trial.log").open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
@@ -405,6 +405,8 @@ def launch_trial(
         finally:
             if process.poll() is None:  # interrupted (Ctrl-C): leave nothing behind
                 _note_removed(log, kill_process_tree(process))
+        if stopped is None and process.returncode:  # it died (an OOM kill, a crash): maybe
+            _note_removed(log, ops.clear_stale_locks(since=started_at)[0])  # while loading an op
         wall_s = time.monotonic() - started
         evidence = oom.evidence() if stopped is None and process.returncode else None
     outcome = collect_outcome(out_dir, process.returncode, wall_s, evidence)

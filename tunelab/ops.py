@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,9 +66,10 @@ def missing_ops(names: Iterable[str]) -> list[str]:
 
 
 LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in each op's build folder
-# Filesystems whose files processes of other machines may hold open (`/proc/mounts` types).
+# `/proc/mounts` types whose files processes of other machines may hold open; any FUSE
+# filesystem counts as one too (GlusterFS, CephFS, JuiceFS, sshfs mount through FUSE).
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs",
-                       "ceph", "glusterfs", "fuse.sshfs", "9p", "afs", "wekafs")  # fmt: skip
+                       "ceph", "glusterfs", "9p", "afs", "wekafs", "virtiofs")  # fmt: skip
 
 
 def op_locks() -> list[Path]:
@@ -79,21 +81,28 @@ def op_locks() -> list[Path]:
     return [lock.resolve() for lock in locks]
 
 
-def _open_paths(process: psutil.Process) -> set[Path]:
+def _open_paths(pid: int) -> set[str]:
+    """What `pid`'s descriptors point at (/proc/PID/fd links, read without touching the files:
+    a stat could hang on an unreachable network mount)."""
+    folder = f"/proc/{pid}/fd"
     try:
-        return {Path(f.path) for f in process.open_files()}
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        fds = os.listdir(folder)
+    except OSError:
         return set()
+    paths = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(f"{folder}/{fd}"))
+    return paths
 
 
 def locks_held(pids: Iterable[int]) -> set[Path]:
     """The build locks that the processes `pids` hold (have open)."""
-    locks, held = set(op_locks()), set()
-    if locks:
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                held |= _open_paths(psutil.Process(pid)) & locks
-    return held
+    locks = {str(lock) for lock in op_locks()}
+    held: set[str] = set()
+    for pid in pids if locks else ():
+        held |= _open_paths(pid) & locks
+    return {Path(lock) for lock in held}
 
 
 def mount_type(path: Path, mounts_text: str | None = None) -> str:
@@ -108,34 +117,49 @@ def mount_type(path: Path, mounts_text: str | None = None) -> str:
         fields = line.split()
         if len(fields) < 3:
             continue
-        point = fields[1].replace("\\040", " ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
         inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
         if inside and len(point) > len(best):
             best, kind = point, fields[2]
     return kind
 
 
-def clear_stale_locks(killed: set[Path] | None = None) -> tuple[list[Path], list[Path]]:
+def on_network_filesystem(path: Path) -> bool:
+    kind = mount_type(path)
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse")
+
+
+def clear_stale_locks(killed: set[Path] | None = None,
+                      since: float | None = None) -> tuple[list[Path], list[Path]]:  # fmt: skip
     """Remove the build locks that no process on this machine holds: of `killed` (locks a
-    trial's processes held before the launcher killed them) when given, else every one not on
-    a network filesystem. Returns (removed, left: held by no process here, on a network
-    filesystem)."""
-    candidates = [lock for lock in (killed if killed is not None else op_locks()) if lock.exists()]
-    if not candidates:
+    trial's processes held before the launcher killed them) when given, else every one on a
+    local filesystem that this user owns (made at or after `since`, epoch seconds, if given).
+    Returns (removed, left: held by no process seen here, but on a network filesystem or
+    another user's). A lock is removed only if it is still the file that was checked (the
+    same inode), so one taken again meanwhile is kept."""
+    found = {}
+    for lock in killed if killed is not None else op_locks():
+        with contextlib.suppress(OSError):
+            found[lock] = lock.stat()
+    if since is not None:
+        found = {lock: st for lock, st in found.items() if st.st_mtime >= since}
+    if not found:
         return [], []
-    held: set[Path] = set()
-    for process in psutil.process_iter():
-        held |= _open_paths(process) & set(candidates)
+    names, held = {str(lock) for lock in found}, set()
+    for pid in psutil.pids():
+        held |= _open_paths(pid) & names
     removed, left = [], []
-    for lock in candidates:
-        if lock in held:
+    for lock, seen in found.items():
+        if str(lock) in held:
             continue
-        if killed is None and mount_type(lock) in NETWORK_FILESYSTEMS:
-            left.append(lock)
+        if killed is None and (seen.st_uid != os.geteuid() or on_network_filesystem(lock)):
+            left.append(lock)  # a holder may be out of sight
             continue
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-            removed.append(lock)
+        with contextlib.suppress(OSError):
+            now = lock.stat()
+            if (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino):
+                lock.unlink()
+                removed.append(lock)
     return removed, left
 
 
@@ -147,8 +171,8 @@ def report_stale_locks(echo: Callable[[str], None]) -> None:
              "loading that op); every load of the op would have waited for it")  # fmt: skip
     for lock in left:
         echo(f"warning: {lock} is a build lock no process on this machine holds; if no other "
-             "machine is building that op, remove it, or every trial loading the op waits "
-             "for it")  # fmt: skip
+             "machine or user is building that op, remove it, or every trial loading the op "
+             "waits for it")  # fmt: skip
 
 
 def build_ops(names: list[str], log_path: Path, echo: Callable[[str], None]) -> bool:

@@ -392,9 +392,10 @@ def _kill_left_over(pgid: int | None, worker: str) -> None:
     if not pgid:
         return
     with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-        owner = psutil.Process(pgid).environ().get(launcher.WATCH_ENV)
-        if owner == worker.split(":", 1)[1]:
+        leader = psutil.Process(pgid)
+        if leader.environ().get(launcher.WATCH_ENV) == worker.split(":", 1)[1]:
             os.killpg(pgid, 9)
+            leader.wait(timeout=10)  # gone before stale op build locks are looked for
 
 
 def check_out_dir(out_dir: Path, name: str) -> None:

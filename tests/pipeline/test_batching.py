@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunelab.data import load_preferences
-from tunelab.pipeline.batching import encode
+from tunelab.pipeline import batching
+from tunelab.pipeline.batching import ENCODE_CHUNK, encode
 from tunelab.pipeline.models import train_tokenizer
 
 PROMPT_LEN, ANSWER_LEN = 6, 5  # short enough that prompts and answers are truncated
@@ -30,7 +32,9 @@ def _one_text_at_a_time(tokenizer, rows, field: str | None) -> tuple[list, list]
     return ids, masks
 
 
-def test_batched_encoding_gives_each_row_what_encoding_it_alone_gives():
+@pytest.mark.parametrize("chunk", [ENCODE_CHUNK, 7])
+def test_batched_encoding_gives_each_row_what_encoding_it_alone_gives(chunk, monkeypatch):
+    monkeypatch.setattr(batching, "ENCODE_CHUNK", chunk)
     train, held_out = load_preferences("synthetic", 40, 12, seed=3)
     tokenizer = train_tokenizer([t for r in train for t in (r.prompt, r.chosen, r.rejected)], 300)
     data = encode(tokenizer, train, held_out, PROMPT_LEN, ANSWER_LEN)

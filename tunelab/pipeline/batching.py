@@ -50,22 +50,19 @@ def _pad(rows: list[list[int]], length: int, pad_id: int, left: bool) -> Sequenc
 
 
 def encode(tokenizer, examples: list[PreferenceExample], eval_examples, prompt_len, answer_len):
-    """Tokenise every distinct text once, in one batch per kind (a call per text pays the
+    """Tokenise every distinct text once, in batched calls per kind (a call per text pays the
     tokenizer's Python wrapper each time: the tiny trial's data took 1.3 s that way, 0.5 s
-    so); prompts keep their last tokens when truncated."""
+    so), keeping only the ids a row uses; prompts keep their last tokens when truncated."""
     rows = [*examples, *eval_examples]
-    prompt_texts = list(dict.fromkeys(r.prompt for r in rows))
-    response_texts = list(dict.fromkeys(t for r in rows for t in (r.chosen, r.rejected)))
-    prompt_of = dict(zip(prompt_texts, _token_ids(tokenizer, prompt_texts, True), strict=True))
-    response_of = dict(
-        zip(response_texts, _token_ids(tokenizer, response_texts, False), strict=True)
-    )
+    prompt_of = _token_ids(tokenizer, [r.prompt for r in rows], True, slice(-prompt_len, None))
+    response_of = _token_ids(tokenizer, [t for r in rows for t in (r.chosen, r.rejected)],
+                             False, slice(answer_len - 1))  # fmt: skip
 
     def prompt_ids(text: str) -> list[int]:
-        return prompt_of[text][-prompt_len:]
+        return prompt_of[text]
 
     def response_ids(text: str) -> list[int]:
-        return [*response_of[text][: answer_len - 1], tokenizer.eos_token_id]
+        return [*response_of[text], tokenizer.eos_token_id]
 
     def supervised(rows: list[PreferenceExample], field: str) -> Sequences:
         joined = [prompt_ids(r.prompt) + response_ids(getattr(r, field)) for r in rows]
@@ -86,10 +83,19 @@ def encode(tokenizer, examples: list[PreferenceExample], eval_examples, prompt_l
     )
 
 
-def _token_ids(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
+ENCODE_CHUNK = 2048  # texts per tokenizer call: its buffers for a whole file at once are large
+
+
+def _token_ids(tokenizer, texts: list[str], special_tokens: bool,
+               kept: slice) -> dict[str, list[int]]:  # fmt: skip
+    """The `kept` part of each distinct text's token ids."""
+    distinct = list(dict.fromkeys(texts))
+    ids: dict[str, list[int]] = {}
+    for start in range(0, len(distinct), ENCODE_CHUNK):
+        chunk = distinct[start : start + ENCODE_CHUNK]
+        encoded = tokenizer(chunk, add_special_tokens=special_tokens)["input_ids"]
+        ids.update((text, row[kept]) for text, row in zip(chunk, encoded, strict=True))
+    return ids
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -375,7 +375,10 @@ def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
             start = trainer.evaluate()
         if start_plan and runtime.is_main:
             figures = {name: value for name, value in start.items() if name != "samples"}
-            save_start(Path(start_plan["path"]), figures)
+            try:  # the cache saves later trials an evaluation; this one needs none of it
+                save_start(Path(start_plan["path"]), figures)
+            except OSError as exc:
+                log.warning("PPO's start not kept in the stage cache (%s)", exc)
     prompts = ctx.data.prompts
     series: dict[str, list[float]] = {}
     # This rank's tokens per step: "generated" = answer width x rows (padding after an early
