@@ -14,7 +14,7 @@ from tunelab.presets import PRESETS
 from tunelab.pruning import TrialPruning
 from tunelab.records import Status
 from tunelab.spec import Constraint, Objective, PrunerSpec, load_spec
-from tunelab.stagecache import stage_plan
+from tunelab.stagecache import START, stage_plan
 
 from .test_study import write_spec
 
@@ -32,7 +32,8 @@ def test_a_trial_that_can_run_gets_its_plan_and_the_trials_own_prediction(tmp_pa
     verdict = check_trial(loaded, {"ppo.kl_coef": 0.15}, None, [], tmp_path / "cache")
     assert verdict.refusal is None and verdict.config.ppo.kl_coef == 0.15
     assert verdict.plan == stage_plan(verdict.config, tmp_path / "cache", ("ppo",))
-    assert [step["action"] for step in verdict.plan.values()] == ["save", "save"]
+    actions = {stage: step["action"] for stage, step in verdict.plan.items()}
+    assert actions == {"sft": "save", "rm": "save", START: "save"}
     tiny = PRESETS["tiny"]
     # On the CPU: no CUDA headroom, as the trial process predicts for itself.
     expected = trial_prediction(verdict.config, tiny, tiny, False).flat_metrics()
