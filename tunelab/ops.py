@@ -10,9 +10,10 @@ process loads the op, built or not (it asks ninja whether to rebuild, about a se
 keeps the lock's descriptor open until it removes it. A process killed in that second (a trial
 stopped, timed out or pruned while starting) leaves the lock, and every later load of the op
 waits for it forever, silently. `clear_stale_locks` removes the locks that no process on this
-machine holds: after the launcher kills a trial, those its processes held; before a study's
-first trial (and before the test suite), every such lock on a local filesystem. On a network
-filesystem a process of another node may hold one, so those are named, not removed.
+machine holds: after the launcher kills a trial, those its processes held; after a trial died
+by itself, those made since it started; before a study's first trial (and before the test
+suite), every such lock. One on a network or FUSE filesystem, or another user's, may have a
+holder out of sight, so the last two name it instead of removing it.
 
 The rest of this module never imports torch (the orchestrator stays light).
 """
