@@ -17,10 +17,12 @@ from tunelab.pipeline.models import (
     frozen_engine,
     gathered,
     load_weights,
+    math_attention,
     optimizer_groups,
     prepare_for_training,
     train_engine,
     train_tokenizer,
+    training_attention,
 )
 from tunelab.presets import resolve_model
 
@@ -78,6 +80,53 @@ def test_lora_trains_adapters_only(runtime, tiny_config, tokenizer, stage, role)
     assert all(torch.equal(base[n], after_base[n]) for n in base)
     assert all(torch.count_nonzero(t) > 0 for t in after_adapters.values())
     assert runtime.world_size == 1
+    engine.destroy()
+
+
+def _graph_nodes(loss: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind `loss`."""
+    names, todo, seen = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_math_attention_only_for_short_bf16_rows_on_the_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert math_attention(cpu, torch.bfloat16, 128)
+    assert not math_attention(cpu, torch.bfloat16, 129)
+    assert not math_attention(cpu, torch.float32, 16)
+    assert not math_attention(cuda, torch.bfloat16, 16)
+
+
+@pytest.mark.parametrize(("precision", "tokens", "kernel"),
+                         [("bf16", 18, "math"), ("bf16", 129, "flash"), ("fp32", 18, "flash")])
+def test_training_attention_sets_the_kernel_backward_runs(runtime, tiny_config, tokenizer,
+                                                          precision, tokens, kernel):
+    """The backward of a forward under training_attention is the chosen kernel's: torch's CPU
+    flash attention is one autograd node, the math kernel a softmax between matmuls."""
+    config = tiny_config(f"precision={precision}")
+    engine_config = EngineConfig(zero_stage=0, learning_rate=1e-3)
+    ds_config = train_ds_config(config, engine_config, 1e-3)
+    model = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
+    engine = train_engine(model, ds_config, engine_config)
+    ids = torch.randint(4, len(tokenizer), (2, tokens))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: transformers passes the mask to the kernel
+    with training_attention(engine, tokens):
+        loss = engine(input_ids=ids, attention_mask=mask, labels=ids).loss
+    nodes = _graph_nodes(loss)
+    flash = {name for name in nodes if "FlashAttention" in name}
+    assert bool(flash) == (kernel == "flash"), nodes
+    softmax = {name for name in nodes if "Softmax" in name and "LogSoftmax" not in name}
+    assert bool(softmax) == (kernel == "math"), nodes
+    engine.backward(loss)  # the chosen kernel's backward runs
+    assert torch.isfinite(loss)
     engine.destroy()
 
 

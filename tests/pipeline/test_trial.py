@@ -57,6 +57,9 @@ def test_default_trial_writes_metrics_json(default_trial):
     assert [p["step"] for p in progress if "perf/ppo_e2e_tokens_per_s" in p] == list(range(2, 20))
     assert all(p.get("perf/ppo_e2e_tokens_per_s", 1) > 0 for p in progress)
     series = on_disk["series"]
+    # Before the first update the actor is the reference: the same weights, scored with the
+    # same attention kernel (training_attention), so the first step's KL is exactly 0.
+    assert series["ppo/kl"][0] == 0.0
     for name in ("ppo/gold", "ppo/score", "ppo/kl"):
         recent = [p[f"{name}_recent"] for p in progress]
         assert recent == pytest.approx(

@@ -22,6 +22,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -391,6 +392,28 @@ def frozen_engine(model: nn.Module, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+# Up to this many tokens, torch's CPU math attention trains (forward and backward) 1.3-5x faster
+# than its CPU flash attention in bf16, whose backward has a fixed cost per block of queries;
+# beyond 192 tokens flash is as fast or faster (benchmarks/cpu_attention.py). On GPUs, and in
+# fp32 on the CPU, flash is faster at every length measured there, so it stays.
+MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def math_attention(device: torch.device, dtype: torch.dtype, tokens: int) -> bool:
+    """Whether a training forward of `tokens` per row runs attention with torch's math
+    kernel (see MATH_ATTENTION_MAX_TOKENS)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and tokens <= MATH_ATTENTION_MAX_TOKENS
+
+
+def training_attention(engine, tokens: int) -> contextlib.AbstractContextManager:
+    """Context for a forward of `engine` whose backward follows: the scaled-dot-product
+    attention kernel that trains fastest there (the backward runs the forward's kernel)."""
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    if math_attention(engine.device, dtype, tokens):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def is_zero3(engine) -> bool:

@@ -31,6 +31,7 @@ from tunelab.pipeline.models import (
     load_weights,
     prepare_for_training,
     train_engine,
+    training_attention,
 )
 from tunelab.pipeline.rm import pairwise_accuracy, sequence_scores
 from tunelab.pipeline.telemetry import throughput
@@ -206,22 +207,26 @@ class PPOTrainer:
 
     # -- experience ---------------------------------------------------------------------------
 
+    # Experience and training score sequences with one attention kernel (training_attention):
+    # a difference of kernels cannot move the start's KL from 0 nor a first ratio from 1.
     def _answer_logprobs(self, engine, seq, mask):
         """[B, A] log-probabilities of the answer tokens; logits only for answer positions."""
-        logits = engine(
-            input_ids=seq,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-            logits_to_keep=self.answer_len + 1,
-        ).logits[:, :-1]
+        with training_attention(engine, seq.shape[1]):
+            logits = engine(
+                input_ids=seq,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                use_cache=False,
+                logits_to_keep=self.answer_len + 1,
+            ).logits[:, :-1]
         return ppo_math.token_logprobs(
             logits, seq[:, self.prompt_len :], self.ctx.config.ppo.temperature
         )
 
     def _answer_values(self, engine, seq, mask):
         """[B, A] critic values of the states before each answer token."""
-        values = engine(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask))
+        with training_attention(engine, seq.shape[1]):
+            values = engine(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask))
         return values[:, self.prompt_len - 1 : -1].float()
 
     def gold_rewards(self, seq, answer_mask) -> torch.Tensor | None:

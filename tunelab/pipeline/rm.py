@@ -97,7 +97,7 @@ def run_rm(ctx: TrialContext):
             return -F.logsigmoid(chosen - rejected).mean()
 
         losses = train_steps(ctx, engine, "rm", config.rm.steps, len(data.chosen.ids),
-                             config.seed + 1, loss_of)  # fmt: skip
+                             data.chosen.ids.shape[1], config.seed + 1, loss_of)  # fmt: skip
         accuracy = pairwise_accuracy(ctx, engine)
         with ctx.overhead("handoff"):
             weights = consolidated_state_dict(engine)

@@ -44,8 +44,8 @@ def run_sft(ctx: TrialContext):
                 labels=labels, use_cache=False,
             ).loss  # fmt: skip
 
-        losses = train_steps(ctx, engine, "sft", config.sft.steps, len(data.ids), config.seed,
-                             loss_of)  # fmt: skip
+        losses = train_steps(ctx, engine, "sft", config.sft.steps, len(data.ids),
+                             data.ids.shape[1], config.seed, loss_of)  # fmt: skip
         with ctx.overhead("handoff"):
             weights = consolidated_state_dict(engine)
         engine.destroy()

@@ -8,6 +8,7 @@ import torch
 
 from tunelab.pipeline.batching import batch_indices
 from tunelab.pipeline.context import TrialContext
+from tunelab.pipeline.models import training_attention
 
 
 def train_steps(
@@ -16,12 +17,14 @@ def train_steps(
     stage: str,
     steps: int,
     num_rows: int,
+    tokens: int,
     seed: int,
     loss_of: Callable[[list[int]], torch.Tensor],
 ) -> list[float]:
     """`steps` optimizer steps of grad_accum micro-batches each, timed as phase `stage`;
-    `loss_of(rows)` computes a micro-batch's loss. Returns the mean loss per step (all ranks).
-    Steps whose optimizer step fp16 loss scaling skipped are noted in ctx.skipped."""
+    `loss_of(rows)` computes a micro-batch's loss over rows of `tokens` tokens (its forward
+    runs under training_attention). Returns the mean loss per step (all ranks). Steps whose
+    optimizer step fp16 loss scaling skipped are noted in ctx.skipped."""
     runtime, batch = ctx.runtime, ctx.config.batch
     losses = []
     for step in range(steps):
@@ -33,7 +36,8 @@ def train_steps(
                     num_rows, batch.train_micro, step * batch.grad_accum + micro, runtime.rank,
                     runtime.world_size, seed,
                 )  # fmt: skip
-                loss = loss_of(rows)
+                with training_attention(engine, tokens):
+                    loss = loss_of(rows)
                 runtime.check_finite(loss, f"{stage} step {step}")
                 engine.backward(loss)
                 ctx.record_states(stage, engine)

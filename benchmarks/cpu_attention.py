@@ -1,0 +1,117 @@
+"""torch's CPU attention kernels in training: flash against math, bf16 and fp32, by length.
+
+    python benchmarks/cpu_attention.py
+
+Times causal scaled-dot-product attention forward + backward, one thread, under each kernel
+(torch.nn.attention.sdpa_kernel), at shapes [batch, heads, tokens, head width] of the tiny
+preset (4 heads of 16) and of OPT-125m (12 heads of 64), and a no-grad forward (how PPO scores
+experience) at the tiny preset's widths. Medians of 5 timed loops after a warm-up. Backs
+tunelab.pipeline.models.MATH_ATTENTION_MAX_TOKENS. Writes reports/bench/cpu_attention.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tunelab.pipeline.models import MATH_ATTENTION_MAX_TOKENS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(4, 4, 16), (16, 4, 16), (4, 12, 64)]  # batch, heads, head width
+TOKENS = [16, 32, 64, 128, 192, 256, 384]
+KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+
+
+def median_ms(call, calls: int) -> float:
+    for _ in range(2):
+        call()
+    loops = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        loops.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(loops)
+
+
+def train_call(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: SDPBackend):
+    """Forward and backward of one causal attention under `kernel`."""
+    q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def call() -> None:
+        with sdpa_kernel(kernel):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.float().sum().backward()
+
+    return call
+
+
+def scoring_call(shape: tuple[int, int, int, int], kernel: SDPBackend):
+    """A no-grad bf16 forward with a boolean mask, as transformers passes a padded batch."""
+    q, k, v = (torch.randn(*shape, dtype=torch.bfloat16) for _ in range(3))
+    tokens = shape[2]
+    mask = torch.ones(shape[0], 1, tokens, tokens, dtype=torch.bool).tril()
+
+    def call() -> None:
+        with torch.no_grad(), sdpa_kernel(kernel):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return call
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, heads, width in SHAPES:
+            for tokens in TOKENS:
+                shape = (batch, heads, tokens, width)
+                calls = max(2, 2000 // (tokens * heads))
+                times = {name: median_ms(train_call(shape, dtype, kernel), calls)
+                         for name, kernel in KERNELS.items()}  # fmt: skip
+                rows.append({"pass": "train", "dtype": str(dtype).split(".")[1],
+                             "shape": list(shape), **times})  # fmt: skip
+                print(rows[-1], file=sys.stderr)
+    for batch, heads, width in SHAPES[:2]:
+        for tokens in (18, 64, 128):
+            shape = (batch, heads, tokens, width)
+            times = {name: median_ms(scoring_call(shape, kernel), 50)
+                     for name, kernel in KERNELS.items()}  # fmt: skip
+            rows.append({"pass": "no-grad forward", "dtype": "bfloat16", "shape": list(shape),
+                         **times})  # fmt: skip
+    record = {
+        "command": "python benchmarks/cpu_attention.py",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    out = ROOT / "reports" / "bench"
+    (out / "cpu_attention.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# torch's CPU attention kernels: flash against math", "",
+             f"`{record['command']}` on {record['date']} ({record['machine']}, torch "
+             f"{record['torch']}), one thread; milliseconds per call, medians of 5 loops. "
+             "Causal attention; shape is [batch, heads, tokens, head width].", "",
+             "| pass | dtype | shape | flash (ms) | math (ms) | math / flash |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['pass']} | {r['dtype']} | {r['shape']} | {r['flash']:.2f} | "
+              f"{r['math']:.2f} | {r['math'] / r['flash']:.2f} |" for r in rows]  # fmt: skip
+    lines += ["", f"tunelab trains with the math kernel on the CPU in bf16 up to "
+              f"{MATH_ATTENTION_MAX_TOKENS} tokens per row (tunelab.pipeline.models."
+              "training_attention), and PPO scores experience with the kernel it trains with.",
+              ""]  # fmt: skip
+    (out / "cpu_attention.md").write_text("\n".join(lines))
+    print((out / "cpu_attention.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
