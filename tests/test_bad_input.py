@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -339,14 +340,31 @@ def test_an_output_folder_of_an_earlier_run_is_refused_and_kept(tmp_path, capsys
 
 
 def test_reproduce_without_out_takes_a_new_folder_per_call(tmp_path):
-    from tunelab.cli import REPRODUCE_MARKS, first_unused
+    from tunelab.cli import REPRODUCE_MARKS, claim_unused
 
-    default = tmp_path / "reproduce-x"
-    assert first_unused(default, REPRODUCE_MARKS) == default
-    (default / "repeat0").mkdir(parents=True)
-    assert first_unused(default, REPRODUCE_MARKS) == tmp_path / "reproduce-x-2"
-    (tmp_path / "reproduce-x-2").mkdir()  # made, never used: taken again
-    assert first_unused(default, REPRODUCE_MARKS) == tmp_path / "reproduce-x-2"
+    default, mark = tmp_path / "reproduce-x", REPRODUCE_MARKS[0]
+    assert claim_unused(default, mark) == default
+    assert (default / mark).is_dir()  # claimed: the next call goes on
+    assert claim_unused(default, mark) == tmp_path / "reproduce-x-2"
+    (tmp_path / "reproduce-x-3").mkdir()  # made, never used: taken
+    assert claim_unused(default, mark) == tmp_path / "reproduce-x-3"
+
+
+def test_concurrent_reproduce_calls_take_different_folders(tmp_path):
+    """Eight processes claiming at once (the review's race: both saw no earlier run, both
+    wrote to one folder) end in eight folders."""
+    driver = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from tunelab.cli import claim_unused
+        time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+        print(claim_unused(Path({str(tmp_path / "reproduce-x")!r}), "repeat0"))
+    """)
+    start = str(time.time() + 3)
+    calls = [subprocess.Popen([sys.executable, "-c", driver, start], stdout=subprocess.PIPE,
+                              text=True) for _ in range(8)]  # fmt: skip
+    taken = [call.communicate(timeout=60)[0].strip() for call in calls]
+    assert len(set(taken)) == 8, taken
 
 
 def test_running_out_of_memory_is_one_line(tmp_path):

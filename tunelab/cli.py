@@ -11,7 +11,6 @@ their output, by default under the study's folder or runs/, never over the repos
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import shutil
@@ -85,11 +84,20 @@ def unused_folder(folder: Path, marks: tuple[str, ...], option: str = "--out") -
     return writable_folder(folder, option)
 
 
-def first_unused(folder: Path, marks: tuple[str, ...]) -> Path:
-    """`folder`, or `folder`-2, -3, ...: the first that holds none of `marks`."""
-    candidates = itertools.chain([folder], (folder.with_name(f"{folder.name}-{n}")
-                                            for n in itertools.count(2)))  # fmt: skip
-    return next(c for c in candidates if not any((c / mark).exists() for mark in marks))
+def claim_unused(folder: Path, mark: str) -> Path:
+    """`folder`, or `folder`-2, -3, ...: the first (writable, writable_folder) in which this
+    call creates the folder `mark`. Creating a folder is atomic, so two calls at once never
+    take the same one; a folder made but never used is taken again."""
+    candidate, number = folder, 1
+    while True:
+        try:
+            (writable_folder(candidate) / mark).mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = folder.with_name(f"{folder.name}-{number}")
+        except OSError as exc:
+            raise InputError(f"--out {candidate}: cannot write there ({exc.strerror})") from None
 
 
 # Each kind of input file, with a shipped example to point a user at.
@@ -430,7 +438,7 @@ def _cmd_reproduce(args) -> int:
     config, figures = read_export(args.export_dir)
     if args.out is None:  # a new folder per call: an earlier call's reruns stay
         default = Path("runs") / f"reproduce-{args.export_dir.resolve().name}"
-        out = writable_folder(first_unused(default, REPRODUCE_MARKS))
+        out = claim_unused(default, REPRODUCE_MARKS[0])
     else:
         out = unused_folder(args.out, REPRODUCE_MARKS)
     _build_ops_for(config, out)
