@@ -16,6 +16,7 @@ from tunelab.stagecache import (
     is_complete,
     refresh_claim,
     release_claim,
+    reuse_metrics,
     stage_key,
     stage_plan,
     start_key,
@@ -82,6 +83,14 @@ def test_only_stages_a_study_does_not_measure_are_planned(tmp_path):
     assert set(stage_plan(config, tmp_path, ("ppo",))) == {"sft", "rm", START}
 
 
+def test_reuse_metrics_name_what_a_plan_loads(tmp_path):
+    plan = stage_plan(load_config(TINY), tmp_path, ("ppo",))
+    assert reuse_metrics(plan) == {}
+    loads = {stage: {**entry, "action": "load"} for stage, entry in plan.items()}
+    assert reuse_metrics(loads) == {"sft/reused": 1, "rm/reused": 1, "ppo/start_reused": 1}
+    assert reuse_metrics({**loads, START: plan[START]}) == {"sft/reused": 1, "rm/reused": 1}
+
+
 def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypatch):
     from tunelab.launcher import cpu_threads, launch_trial
 
@@ -116,9 +125,13 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
     assert saved == json.loads((tmp_path / "elsewhere.json").read_text())
     assert saved == {"score": fresh.metrics["ppo/score_start"],
                      "gold": fresh.metrics["ppo/gold_start"]}  # fmt: skip
-    # The start read from the cache: no start evaluation, and the same PPO after it.
+    # The start read from the cache: no start evaluation, and the same PPO after it. Planned
+    # as `save`: the entry was written after the plan was made (by the trial whose SFT and RM
+    # this one waited for), and the trial reads it all the same.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    started = launch_trial(config, tmp_path / "started", stage_plan=loading, timeout_s=300)
+    written_since = {**loading, START: {**loading[START], "action": "save"}}
+    started = launch_trial(config, tmp_path / "started", stage_plan=written_since,
+                           timeout_s=300)  # fmt: skip
     assert started.status == "ok", started.reason
     assert started.metrics["ppo/start_reused"] == 1
     for name in ("ppo/score_start", "ppo/gold_start", "ppo/score_end", "ppo/gold_end",

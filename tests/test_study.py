@@ -354,9 +354,11 @@ def test_a_trial_past_a_constraints_stop_line_is_stopped(tmp_path):
         assert progress[-1]["step"] < 15  # stopped before its last step
         assert not (folder / "metrics.json").exists()
     assert "sft/reused" not in trial_metrics(first.user_attrs)
-    assert trial_metrics(second.user_attrs) == {"sft/reused": 1, "rm/reused": 1}
+    assert trial_metrics(second.user_attrs) == {"sft/reused": 1, "rm/reused": 1,
+                                                "ppo/start_reused": 1}  # fmt: skip
     sources = stage_sources([from_frozen_trial(t) for t in (first, second)])
     assert sources["sft"]["reused"] == sources["rm"]["reused"] == 1
+    assert sources["ppo_start"] == {"reused": 1}
 
 
 def test_a_grid_study_stops_once_its_grid_is_run(tmp_path):

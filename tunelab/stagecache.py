@@ -46,6 +46,7 @@ _ROLE = {"sft": "actor", "rm": "critic"}
 WEIGHTS, RECORD = "weights.pt", "stage.json"
 STAGE_CACHE = "stage-cache"  # the cache's folder in a study's output folder
 START = "ppo_start"  # the plan's entry for PPO's start evaluation
+START_REUSED = "ppo/start_reused"  # the metric of a trial that read PPO's start from the cache
 # What only PPO's steps read, after its start evaluation (per config section; "" the top):
 # trials that differ in these alone evaluate the same start.
 AFTER_START = {
@@ -194,3 +195,13 @@ def refresh_claim(entry: Path) -> None:
 def reused_stages(plan: dict[str, dict]) -> list[str]:
     """The stages a trial of `plan` loads from the cache instead of running."""
     return [stage for stage in STAGES if plan.get(stage, {}).get("action") == "load"]
+
+
+def reuse_metrics(plan: dict[str, dict]) -> dict[str, int]:
+    """What a trial of `plan` loads from the cache, as its metrics say it: `<stage>/reused`,
+    and START_REUSED for PPO's start (which the trial also reads when another trial wrote it
+    after the plan was made; its own metrics then say so)."""
+    metrics = {f"{stage}/reused": 1 for stage in reused_stages(plan)}
+    if plan.get(START, {}).get("action") == "load":
+        metrics[START_REUSED] = 1
+    return metrics

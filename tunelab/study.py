@@ -71,7 +71,7 @@ from tunelab.stagecache import (
     is_complete,
     refresh_claim,
     release_claim,
-    reused_stages,
+    reuse_metrics,
     try_claim,
 )
 from tunelab.storage import (
@@ -291,14 +291,14 @@ def enqueue_repeats(study: optuna.Study, spec: StudySpec) -> bool:
 
 def outcome_record(spec: StudySpec, status: Status, reason: str, *, config=None,
                    predicted=None, outcome=None, intermediate=None,
-                   reused=()) -> dict[str, Any]:  # fmt: skip
+                   reused=None) -> dict[str, Any]:  # fmt: skip
     """What tunelab records for a finished trial: status, reason, user attributes, objective
     values and constraint violations (JSON, so it can wait in DIR/outcome.json). `predicted`,
     the orchestrator's memory prediction, is kept only when the trial recorded none itself;
-    `reused`, the stages its plan loaded from the stage cache, as `<stage>/reused` when the
-    trial recorded nothing (stopped early, or failed), so the report counts it."""
+    `reused`, what its plan loaded from the stage cache (stagecache.reuse_metrics), kept when
+    the trial recorded nothing (stopped early, or failed), so the report counts it."""
     metrics = outcome.metrics if outcome else {}
-    metrics = {**{f"{stage}/reused": 1 for stage in reused}, **metrics}
+    metrics = {**(reused or {}), **metrics}
     values = None
     status = Status(status)
     if status == Status.OK:
@@ -780,7 +780,7 @@ class Orchestrator:
         reason = outcome.reason
         if outcome.status == Status.PRUNED and pruning.stopped_by:
             reason = f"{reason}: {pruning.stopped_by}"
-        reused = reused_stages(plan)
+        reused = reuse_metrics(plan)
         self._finish(trial, outcome.status, reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate, reused=reused)  # fmt: skip

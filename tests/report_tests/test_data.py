@@ -24,6 +24,7 @@ from tests.report_tests.studies import (
 )
 from tunelab.records import OBJECTIVES_ATTR, TrialRecord, from_frozen_trial
 from tunelab.report import data
+from tunelab.report.build import _overview
 from tunelab.spec import Objective
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -348,7 +349,7 @@ def test_trial_table_rows_columns_and_cells(cpu):
 def test_stage_sources_count_trained_given_and_reused_stages():
     records = [
         record(0, metrics={"x/y": 1.0}, config={"sft": {"steps": 40}, "rm": {"steps": 40}}),
-        record(1, metrics={"sft/reused": 1, "rm/reused": 1},
+        record(1, metrics={"sft/reused": 1, "rm/reused": 1, "ppo/start_reused": 1},
                config={"sft": {"steps": 40}, "rm": {"steps": 40}}),
         record(2, metrics={"rm/reused": 1}, config={"sft": {"steps": 0}, "rm": {"steps": 40}}),
         record(3, state="PRUNED", status="pruned_memory"),  # never launched
@@ -356,4 +357,9 @@ def test_stage_sources_count_trained_given_and_reused_stages():
     assert data.stage_sources(records) == {
         "sft": {"trained": 1, "given": 1, "reused": 1},
         "rm": {"trained": 1, "given": 0, "reused": 2},
+        "ppo_start": {"reused": 1},
     }
+    assert _overview(records, []).endswith(
+        " Stages: SFT trained in 1, given in 1, reused in 1; RM trained in 1, reused in 2; "
+        "PPO's start evaluation reused in 1 (launched trials)."
+    )

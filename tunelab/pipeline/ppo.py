@@ -35,7 +35,7 @@ from tunelab.pipeline.models import (
 )
 from tunelab.pipeline.rm import pairwise_accuracy, sequence_scores
 from tunelab.pipeline.telemetry import throughput
-from tunelab.stagecache import read_start, save_start
+from tunelab.stagecache import START_REUSED, read_start, save_start
 
 log = logging.getLogger("tunelab")
 
@@ -372,8 +372,8 @@ def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
             "rm/eval_accuracy": pairwise_accuracy(ctx, trainer.reward),
             "rm/eval_pairs": len(ctx.data.eval_chosen.ids),
         }
-    start_reused = (start_plan or {}).get("action") == "load"
-    if start_reused:  # every rank: the plan is theirs alike, so none waits in an evaluation
+    start_reused = start_plan is not None and _start_cached(start_plan, runtime)
+    if start_reused:
         start = read_start(Path(start_plan["path"]))
     else:
         with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
@@ -461,8 +461,19 @@ def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
     timed_tokens = {name: sum(counts[s] for s in timed) for name, counts in tokens.items()}
     metrics = {**given_rm, **_ppo_metrics(ctx, timed, start, end, series, timed_tokens)}
     if start_reused:
-        metrics["ppo/start_reused"] = 1
+        metrics[START_REUSED] = 1
     return metrics, series, end["samples"]
+
+
+def _start_cached(start_plan: dict, runtime) -> bool:
+    """Whether PPO's start is read from the stage cache: the plan says so, or the entry was
+    written since the plan was made (by the trial this one waited for while it trained SFT and
+    RM). Every rank answers alike (a rank that evaluates while another reads would wait in the
+    evaluation's collectives): any rank's sight of the entry counts, and it is never removed."""
+    if start_plan["action"] == "load":
+        return True
+    seen = float(Path(start_plan["path"]).is_file())
+    return runtime.all_max({"seen": seen})["seen"] > 0
 
 
 def nonpad_throughput(seconds: dict[str, float], answer_tokens: int, sequence_tokens: int):

@@ -26,11 +26,13 @@ from tunelab.report.render import (
     to_markdown,
 )
 from tunelab.spec import Objective
+from tunelab.stagecache import START
 
 if TYPE_CHECKING:
     import optuna
 
 TOP_TRIALS = 5  # how many of the best trials the time and reward sections show
+STAGE_NAMES = {"sft": "SFT", "rm": "RM", START: "PPO's start evaluation"}  # the overview's
 
 
 def _records(study: optuna.Study) -> list[TrialRecord]:
@@ -330,7 +332,7 @@ def _overview(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -
     for stage, counts in data.stage_sources(records).items():
         told = [f"{how} in {n}" for how, n in counts.items() if n]
         if told and told != [f"trained in {sum(counts.values())}"]:  # say it when not plain
-            sources.append(f"{stage.upper()} {', '.join(told)}")
+            sources.append(f"{STAGE_NAMES[stage]} {', '.join(told)}")
     stages = f" Stages: {'; '.join(sources)} (launched trials)." if sources else ""
     return f"{trials} ({states or 'none yet'}); objectives: {goals or 'none'}.{stages}"
 

@@ -36,6 +36,7 @@ from tunelab.repeats import (
 )
 from tunelab.spec import Objective
 from tunelab.stagecache import STAGES as REUSABLE_STAGES
+from tunelab.stagecache import START, START_REUSED
 
 TIMED_PHASES = ("sft", "rm", "ppo_generate", "ppo_experience", "ppo_train")
 THROUGHPUT = "perf/ppo_e2e_tokens_per_s"
@@ -316,12 +317,16 @@ def _chosen(records: Sequence[TrialRecord], numbers: Sequence[int]) -> list[Tria
 
 def stage_sources(records: Sequence[TrialRecord]) -> dict[str, dict[str, int]]:
     """Per stage (sft, rm), how many launched trials `trained` it, took it `given` (0 steps: a
-    checkpoint used as is) or `reused` it from the study's stage cache (spec `measure`)."""
+    checkpoint used as is) or `reused` it from the study's stage cache (spec `measure`); and
+    in how many PPO's start evaluation was `reused` from there (START)."""
     counts = {stage: {"trained": 0, "given": 0, "reused": 0} for stage in REUSABLE_STAGES}
+    counts[START] = {"reused": 0}
     for r in records:
         if not r.metrics:  # never launched, or nothing recorded
             continue
-        for stage, count in counts.items():
+        counts[START]["reused"] += r.metrics.get(START_REUSED) == 1
+        for stage in REUSABLE_STAGES:
+            count = counts[stage]
             if r.metrics.get(f"{stage}/reused") == 1:
                 count["reused"] += 1
             elif r.config.get(stage, {}).get("steps") == 0:
