@@ -109,23 +109,25 @@ def test_math_attention_only_for_short_bf16_rows_on_the_cpu():
 def test_training_attention_sets_the_kernel_backward_runs(runtime, tiny_config, tokenizer,
                                                           precision, tokens, kernel):
     """The backward of a forward under training_attention is the chosen kernel's: torch's CPU
-    flash attention is one autograd node, the math kernel a softmax between matmuls."""
+    flash attention is one autograd node, the math kernel a softmax between matmuls. With
+    gradient checkpointing, backward recomputes the forward under the same kernel (another one
+    would give tensors of other shapes, which torch refuses)."""
     config = tiny_config(f"precision={precision}")
-    engine_config = EngineConfig(zero_stage=0, learning_rate=1e-3)
+    engine_config = EngineConfig(zero_stage=0, learning_rate=1e-3, gradient_checkpointing=True)
     ds_config = train_ds_config(config, engine_config, 1e-3)
     model = build_causal_lm(resolve_model("tiny"), tokenizer, ds_config)
-    engine = train_engine(model, ds_config, engine_config)
+    engine = train_engine(prepare_for_training(model, engine_config), ds_config, engine_config)
     ids = torch.randint(4, len(tokenizer), (2, tokens))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding: transformers passes the mask to the kernel
     with training_attention(engine, tokens):
         loss = engine(input_ids=ids, attention_mask=mask, labels=ids).loss
-    nodes = _graph_nodes(loss)
+        nodes = _graph_nodes(loss)
+        engine.backward(loss)
     flash = {name for name in nodes if "FlashAttention" in name}
     assert bool(flash) == (kernel == "flash"), nodes
     softmax = {name for name in nodes if "Softmax" in name and "LogSoftmax" not in name}
     assert bool(softmax) == (kernel == "math"), nodes
-    engine.backward(loss)  # the chosen kernel's backward runs
     assert torch.isfinite(loss)
     engine.destroy()
 

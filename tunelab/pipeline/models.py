@@ -408,8 +408,9 @@ def math_attention(device: torch.device, dtype: torch.dtype, tokens: int) -> boo
 
 
 def training_attention(engine, tokens: int) -> contextlib.AbstractContextManager:
-    """Context for a forward of `engine` whose backward follows: the scaled-dot-product
-    attention kernel that trains fastest there (the backward runs the forward's kernel)."""
+    """Context for a forward of `engine` whose backward follows, and for that backward (which
+    runs the forward's kernel, and recomputes a checkpointed forward): the scaled-dot-product
+    attention kernel that trains fastest there."""
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     if math_attention(engine.device, dtype, tokens):
         return sdpa_kernel(SDPBackend.MATH)

@@ -269,7 +269,7 @@ class PPOTrainer:
         A step in which either optimizer skipped (fp16 overflow) is noted in ctx.skipped."""
         ppo, runtime = self.ctx.config.ppo, self.ctx.runtime
         skipped_before = (self.actor.skipped_steps, self.critic.skipped_steps)
-        micro = self.ctx.config.batch.train_micro
+        micro, tokens = self.ctx.config.batch.train_micro, experience.seq.shape[1]
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
         count = 0
         for _ in range(ppo.epochs):
@@ -280,7 +280,9 @@ class PPOTrainer:
                     logprobs, batch.logprobs, batch.advantages, batch.answer_mask, ppo.clip_range
                 )
                 runtime.check_finite(actor_loss, f"ppo step {step} actor")
-                self.actor.backward(actor_loss)
+                # A checkpointed forward is recomputed in backward, with the same kernel.
+                with training_attention(self.actor, tokens):
+                    self.actor.backward(actor_loss)
                 self.ctx.record_states("actor", self.actor)
                 self.actor.step()
                 values = self._answer_values(self.critic, batch.seq, batch.attention_mask)
@@ -288,7 +290,8 @@ class PPOTrainer:
                     values, batch.values, batch.returns, batch.answer_mask, ppo.value_clip_range
                 )
                 runtime.check_finite(critic_loss, f"ppo step {step} critic")
-                self.critic.backward(critic_loss)
+                with training_attention(self.critic, tokens):
+                    self.critic.backward(critic_loss)
                 self.ctx.record_states("critic", self.critic)
                 self.critic.step()
                 stats["policy_loss"] += actor_loss.item()

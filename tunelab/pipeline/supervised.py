@@ -22,8 +22,8 @@ def train_steps(
     loss_of: Callable[[list[int]], torch.Tensor],
 ) -> list[float]:
     """`steps` optimizer steps of grad_accum micro-batches each, timed as phase `stage`;
-    `loss_of(rows)` computes a micro-batch's loss over rows of `tokens` tokens (its forward
-    runs under training_attention). Returns the mean loss per step (all ranks). Steps whose
+    `loss_of(rows)` computes a micro-batch's loss over rows of `tokens` tokens (forward and
+    backward run under training_attention). Returns the mean loss per step (all ranks). Steps whose
     optimizer step fp16 loss scaling skipped are noted in ctx.skipped."""
     runtime, batch = ctx.runtime, ctx.config.batch
     losses = []
@@ -36,10 +36,11 @@ def train_steps(
                     num_rows, batch.train_micro, step * batch.grad_accum + micro, runtime.rank,
                     runtime.world_size, seed,
                 )  # fmt: skip
+                # Backward too: a checkpointed forward is recomputed there, with the same kernel.
                 with training_attention(engine, tokens):
                     loss = loss_of(rows)
-                runtime.check_finite(loss, f"{stage} step {step}")
-                engine.backward(loss)
+                    runtime.check_finite(loss, f"{stage} step {step}")
+                    engine.backward(loss)
                 ctx.record_states(stage, engine)
                 engine.step()
                 step_loss += loss.item() / batch.grad_accum
