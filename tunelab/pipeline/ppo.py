@@ -378,6 +378,8 @@ def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
     start_reused = start_plan is not None and _start_cached(start_plan, runtime)
     if start_reused:
         start = read_start(Path(start_plan["path"]))
+        if runtime.is_main:
+            log.info("PPO's start read from the stage cache (%s)", start_plan["path"])
     else:
         with ctx.memory.stage("ppo_eval"), ctx.overhead("eval"):
             start = trainer.evaluate()
