@@ -173,6 +173,24 @@ def test_forked_trials_learn_measure_stop_and_die_as_fresh_ones(short_config, tm
     assert not _zygotes_running()
 
 
+def test_a_stop_while_the_zygote_imports_starts_no_trial(short_config, tmp_path):
+    """A study stopped while its first zygote still imports: the trial is interrupted without
+    a process of its own (before, a fresh one was started and killed at once)."""
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()  # the zygote's imports take seconds
+    started: list[int] = []
+    pool = ZygotePool()
+    try:
+        outcome = launch_trial(short_config, tmp_path / "t", zygotes=pool, stop=stop,
+                               on_start=started.append)  # fmt: skip
+    finally:
+        pool.close()
+    assert outcome.status == Status.INTERRUPTED and outcome.returncode is None
+    assert started == []
+    assert _log(outcome).endswith("tunelab: stopped before the trial started\n")
+    assert not _zygotes_running()
+
+
 def test_a_zygote_whose_imports_load_the_cuda_driver_serves_no_trial(
     short_config, tmp_path, monkeypatch
 ):

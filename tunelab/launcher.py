@@ -376,6 +376,10 @@ def launch_trial(
                 process = zygotes.start(pipeline_args(out_dir), child_env, out_dir / "trial.log",
                                         stop)  # fmt: skip
             except ZygoteUnavailable as exc:
+                if stop is not None and stop.is_set():  # stopped while a zygote imported
+                    log.write(b"tunelab: stopped before the trial started\n")
+                    return TrialOutcome(Status.INTERRUPTED, "the orchestrator was stopped", {},
+                                        {}, time.monotonic() - started, None, out_dir)  # fmt: skip
                 log.write(f"tunelab: no zygote ({exc}); a fresh process runs the trial\n".encode())
                 log.flush()
         if process is None:
