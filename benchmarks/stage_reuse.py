@@ -3,6 +3,7 @@ by side in one run.
 
     python benchmarks/stage_reuse.py [--trials 6] [--spec studies/ppo-coefficients.yaml]
                                      [--stage-steps 40 200] [--other CHECKOUT] [--modes ...]
+                                     [--repeats 1]
 
 Runs `tunelab run` on the spec as shipped (`measure: [ppo]`: SFT and RM trained once and
 reused; its pruner and constraint stop lines: early stops; one-rank trials forked from a zygote
@@ -19,6 +20,9 @@ code before stage reuse, early stops on the reward and the start-up cuts) also r
 study with that checkout's code: the spec without what it does not know (`measure`, `confirm`,
 the pruner, constraint stop margins), the base config likewise (`lora_learning_rate`, unused
 without LoRA).
+`--repeats N` runs every study N times in rounds (each round all of them, one after another)
+and gives each ratio as the median of its rounds' ratios: this machine's speed drifts by tens
+of percent within minutes, and a ratio within one round compares studies run close together.
 Writes reports/bench/stage_reuse.{json,md}. Timings: run on a quiet machine.
 """
 
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,55 +127,64 @@ def main() -> None:
     parser.add_argument("--other", type=Path, help="an earlier checkout, without stage reuse")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="which of this checkout's studies to run (the first is shipped)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all the studies")
     args = parser.parse_args()
     modes = {label: (*MODES[label], ROOT) for label in args.modes}
     if args.other:
         modes[BEFORE] = (None, False, False, args.other)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for steps in args.stage_steps:
-            for i, (label, (measure, early_stops, preload, tree)) in enumerate(modes.items()):
-                folder = Path(tmp) / f"mode{i}-{steps}"
-                folder.mkdir()
-                result = run_study(ROOT / args.spec, args.trials, measure, early_stops,
-                                   preload, steps, folder, tree)  # fmt: skip
-                results.append({"mode": label, **result})
+        for repeat in range(args.repeats):
+            for steps in args.stage_steps:
+                for i, (label, (measure, early_stops, preload, tree)) in enumerate(modes.items()):
+                    folder = Path(tmp) / f"round{repeat}-mode{i}-{steps}"
+                    folder.mkdir()
+                    result = run_study(ROOT / args.spec, args.trials, measure, early_stops,
+                                       preload, steps, folder, tree)  # fmt: skip
+                    results.append({"mode": label, "round": repeat, **result})
 
-    def wall(steps, mode):
-        return next(r["command_wall_s"] for r in results
-                    if r["stage_steps"] == steps and r["mode"] == mode)  # fmt: skip
+    def wall(steps, mode, repeat):
+        return next(r["command_wall_s"] for r in results if r["stage_steps"] == steps
+                    and r["mode"] == mode and r["round"] == repeat)  # fmt: skip
 
     shipped = next(iter(modes))
-    ratios = {steps: {mode: wall(steps, shipped) / wall(steps, mode)
-                      for mode in modes if mode != shipped}
-              for steps in args.stage_steps}  # fmt: skip
+    round_ratios = {steps: {mode: [wall(steps, shipped, n) / wall(steps, mode, n)
+                                   for n in range(args.repeats)]
+                            for mode in modes if mode != shipped}
+                    for steps in args.stage_steps}  # fmt: skip
+    ratios = {steps: {mode: statistics.median(each) for mode, each in against.items()}
+              for steps, against in round_ratios.items()}  # fmt: skip
     record = {
         "command": "python benchmarks/stage_reuse.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}",
         "results": results,
         "wall_ratio_of_shipped": ratios,
+        "wall_ratio_of_shipped_per_round": round_ratios,
     }
     out = ROOT / "reports" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_reuse.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# Stage reuse and early stops: {args.spec}, {args.trials} trials", "",
              f"`{record['command'].strip()}` on {record['date']} ({record['machine']}).", "",
-             "| SFT/RM steps | study | checkout | study wall (s) | trial walls (s) | trials "
-             "reusing | stopped early | gold gains |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| round | SFT/RM steps | study | checkout | study wall (s) | trial walls (s) | "
+             "trials reusing | stopped early | gold gains |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in results:
         walls = ", ".join(f"{w:.1f}" for w in result["trial_walls_s"])
         gains = ", ".join("-" if g is None else f"{g:.2f}" for g in result["gold_gains"])
-        lines.append(f"| {result['stage_steps']} | {result['mode']} | {result['checkout']} | "
+        lines.append(f"| {result['round']} | {result['stage_steps']} | {result['mode']} | "
+                     f"{result['checkout']} | "
                      f"{result['command_wall_s']:.1f} | {walls} | {result['reused_trials']} | "
                      f"{result['stopped_early']} | {gains} |")  # fmt: skip
     lines.append("")
     for steps, against in ratios.items():
         for mode, ratio in against.items():
             by = f" ({_commit(args.other)})" if mode == BEFORE else ""
+            each = ", ".join(f"{r:.2f}" for r in round_ratios[steps][mode])
             lines.append(f"With {steps} SFT and RM steps, the shipped study ({shipped}) "
-                         f"takes {ratio:.2f}x the wall time of the study run as '{mode}'{by}.")
+                         f"takes {ratio:.2f}x the wall time of the study run as '{mode}'{by}"
+                         f" (median of the rounds' ratios: {each}).")
     lines.append("")
     (out / "stage_reuse.md").write_text("\n".join(lines))
     print((out / "stage_reuse.md").read_text())
