@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from token_draw import per_call_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tunelab.pipeline.models import MATH_ATTENTION_MAX_TOKENS
@@ -29,18 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4, 4, 16), (16, 4, 16), (4, 12, 64)]  # batch, heads, head width
 TOKENS = [16, 32, 64, 128, 192, 256, 384]
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
-
-
-def median_ms(call, calls: int) -> float:
-    for _ in range(2):
-        call()
-    loops = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        loops.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(loops)
 
 
 def train_call(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: SDPBackend):
@@ -76,7 +63,7 @@ def main() -> None:
             for tokens in TOKENS:
                 shape = (batch, heads, tokens, width)
                 calls = max(2, 2000 // (tokens * heads))
-                times = {name: median_ms(train_call(shape, dtype, kernel), calls)
+                times = {name: per_call_us(train_call(shape, dtype, kernel), calls, warmup=2) / 1e3
                          for name, kernel in KERNELS.items()}  # fmt: skip
                 rows.append({"pass": "train", "dtype": str(dtype).split(".")[1],
                              "shape": list(shape), **times})  # fmt: skip
@@ -84,7 +71,7 @@ def main() -> None:
     for batch, heads, width in SHAPES[:2]:
         for tokens in (18, 64, 128):
             shape = (batch, heads, tokens, width)
-            times = {name: median_ms(scoring_call(shape, kernel), 50)
+            times = {name: per_call_us(scoring_call(shape, kernel), 50, warmup=2) / 1e3
                      for name, kernel in KERNELS.items()}  # fmt: skip
             rows.append({"pass": "no-grad forward", "dtype": "bfloat16", "shape": list(shape),
                          **times})  # fmt: skip

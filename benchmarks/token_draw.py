@@ -26,8 +26,9 @@ from tunelab.pipeline.decoding import Decoding, choose_tokens
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def per_call_us(call, calls: int = 2000) -> float:
-    for _ in range(200):
+def per_call_us(call, calls: int = 2000, warmup: int = 200) -> float:
+    """Microseconds per call of `call()`: the median of 5 timed loops after `warmup` calls."""
+    for _ in range(warmup):
         call()
     loops = []
     for _ in range(5):
