@@ -394,10 +394,10 @@ def frozen_engine(model: nn.Module, ds_config: dict):
     return engine
 
 
-# Up to this many tokens, torch's CPU math attention trains (forward and backward) 1.3-5x faster
-# than its CPU flash attention in bf16, whose backward has a fixed cost per block of queries;
-# beyond 192 tokens flash is as fast or faster (benchmarks/cpu_attention.py). On GPUs, and in
-# fp32 on the CPU, flash is faster at every length measured there, so it stays.
+# Up to this many tokens per row, torch's CPU math attention trains (forward and backward) in
+# bf16 in 0.19-0.93 of the time of its CPU flash attention, whose backward has a fixed cost per
+# block of queries; from 192 tokens on it takes 0.73-2.06 of it, and in fp32 flash is faster at
+# every length (benchmarks/cpu_attention.py). GPUs keep transformers' default (not measured).
 MATH_ATTENTION_MAX_TOKENS = 128
 
 
