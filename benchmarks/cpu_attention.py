@@ -4,8 +4,10 @@
 
 Times causal scaled-dot-product attention forward + backward, one thread, under each kernel
 (torch.nn.attention.sdpa_kernel), at shapes [batch, heads, tokens, head width] of the tiny
-preset (4 heads of 16) and of OPT-125m (12 heads of 64), and a no-grad forward (how PPO scores
-experience) at the tiny preset's widths. Medians of 5 timed loops after a warm-up. Backs
+preset (4 heads of 16) and of OPT-125m (12 heads of 64), as transformers calls it: with a
+boolean mask for a padded batch (every PPO batch: prompts are left-padded), `is_causal` for
+one without padding; and a no-grad forward with the mask (how PPO scores experience) at the
+tiny preset's widths. Medians of 5 timed loops after a warm-up. Backs
 tunelab.pipeline.models.MATH_ATTENTION_MAX_TOKENS. Writes reports/bench/cpu_attention.{json,md}.
 """
 
@@ -30,13 +32,22 @@ TOKENS = [16, 32, 64, 128, 192, 256, 384]
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
-def train_call(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: SDPBackend):
-    """Forward and backward of one causal attention under `kernel`."""
+def causal_mask(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The boolean [batch, 1, tokens, tokens] mask transformers passes for a padded batch."""
+    return torch.ones(shape[0], 1, shape[2], shape[2], dtype=torch.bool).tril()
+
+
+def train_call(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: SDPBackend,
+               masked: bool):  # fmt: skip
+    """Forward and backward of one causal attention under `kernel`, by mask or is_causal."""
     q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    causal = {"attn_mask": causal_mask(shape)} if masked else {"is_causal": True}
 
     def call() -> None:
+        for tensor in (q, k, v):
+            tensor.grad = None  # as an optimizer step leaves them: no accumulation
         with sdpa_kernel(kernel):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, **causal)
         out.float().sum().backward()
 
     return call
@@ -45,8 +56,7 @@ def train_call(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: SDP
 def scoring_call(shape: tuple[int, int, int, int], kernel: SDPBackend):
     """A no-grad bf16 forward with a boolean mask, as transformers passes a padded batch."""
     q, k, v = (torch.randn(*shape, dtype=torch.bfloat16) for _ in range(3))
-    tokens = shape[2]
-    mask = torch.ones(shape[0], 1, tokens, tokens, dtype=torch.bool).tril()
+    mask = causal_mask(shape)
 
     def call() -> None:
         with torch.no_grad(), sdpa_kernel(kernel):
@@ -58,23 +68,25 @@ def scoring_call(shape: tuple[int, int, int, int], kernel: SDPBackend):
 def main() -> None:
     torch.set_num_threads(1)
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for batch, heads, width in SHAPES:
-            for tokens in TOKENS:
-                shape = (batch, heads, tokens, width)
-                calls = max(2, 2000 // (tokens * heads))
-                times = {name: per_call_us(train_call(shape, dtype, kernel), calls, warmup=2) / 1e3
-                         for name, kernel in KERNELS.items()}  # fmt: skip
-                rows.append({"pass": "train", "dtype": str(dtype).split(".")[1],
-                             "shape": list(shape), **times})  # fmt: skip
-                print(rows[-1], file=sys.stderr)
+    for masked, label in ((True, "train, mask"), (False, "train, is_causal")):
+        for dtype in (torch.bfloat16, torch.float32):
+            for batch, heads, width in SHAPES:
+                for tokens in TOKENS:
+                    shape = (batch, heads, tokens, width)
+                    calls = max(2, 2000 // (tokens * heads))
+                    times = {name: per_call_us(train_call(shape, dtype, kernel, masked), calls,
+                                               warmup=2) / 1e3
+                             for name, kernel in KERNELS.items()}  # fmt: skip
+                    rows.append({"pass": label, "dtype": str(dtype).split(".")[1],
+                                 "shape": list(shape), **times})  # fmt: skip
+                    print(rows[-1], file=sys.stderr)
     for batch, heads, width in SHAPES[:2]:
         for tokens in (18, 64, 128):
             shape = (batch, heads, tokens, width)
             times = {name: per_call_us(scoring_call(shape, kernel), 50, warmup=2) / 1e3
                      for name, kernel in KERNELS.items()}  # fmt: skip
-            rows.append({"pass": "no-grad forward", "dtype": "bfloat16", "shape": list(shape),
-                         **times})  # fmt: skip
+            rows.append({"pass": "no-grad forward, mask", "dtype": "bfloat16",
+                         "shape": list(shape), **times})  # fmt: skip
     record = {
         "command": "python benchmarks/cpu_attention.py",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -11,15 +11,15 @@ that has imported torch & co.), the same without early stops, the same measuring
 (each trial trains SFT and RM again, as every trial did before stage reuse) with early stops,
 and the shipped one with a fresh process per trial (`resources.preload: false`); same sampler
 seed and budget, without confirmation runs, each in a fresh folder. Records the command wall
-times, the trials' wall times (Optuna's start to end), how many trials reused their SFT and RM
-and how many stopped early. Answers are fixed-length (ppo.min_answer_len = max), so a trial's
-PPO time does not follow its sampled trajectory; `--stage-steps` runs the set once per SFT/RM
-step count (the shipped spec trains 40 each; a real SFT or reward-model run is far longer than
-its PPO study's trials). `--other` (e.g. `git worktree add --detach /tmp/orig f63ad04`, the
-code before stage reuse, early stops on the reward and the start-up cuts) also runs the same
-study with that checkout's code: the spec without what it does not know (`measure`, `confirm`,
-the pruner, constraint stop margins), the base config likewise (`lora_learning_rate`, unused
-without LoRA).
+times, the trials' wall times (Optuna's start to end), how many trials' records say they loaded
+SFT, RM and PPO's start from the stage cache, and how many stopped early. Answers are
+fixed-length (ppo.min_answer_len = max), so a trial's PPO time does not follow its sampled
+trajectory; `--stage-steps` runs the set once per SFT/RM step count (the shipped spec trains
+40 each; a real SFT or reward-model run is far longer than its PPO study's trials). `--other`
+(e.g. `git worktree add --detach /tmp/orig f63ad04`, the code before stage reuse, early stops
+on the reward and the start-up cuts) also runs the same study with that checkout's code: the
+spec without what it does not know (`measure`, `confirm`, the pruner, constraint stop margins),
+the base config likewise (`lora_learning_rate`, unused without LoRA).
 `--repeats N` runs every study N times in rounds (each round all of them, one after another)
 and gives each ratio as the median of its rounds' ratios: this machine's speed drifts by tens
 of percent within minutes, and a ratio within one round compares studies run close together.
@@ -43,7 +43,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from tunelab.launcher import STAGE_PLAN
+from tunelab.records import trial_metrics
+from tunelab.stagecache import START_REUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 # label: (stages measured, early stops, trials forked from a zygote: resources.preload);
@@ -52,6 +53,7 @@ MODES = {"reuse + early stops": (["ppo"], True, True), "reuse": (["ppo"], False,
          "no reuse + early stops": (["sft", "rm", "ppo"], True, True),
          "reuse + early stops, fresh processes": (["ppo"], True, False)}  # fmt: skip
 BEFORE = "no reuse, no early stops"
+REUSE_METRICS = ("sft/reused", "rm/reused", START_REUSED)  # what a trial loaded from the cache
 NEW_SPEC_KEYS = ("measure", "confirm", "pruner")  # what `--other` does not know
 NEW_ENGINE_KEYS = ("lora_learning_rate",)
 
@@ -100,18 +102,17 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
         "stage_steps": stage_steps,
         "command_wall_s": wall,
         "trial_walls_s": [t.duration.total_seconds() for t in study.trials],
-        "reused_trials": sum(_reused_sft(t) for t in study.trials),
+        "reused_trials": {name: _count(study.trials, name) for name in REUSE_METRICS},
         "stopped_early": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
         "gold_gains": [t.values[0] if t.state == optuna.trial.TrialState.COMPLETE else None
                        for t in study.trials],  # a pruned trial's value is an intermediate one
     }
 
 
-def _reused_sft(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether the trial loaded SFT from the stage cache: its stage plan (launcher.STAGE_PLAN),
-    which a trial stopped early has too (it records no metrics); none before stage reuse."""
-    plan = Path(trial.user_attrs.get("out_dir", "")) / STAGE_PLAN
-    return plan.is_file() and json.loads(plan.read_text()).get("sft", {}).get("action") == "load"
+def _count(trials: list[optuna.trial.FrozenTrial], metric: str) -> int:
+    """Trials whose record says `metric` (a trial stopped early too: its record keeps what its
+    plan loaded, stagecache.reuse_metrics); none before stage reuse."""
+    return sum(bool(trial_metrics(t.user_attrs).get(metric)) for t in trials)
 
 
 def _commit(tree: Path) -> str:
@@ -129,6 +130,8 @@ def main() -> None:
                         help="which of this checkout's studies to run (the first is shipped)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all the studies")
     args = parser.parse_args()
+    if args.repeats < 1 or args.trials < 1:
+        parser.error("--repeats and --trials take a whole number of at least 1")
     modes = {label: (*MODES[label], ROOT) for label in args.modes}
     if args.other:
         modes[BEFORE] = (None, False, False, args.other)
@@ -168,14 +171,15 @@ def main() -> None:
     lines = [f"# Stage reuse and early stops: {args.spec}, {args.trials} trials", "",
              f"`{record['command'].strip()}` on {record['date']} ({record['machine']}).", "",
              "| round | SFT/RM steps | study | checkout | study wall (s) | trial walls (s) | "
-             "trials reusing | stopped early | gold gains |",
+             "trials reusing SFT / RM / PPO's start | stopped early | gold gains |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in results:
         walls = ", ".join(f"{w:.1f}" for w in result["trial_walls_s"])
         gains = ", ".join("-" if g is None else f"{g:.2f}" for g in result["gold_gains"])
         lines.append(f"| {result['round']} | {result['stage_steps']} | {result['mode']} | "
                      f"{result['checkout']} | "
-                     f"{result['command_wall_s']:.1f} | {walls} | {result['reused_trials']} | "
+                     f"{result['command_wall_s']:.1f} | {walls} | "
+                     f"{' / '.join(map(str, result['reused_trials'].values()))} | "
                      f"{result['stopped_early']} | {gains} |")  # fmt: skip
     lines.append("")
     for steps, against in ratios.items():

@@ -4,10 +4,10 @@ mistakes, reported all at once."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -350,21 +350,30 @@ def test_reproduce_without_out_takes_a_new_folder_per_call(tmp_path):
     assert claim_unused(default, mark) == tmp_path / "reproduce-x-3"
 
 
-def test_concurrent_reproduce_calls_take_different_folders(tmp_path):
-    """Eight processes claiming at once (the review's race: both saw no earlier run, both
-    wrote to one folder) end in eight folders."""
-    driver = textwrap.dedent(f"""
-        import sys, time
-        from pathlib import Path
-        from tunelab.cli import claim_unused
-        time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
-        print(claim_unused(Path({str(tmp_path / "reproduce-x")!r}), "repeat0"))
-    """)
-    start = str(time.time() + 3)
-    calls = [subprocess.Popen([sys.executable, "-c", driver, start], stdout=subprocess.PIPE,
-                              text=True) for _ in range(8)]  # fmt: skip
-    taken = [call.communicate(timeout=60)[0].strip() for call in calls]
-    assert len(set(taken)) == 8, taken
+def test_a_folder_claimed_between_check_and_use_goes_to_the_other_call(tmp_path, monkeypatch):
+    """Another process claims the folder after this call found it unused (the review's race:
+    both saw no earlier run, both wrote to one folder): without --out this call takes the next
+    folder, with --out it is refused; one line, nothing of the other's touched."""
+    from tunelab import cli
+
+    checked = cli.writable_folder
+
+    def claimed_meanwhile(folder, option="--out"):
+        checked(folder, option)
+        if folder.name in ("reproduce-x", "out"):
+            (folder / "repeat0").mkdir(exist_ok=True)  # the other call, just now
+        return folder
+
+    monkeypatch.setattr(cli, "writable_folder", claimed_meanwhile)
+    assert cli.claim_unused(tmp_path / "reproduce-x", "repeat0") == tmp_path / "reproduce-x-2"
+    out = tmp_path / "out"
+    refused = f"--out {out}: holds an earlier run ({out / 'repeat0'})"
+    with pytest.raises(InputError, match=re.escape(refused)):
+        cli.unused_folder(out, cli.REPRODUCE_MARKS, claim=True)
+    assert [p.name for p in out.iterdir()] == ["repeat0"]
+    monkeypatch.setattr(cli, "writable_folder", checked)
+    assert cli.unused_folder(tmp_path / "free", cli.REPRODUCE_MARKS, claim=True).is_dir()
+    assert (tmp_path / "free" / "repeat0").is_dir()
 
 
 def test_running_out_of_memory_is_one_line(tmp_path):

@@ -107,7 +107,10 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
     # PPO's start evaluated again, from the cached weights (its entry saved elsewhere).
     again = {**loading, START: {**loading[START], "action": "save",
                                 "path": str(tmp_path / "elsewhere.json")}}  # fmt: skip
-    reused = launch_trial(config, tmp_path / "reused", stage_plan=again, timeout_s=300)
+    records = []
+    reused = launch_trial(config, tmp_path / "reused", stage_plan=again, timeout_s=300,
+                          on_progress=records.append)  # fmt: skip
+    assert records and not any("ppo/start_reused" in r for r in records)
     assert reused.status == "ok", reused.reason
     assert fresh.metrics["trial/cpu_threads"] == 1
     cores = len(os.sched_getaffinity(0))
@@ -130,10 +133,17 @@ def test_cached_stages_start_ppo_where_the_training_trial_did(tmp_path, monkeypa
     # this one waited for), and the trial reads it all the same.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     written_since = {**loading, START: {**loading[START], "action": "save"}}
+    records = []
     started = launch_trial(config, tmp_path / "started", stage_plan=written_since,
-                           timeout_s=300)  # fmt: skip
+                           timeout_s=300, on_progress=records.append)  # fmt: skip
     assert started.status == "ok", started.reason
     assert started.metrics["ppo/start_reused"] == 1
+    # Its progress records say so from PPO's first step: a trial stopped there counts it too.
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(r["ppo/start_reused"] == 1 for r in records)
+    assert reuse_metrics(written_since)["sft/reused"] == 1
+    assert "ppo/start_reused" not in reuse_metrics(written_since)
+    assert reuse_metrics(written_since, start_read=True)["ppo/start_reused"] == 1
     for name in ("ppo/score_start", "ppo/gold_start", "ppo/score_end", "ppo/gold_end",
                  "ppo/kl_final", "ppo/value_loss_final", "ppo/policy_loss_final"):  # fmt: skip
         assert started.metrics[name] == fresh.metrics[name], name

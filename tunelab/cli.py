@@ -74,14 +74,28 @@ TRIAL_MARKS = ("trial.log", "metrics.json")  # what a trial writes to its folder
 REPRODUCE_MARKS = ("repeat0",)  # reproduce's first rerun
 
 
-def unused_folder(folder: Path, marks: tuple[str, ...], option: str = "--out") -> Path:
+def unused_folder(folder: Path, marks: tuple[str, ...], option: str = "--out",
+                  claim: bool = False) -> Path:  # fmt: skip
     """`folder`, writable (writable_folder), refused when it holds an earlier run's `marks`:
-    writing there would lose what that run recorded."""
+    writing there would lose what that run recorded. `claim`: the first mark is a folder this
+    call creates, atomically, so of two calls at once with one folder only one gets it."""
+
+    def refuse(earlier: Path) -> InputError:
+        return InputError(f"{option} {folder}: holds an earlier run ({earlier}); choose another "
+                          "folder or move that one away")  # fmt: skip
+
     earlier = next((folder / mark for mark in marks if (folder / mark).exists()), None)
     if earlier is not None:
-        raise InputError(f"{option} {folder}: holds an earlier run ({earlier}); choose another "
-                         "folder or move that one away")  # fmt: skip
-    return writable_folder(folder, option)
+        raise refuse(earlier)
+    writable_folder(folder, option)
+    if claim:
+        try:
+            (folder / marks[0]).mkdir()
+        except FileExistsError:
+            raise refuse(folder / marks[0]) from None
+        except OSError as exc:
+            raise InputError(f"{option} {folder}: cannot write there ({exc.strerror})") from None
+    return folder
 
 
 def claim_unused(folder: Path, mark: str) -> Path:
@@ -91,13 +105,13 @@ def claim_unused(folder: Path, mark: str) -> Path:
     candidate, number = folder, 1
     while True:
         try:
-            (writable_folder(candidate) / mark).mkdir()
+            (writable_folder(candidate, "folder") / mark).mkdir()
             return candidate
         except FileExistsError:
             number += 1
             candidate = folder.with_name(f"{folder.name}-{number}")
         except OSError as exc:
-            raise InputError(f"--out {candidate}: cannot write there ({exc.strerror})") from None
+            raise InputError(f"folder {candidate}: cannot write there ({exc.strerror})") from None
 
 
 # Each kind of input file, with a shipped example to point a user at.
@@ -440,7 +454,7 @@ def _cmd_reproduce(args) -> int:
         default = Path("runs") / f"reproduce-{args.export_dir.resolve().name}"
         out = claim_unused(default, REPRODUCE_MARKS[0])
     else:
-        out = unused_folder(args.out, REPRODUCE_MARKS)
+        out = unused_folder(args.out, REPRODUCE_MARKS, claim=True)
     _build_ops_for(config, out)
     seeds = rerun_seeds(config.seed, args.repeats)
     runs = []

@@ -72,7 +72,7 @@ class TrialOutcome:
     metrics: dict[str, Any]
     series: dict[str, list[float]]
     wall_s: float  # measured by the parent: process start to exit, imports included
-    returncode: int | None
+    returncode: int | None  # None: stopped before any process was started
     out_dir: Path
     ranks: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)  # decoded answers, if any

@@ -197,11 +197,12 @@ def reused_stages(plan: dict[str, dict]) -> list[str]:
     return [stage for stage in STAGES if plan.get(stage, {}).get("action") == "load"]
 
 
-def reuse_metrics(plan: dict[str, dict]) -> dict[str, int]:
-    """What a trial of `plan` loads from the cache, as its metrics say it: `<stage>/reused`,
-    and START_REUSED for PPO's start (which the trial also reads when another trial wrote it
-    after the plan was made; its own metrics then say so)."""
+def reuse_metrics(plan: dict[str, dict], start_read: bool = False) -> dict[str, int]:
+    """What a trial of `plan` loaded from the cache, as its metrics say it: `<stage>/reused`,
+    and START_REUSED for PPO's start when the plan loads it or the trial read it all the same
+    (`start_read`: another trial wrote it after the plan was made; the trial's progress
+    records say so, so a trial stopped early counts it too)."""
     metrics = {f"{stage}/reused": 1 for stage in reused_stages(plan)}
-    if plan.get(START, {}).get("action") == "load":
+    if start_read or plan.get(START, {}).get("action") == "load":
         metrics[START_REUSED] = 1
     return metrics

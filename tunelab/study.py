@@ -764,11 +764,17 @@ class Orchestrator:
             with self.lock, contextlib.suppress(*STORAGE_ERRORS):  # recovery can do without it
                 trial.set_user_attr(PGID_ATTR, pgid)
 
+        start_read = False  # PPO's start read from the cache: its progress records say so
+
+        def on_progress(record: dict) -> bool:
+            nonlocal start_read
+            start_read = start_read or bool(record.get(stagecache.START_REUSED))
+            return not repeat and pruning.should_stop(record)
+
         try:
             outcome = launcher.launch_trial(
                 verdict.config, out, timeout_s=self.spec.resources.trial_timeout_s,
-                launcher=self.spec.resources.launcher, gpus=gpus,
-                on_progress=lambda record: not repeat and pruning.should_stop(record),
+                launcher=self.spec.resources.launcher, gpus=gpus, on_progress=on_progress,
                 on_start=remember_group, stop=self.stop, stage_plan=plan,
                 concurrent=len(self.slots), zygotes=self.zygotes,
             )  # fmt: skip
@@ -776,11 +782,13 @@ class Orchestrator:
             self._finish(trial, Status.INTERRUPTED, f"cannot write {out} ({first_line(exc)})")
             raise StorageFault(f"trial {trial.number}: cannot write {out} "
                                f"({first_line(exc)}); the study stops") from None  # fmt: skip
-        self.walls.append(outcome.wall_s)
+        launched = outcome.returncode is not None  # None: stopped before its process started
+        if launched:
+            self.walls.append(outcome.wall_s)
         reason = outcome.reason
         if outcome.status == Status.PRUNED and pruning.stopped_by:
             reason = f"{reason}: {pruning.stopped_by}"
-        reused = reuse_metrics(plan)
+        reused = reuse_metrics(plan, start_read) if launched else {}
         self._finish(trial, outcome.status, reason, config=verdict.config,
                      predicted=verdict.predicted, outcome=outcome,
                      intermediate=pruning.intermediate, reused=reused)  # fmt: skip

@@ -446,6 +446,8 @@ def run_ppo(ctx: TrialContext, handoff: dict, start_plan: dict | None = None):
         # Peaks so far, max over ranks as the final metrics are (constraint stop lines).
         peaks = runtime.all_max(ctx.memory.peaks())
         progress.update({RUNNING[name]: value for name, value in peaks.items()})
+        if start_reused:  # the parent counts it for a trial it stops, which leaves no metrics
+            progress[START_REUSED] = 1
         timed = [s for s in range(config.warmup_steps, step + 1)
                  if s not in ctx.skipped.get("ppo", ())]  # fmt: skip
         if timed:
