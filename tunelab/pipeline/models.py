@@ -395,9 +395,10 @@ def frozen_engine(model: nn.Module, ds_config: dict):
 
 
 # Up to this many tokens per row, torch's CPU math attention trains (forward and backward) in
-# bf16 in 0.19-0.93 of the time of its CPU flash attention, whose backward has a fixed cost per
-# block of queries; from 192 tokens on it takes 0.73-2.06 of it, and in fp32 flash is faster at
-# every length (benchmarks/cpu_attention.py). GPUs keep transformers' default (not measured).
+# bf16 in 0.18-0.98 of the time of its CPU flash attention (0.20-0.64 from 32 tokens), whose
+# backward has a fixed cost per block of queries; from 192 tokens on it takes 0.76-2.30 of it,
+# and in fp32 flash is faster at every length (benchmarks/cpu_attention.py: with the mask of a
+# padded batch and with is_causal). GPUs keep transformers' default (not measured).
 MATH_ATTENTION_MAX_TOKENS = 128
 
 
@@ -410,7 +411,8 @@ def math_attention(device: torch.device, dtype: torch.dtype, tokens: int) -> boo
 def training_attention(engine, tokens: int) -> contextlib.AbstractContextManager:
     """Context for a forward of `engine` whose backward follows, and for that backward (which
     runs the forward's kernel, and recomputes a checkpointed forward): the scaled-dot-product
-    attention kernel that trains fastest there."""
+    attention kernel that trains fastest there. PPO scores experience under it too, no-grad,
+    so its first training forward gives the experience's figures bit for bit."""
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     if math_attention(engine.device, dtype, tokens):
         return sdpa_kernel(SDPBackend.MATH)
