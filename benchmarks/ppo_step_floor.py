@@ -9,7 +9,9 @@ trial's four engines (tiny OPT-shaped preset, ZeRO-2, bf16, optimizer offload, b
 tunelab's PPOTrainer, random weights) and times only the library calls that a step doing
 DeepSpeed-Chat's work has to make, with none of a step's own code between them:
 - generate: the actor's 32 forwards with a KV cache (the 32 prompt tokens, then one token at a
-  time; each next token fixed rather than chosen from the logits);
+  time; each next token fixed rather than chosen from the logits), timed three ways
+  (transformers' dynamic cache as PPO's decoding uses it, its static cache, and the dynamic
+  one with oneDNN off), the fastest counting;
 - experience: the forwards of actor, reference, critic and reward model over the 4 x 64
   tokens, no-grad, on the bare modules (DeepSpeed's engine bypassed);
 - train: actor then critic, each an engine forward, backward of the output's mean, and step.
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,12 +39,15 @@ from ppo_step import SETTINGS, run
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ["actor.zero_stage=2", "critic.zero_stage=2"]
 PHASES = ("generate", "experience", "train")
+# The decoding loop three ways; the floor takes the fastest. oneDNN is torch's CPU library for
+# bf16 matrix products; off, torch's own kernels run them.
+DECODING = ("dynamic cache", "static cache", "oneDNN off, dynamic cache")
 
 
 def measure_floor(steps: int) -> dict[str, float]:
     """Seconds per step of each bare phase, mean over `steps` after one warm-up step."""
     import torch
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from tunelab.config import load_config
     from tunelab.pipeline.batching import position_ids
@@ -52,6 +58,7 @@ def measure_floor(steps: int) -> dict[str, float]:
     from tunelab.pipeline.telemetry import MemoryTracker
 
     _quiet_libraries()
+    warnings.simplefilter("ignore")  # mkldnn.flags warns of TF32 on every CPU
     overrides = [s for s in SETTINGS if not s.startswith(("sft.steps", "rm.steps"))]
     config = load_config(ROOT / "studies/trials/tiny.yaml",
                          [*overrides, *ZERO2, "sft.steps=0", "rm.steps=0"])  # fmt: skip
@@ -63,17 +70,28 @@ def measure_floor(steps: int) -> dict[str, float]:
     vocab = trainer.actor.module.config.vocab_size
     generator = torch.Generator().manual_seed(0)
 
-    def generate(prompt: torch.Tensor) -> torch.Tensor:
-        model, cache = trainer.actor.module, DynamicCache(config=trainer.actor.module.config)
-        mask = torch.ones_like(prompt)
-        positions, step_ids, answer = position_ids(mask), prompt, []
-        with torch.inference_mode():
+    def generate(prompt: torch.Tensor, variant: str) -> torch.Tensor:
+        model, length = trainer.actor.module, prompt_len + answer_len
+        static = variant == "static cache"
+        if static:  # preallocated keys and values, a mask over all of them
+            cache = StaticCache(config=model.config, max_cache_len=length)
+            mask = torch.zeros(rows, length, dtype=prompt.dtype)
+            mask[:, :prompt_len] = 1
+        else:
+            cache, mask = DynamicCache(config=model.config), torch.ones_like(prompt)
+        positions, step_ids, answer = position_ids(torch.ones_like(prompt)), prompt, []
+        onednn = not variant.startswith("oneDNN off")
+        with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=onednn):
             for _ in range(answer_len):
+                place = {"cache_position": positions[0]} if static else {}
                 model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                      cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                      cache=cache, use_cache=True, logits_to_keep=1, **place)  # fmt: skip
                 step_ids = prompt[:, len(answer) % prompt_len, None]  # fixed, not chosen
                 answer.append(step_ids)
-                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                if static:
+                    mask[:, prompt_len + len(answer) - 1] = 1
+                else:
+                    mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
                 positions = positions[:, -1:] + 1
         return torch.cat([prompt, *answer], dim=1)
 
@@ -101,13 +119,14 @@ def measure_floor(steps: int) -> dict[str, float]:
                 engine.backward(loss)
             engine.step()
 
-    seconds: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    seconds: dict[str, list[float]] = {name: [] for name in (*DECODING, *PHASES[1:])}
     for _ in range(steps + 1):
         prompt = torch.randint(4, vocab, (rows, prompt_len), generator=generator)
         trainer.set_training(False)
-        started = time.perf_counter()
-        seq = generate(prompt).clone()
-        seconds["generate"].append(time.perf_counter() - started)
+        for variant in DECODING:
+            started = time.perf_counter()
+            seq = generate(prompt, variant).clone()
+            seconds[variant].append(time.perf_counter() - started)
         started = time.perf_counter()
         experience(seq)
         seconds["experience"].append(time.perf_counter() - started)
@@ -117,8 +136,11 @@ def measure_floor(steps: int) -> dict[str, float]:
         seconds["train"].append(time.perf_counter() - started)
     trainer.close()
     memory.close()
-    floor = {phase: statistics.fmean(times[1:]) for phase, times in seconds.items()}
-    return {"ppo_step_s": sum(floor.values()), **{f"ppo_{p}_s": s for p, s in floor.items()}}
+    mean = {name: statistics.fmean(times[1:]) for name, times in seconds.items()}
+    floor = {"generate": min(mean[variant] for variant in DECODING),
+             **{phase: mean[phase] for phase in PHASES[1:]}}  # fmt: skip
+    return {"ppo_step_s": sum(floor.values()), **{f"ppo_{p}_s": s for p, s in floor.items()},
+            **{f"generate ({variant})": mean[variant] for variant in DECODING}}  # fmt: skip
 
 
 def floor_run(steps: int) -> dict[str, float]:
@@ -177,6 +199,10 @@ def main() -> None:
                      f"{row['ppo_step_s'] / base:.2f} | {row['ppo_generate_s']:.3f} | "
                      f"{row['ppo_experience_s']:.3f} | {row['ppo_train_s']:.3f} | "
                      f"{runs_text} |")  # fmt: skip
+    floor = rows[-1]
+    lines += ["", "The floor's decoding loop, each way (s, median of the runs' means):", "",
+              "| " + " | ".join(DECODING) + " |", "|---" * len(DECODING) + "|",
+              "| " + " | ".join(f"{floor[f'generate ({v})']:.3f}" for v in DECODING) + " |"]
     (out / "ppo_step_floor.md").write_text("\n".join(lines) + "\n")
     print((out / "ppo_step_floor.md").read_text())
 
