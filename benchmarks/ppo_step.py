@@ -24,6 +24,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from checkout import short_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["precision=bf16", "actor.offload_optimizer=cpu", "critic.offload_optimizer=cpu",
             "batch.train_micro=4", "batch.generation_micro=4", "ppo.max_prompt_len=32",
@@ -50,10 +52,7 @@ def main() -> None:
     parser.add_argument("--other", type=Path, required=True, help="the checkout to compare with")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    other = subprocess.run(["git", "-C", str(args.other), "rev-parse", "--short", "HEAD"],
-                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    other, here = short_commit(args.other), short_commit(ROOT)
     variants = {f"{other}": (args.other, []), f"{here} (sample)": (ROOT, []),
                 f"{here} (greedy)": (ROOT, ["ppo.decoding=greedy"])}  # fmt: skip
     rows = []

@@ -34,6 +34,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+from checkout import short_commit
 from ppo_step import SETTINGS, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,10 +164,7 @@ def main() -> None:
         return
     if args.other is None or args.repeats < 1 or args.steps < 1:
         parser.error("--other is required; --repeats and --steps must be at least 1")
-    commits = {tree: subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True, check=True).stdout.strip()
-               for tree in (args.other, ROOT)}  # fmt: skip
-    other, here = commits[args.other], commits[ROOT]
+    other, here = short_commit(args.other), short_commit(ROOT)
     measures = {other: lambda: run(args.other, ZERO2), f"{here} step": lambda: run(ROOT, ZERO2),
                 "floor": lambda: floor_run(args.steps)}  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in measures}

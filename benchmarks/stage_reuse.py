@@ -42,6 +42,7 @@ from pathlib import Path
 
 import optuna
 import yaml
+from checkout import short_commit
 
 from tunelab.records import trial_metrics
 from tunelab.stagecache import START_REUSED
@@ -95,7 +96,7 @@ def run_study(spec_path: Path, trials: int, measure: list[str] | None, early_sto
     study = optuna.load_study(study_name=spec["name"],
                               storage=f"sqlite:///{folder / 'out' / 'study.db'}")  # fmt: skip
     return {
-        "checkout": _commit(tree),
+        "checkout": short_commit(tree),
         "measure": measure,
         "early_stops": early_stops,
         "preload": preload,
@@ -113,11 +114,6 @@ def _count(trials: list[optuna.trial.FrozenTrial], metric: str) -> int:
     """Trials whose record says `metric` (a trial stopped early too: its record keeps what its
     plan loaded, stagecache.reuse_metrics); none before stage reuse."""
     return sum(bool(trial_metrics(t.user_attrs).get(metric)) for t in trials)
-
-
-def _commit(tree: Path) -> str:
-    return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
 
 
 def main() -> None:
@@ -184,7 +180,7 @@ def main() -> None:
     lines.append("")
     for steps, against in ratios.items():
         for mode, ratio in against.items():
-            by = f" ({_commit(args.other)})" if mode == BEFORE else ""
+            by = f" ({short_commit(args.other)})" if mode == BEFORE else ""
             each = ", ".join(f"{r:.2f}" for r in round_ratios[steps][mode])
             lines.append(f"With {steps} SFT and RM steps, the shipped study ({shipped}) "
                          f"takes {ratio:.2f}x the wall time of the study run as '{mode}'{by}"
