@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from tunelab.cli import main
 from tunelab.errors import InputError, StorageFault
-from tunelab.launcher import launch_trial
+from tunelab.launcher import collect_outcome, launch_trial
 from tunelab.records import trial_metrics
 from tunelab.spec import load_spec
 from tunelab.storage import MAX_RETRY, open_storage, storage_lock
@@ -318,6 +318,32 @@ def test_a_trial_the_kernel_kills_for_memory_is_oom_with_evidence(tmp_path, smal
     assert "kernel log: " in status or "the memory cgroup counted" in status
 
 
+@pytest.mark.parametrize(
+    ("returncode", "log", "evidence", "status", "reason"),
+    [
+        (-signal.SIGKILL, "", "kernel log: Killed process 7", "oom",
+         "killed by SIGKILL (kernel log: Killed process 7)"),
+        (-signal.SIGKILL, "torch.OutOfMemoryError: CUDA out of memory.", None, "oom",
+         "ended by SIGKILL; the log reports an allocation failure"),
+        (-signal.SIGABRT, "terminate called after throwing an instance of 'std::bad_alloc'",
+         None, "oom", "ended by SIGABRT; the log reports an allocation failure"),
+        (-signal.SIGSEGV, "step 3", None, "error", "trial process crashed (SIGSEGV); see its log"),
+        (-signal.SIGTERM, "step 3", None, "killed", "ended by SIGTERM from outside tunelab (no "
+         "OOM kill in the kernel log or the memory cgroup)"),
+        (1, "MemoryError", None, "oom", "trial process exited with code 1; log reports OOM"),
+        (1, "step 3", None, "error", "trial process exited with code 1 and no metrics"),
+    ],
+)  # fmt: skip
+def test_a_trial_that_left_no_metrics_is_classified_by_its_evidence(
+    tmp_path, returncode, log, evidence, status, reason
+):
+    """oom only with evidence (the kernel's, or an allocation failure in the trial's log),
+    error for a crash (a signal the process caused), killed for a signal from outside."""
+    (tmp_path / "trial.log").write_text(f"loading\n{log}\n")
+    outcome = collect_outcome(tmp_path, returncode, 1.0, evidence)
+    assert (outcome.status, outcome.reason) == (status, reason)
+
+
 def test_interrupted_by_a_stopped_heartbeat_carries_its_status_and_reason(tmp_path):
     name, path = unsupported_spec(tmp_path, trials=1)
     out = tmp_path / "out"
@@ -399,9 +425,12 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
     # Another study into the same folder would overwrite its numbered trial folders.
     another = tmp_path / "another.yaml"
     another.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "name": "another"}))
+    assert tunelab("run", another, "--out", tmp_path / "other").returncode == 0
+    another_url = f"sqlite:///{tmp_path / 'other' / 'study.db'}"
     monkeypatch.chdir(tmp_path)
     for argv in (
         ["run", another, "--out", out],
+        ["worker", "--storage", another_url, "--study", "another", "--out", out],
         ["run", changed, "--out", out],
         ["run", path, "--out", out, "--workers", "0"],
         ["export", out, "--trial", "99"],
@@ -412,7 +441,7 @@ def test_a_bad_second_command_changes_nothing_recorded(tmp_path, capsys, monkeyp
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err  # `run` first says which study and storage it opens
         assert err.count("tunelab: error: ") == 1 and err.splitlines()[-1].startswith("tunelab:")
-        if argv[1] == another:
+        if another in argv or "another" in argv:
             assert err == (f"tunelab: error: --out {out}: holds the trials of study {name!r}; "
                            "give study 'another' a folder of its own\n")  # fmt: skip
     assert snapshot() == before
@@ -532,6 +561,8 @@ def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path, capsy
     captured = capsys.readouterr()
     assert code == 2
     assert "S3cret-pw" not in captured.out + captured.err
+    assert captured.err.count("tunelab: error: ") == 1 and "Traceback" not in captured.err
+    assert captured.err.endswith(")\n")  # the error is one line, the last
     assert captured.err.splitlines()[-1].startswith(
         "tunelab: error: storage postgresql://postgres:***@127.0.0.1:1/test: cannot open ("
     )

@@ -83,6 +83,27 @@ def test_on_a_network_filesystem_a_lock_is_named_not_removed(extensions, monkeyp
     assert not lock.exists() and seen[0].startswith(f"removed {lock}: a build lock no process")
 
 
+def test_a_lock_taken_again_after_the_check_is_kept(extensions, monkeypatch):
+    """A lock that a new load takes between the scan of holders and the removal is another
+    file (another inode) by then: it is kept, and a later scan sees its holder."""
+    stale = extensions / "cpu_adam" / "lock"
+    stale.touch()
+    scan = ops._open_paths
+
+    def scan_then_retake(pid):
+        if stale.exists() and stale.stat().st_ino == inode:
+            # Released and taken again by another load: a new file in its place (made before
+            # the old one goes, so it cannot get the freed inode number).
+            stale.with_name("taken").touch()
+            stale.with_name("taken").rename(stale)
+        return scan(pid)
+
+    inode = stale.stat().st_ino
+    monkeypatch.setattr(ops, "_open_paths", scan_then_retake)
+    assert ops.clear_stale_locks() == ([], [])
+    assert stale.exists() and stale.stat().st_ino != inode
+
+
 def test_only_locks_made_since_a_trial_started_and_this_users_are_removed(extensions):
     old, other, new = (extensions / op / "lock" for op in ("fused_adam", "cpu_adam", "x"))
     new.parent.mkdir()

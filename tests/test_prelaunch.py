@@ -99,6 +99,18 @@ def pruning(pruner: PrunerSpec, finished=(), optuna_answer=False, constraints=()
     return policy, asked
 
 
+def test_a_confirmation_run_never_stops_early():
+    """Past a stop line and with a pruner that would stop it, a confirmation run goes on: it
+    measures its configuration's noise, which a stop would cut short."""
+    kl = Constraint("ppo/kl_final", max=8.0, stop_margin=0.25)
+    record = {"stage": "ppo", "step": 4, "ppo/kl_recent": 10.5, THROUGHPUT.metric: 700.0}
+    policy, _ = pruning(PrunerSpec(type="median"), optuna_answer=True, constraints=[kl])
+    assert policy.should_stop(record)
+    confirmation = TrialPruning(PrunerSpec(type="median"), [THROUGHPUT, MEMORY], {}, [],
+                                lambda *_: True, [kl], confirmation=True)  # fmt: skip
+    assert not confirmation.should_stop(record) and confirmation.stopped_by is None
+
+
 def test_a_trial_past_a_constraints_stop_line_stops_before_any_pruner_is_asked():
     kl = Constraint("ppo/kl_final", max=8.0, stop_margin=0.25)  # stop line 10
     assert kl.stop_line() == 10.0 and Constraint("ppo/kl_final", max=8.0).stop_line() is None

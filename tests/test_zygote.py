@@ -24,7 +24,7 @@ from tunelab.pipeline.zygote import (
     present_runs,
 )
 from tunelab.records import Status
-from tunelab.zygote import ZygotePool, ZygoteUnavailable
+from tunelab.zygote import Zygote, ZygotePool, ZygoteUnavailable
 
 from .conftest import ROOT
 
@@ -215,5 +215,37 @@ def test_a_zygote_whose_imports_load_the_cuda_driver_serves_no_trial(
         with pytest.raises(ZygoteUnavailable, match="loaded the CUDA driver"):
             pool.start(["--config", "x"], trial_env(ranks=1), tmp_path / "x.log")
         assert not _zygotes_running()  # none started for it
+    finally:
+        pool.close()
+
+
+def test_a_zygote_that_fails_to_import_leaves_its_trial_to_a_fresh_process(
+    short_config, tmp_path, monkeypatch
+):
+    """A zygote whose imports fail (a torch that cannot load, first on its path only) ends
+    while importing: its trial runs in a fresh process whose log says why and where the
+    zygote's output is, and the next trial of that environment does not try again."""
+    broken = tmp_path / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('a torch that cannot load')\n")
+    start_zygote = Zygote.__init__
+
+    def with_broken_torch(self, env, log):
+        path = os.pathsep.join(filter(None, [str(broken.parent), env.get("PYTHONPATH")]))
+        start_zygote(self, {**env, "PYTHONPATH": path}, log)
+
+    monkeypatch.setattr(Zygote, "__init__", with_broken_torch)
+    zygotes_log = tmp_path / "zygotes.log"
+    pool = ZygotePool(log=zygotes_log)
+    try:
+        outcome = launch_trial(short_config, tmp_path / "t", zygotes=pool)
+        assert outcome.status == Status.OK, _log(outcome)[-2000:]
+        assert outcome.metrics["trial/forked"] == 0
+        reason = f"it ended while importing (its output: {zygotes_log})"
+        assert f"tunelab: no zygote ({reason}); a fresh process runs the trial" in _log(outcome)
+        assert "ImportError: a torch that cannot load" in zygotes_log.read_text()
+        with pytest.raises(ZygoteUnavailable, match="ended while importing"):
+            pool.start(["--config", "x"], trial_env(ranks=1), tmp_path / "x.log")
+        assert not _zygotes_running()
     finally:
         pool.close()

@@ -72,10 +72,13 @@ class TrialPruning:
     finished: Sequence[Mapping[str, float]]  # finished trials' metrics (dominance)
     optuna_prunes: Callable[[float, int], bool]  # Optuna's pruner: report (value, step), ask
     constraints: Sequence[Constraint] = ()
+    confirmation: bool = False  # a confirmation run measures noise: it never stops early
     intermediate: dict[str, float] = field(default_factory=dict)  # {step: value} so far
     stopped_by: str | None = None
 
     def should_stop(self, record: Mapping) -> bool:
+        if self.confirmation:
+            return False
         self.stopped_by = past_constraint(record, self.constraints)
         if self.stopped_by is None and self._pruner_stops(record):
             self.stopped_by = f"{self.pruner.type} pruner on {self.pruner.metric}"

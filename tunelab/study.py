@@ -743,7 +743,6 @@ class Orchestrator:
     def _launch(self, trial: optuna.Trial, verdict: Verdict, shown: str,
                 gpus: list[int] | None) -> None:  # fmt: skip
         plan = verdict.plan
-        repeat = TrialAttr.REPEAT_OF in trial.user_attrs  # measures noise: never pruned
         out = self.out_dir / "trials" / f"{trial.number:04d}"
         pruning = TrialPruning(
             self.spec.pruner, self.spec.objectives, verdict.predicted,
@@ -751,7 +750,7 @@ class Orchestrator:
             # not used: less pruning, never wrong pruning).
             self._finished_metrics() if self.spec.pruner.type == "dominance" else [],
             lambda value, step: self._optuna_prunes(trial, value, step),
-            self.spec.constraints,
+            self.spec.constraints, confirmation=TrialAttr.REPEAT_OF in trial.user_attrs,
         )  # fmt: skip
         self._store(f"trial {trial.number}: starting",
                     lambda: trial.set_user_attr(TrialAttr.OUT_DIR, str(out)))  # fmt: skip
@@ -769,7 +768,7 @@ class Orchestrator:
         def on_progress(record: dict) -> bool:
             nonlocal start_read
             start_read = start_read or bool(record.get(stagecache.START_REUSED))
-            return not repeat and pruning.should_stop(record)
+            return pruning.should_stop(record)
 
         try:
             outcome = launcher.launch_trial(
