@@ -14,6 +14,7 @@ Writes reports/bench/ppo_step.{json,md}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +49,19 @@ def run(tree: Path, overrides: list[str]) -> dict[str, float]:
             **{p.split("/")[1]: metrics[p] / steps for p in PHASES[1:]}}  # fmt: skip
 
 
+def alternating_medians(measures: dict[str, Callable[[], dict]], repeats: int) -> list[dict]:
+    """Each of `measures` run `repeats` times, taking turns so all see the same machine load;
+    a row per measure: its name (`variant`), the median of each figure, the steps' runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    return [{"variant": name,
+             **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
+             "step_s_runs": [m["ppo_step_s"] for m in measured]}
+            for name, measured in runs.items()]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--other", type=Path, required=True, help="the checkout to compare with")
@@ -58,14 +73,9 @@ def main() -> None:
     rows = []
     for zero in (2, 3):
         zero_overrides = [f"actor.zero_stage={zero}", f"critic.zero_stage={zero}"]
-        runs: dict[str, list[dict]] = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, (tree, extra) in variants.items():
-                runs[name].append(run(tree, zero_overrides + extra))
-        for name, measured in runs.items():
-            median = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
-            rows.append({"zero": zero, "variant": name, **median,
-                         "step_s_runs": [m["ppo_step_s"] for m in measured]})  # fmt: skip
+        measures = {name: functools.partial(run, tree, zero_overrides + extra)
+                    for name, (tree, extra) in variants.items()}  # fmt: skip
+        rows += [{"zero": zero, **row} for row in alternating_medians(measures, args.repeats)]
     record = {
         "command": "python benchmarks/ppo_step.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

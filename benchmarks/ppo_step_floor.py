@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from checkout import short_commit
-from ppo_step import SETTINGS, run
+from ppo_step import SETTINGS, alternating_medians, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ["actor.zero_stage=2", "critic.zero_stage=2"]
@@ -167,15 +167,7 @@ def main() -> None:
     other, here = short_commit(args.other), short_commit(ROOT)
     measures = {other: lambda: run(args.other, ZERO2), f"{here} step": lambda: run(ROOT, ZERO2),
                 "floor": lambda: floor_run(args.steps)}  # fmt: skip
-    runs: dict[str, list[dict]] = {name: [] for name in measures}
-    for _ in range(args.repeats):
-        for name, measure in measures.items():
-            runs[name].append(measure())
-    rows = []
-    for name, measured in runs.items():
-        median = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
-        rows.append({"variant": name, **median,
-                     "step_s_runs": [m["ppo_step_s"] for m in measured]})  # fmt: skip
+    rows = alternating_medians(measures, args.repeats)
     record = {
         "command": "python benchmarks/ppo_step_floor.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
