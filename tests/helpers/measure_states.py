@@ -28,6 +28,7 @@ from tunelab.pipeline.models import (
     train_engine,
     train_tokenizer,
 )
+from tunelab.pipeline.process_end import end_process
 from tunelab.pipeline.run import _quiet_libraries
 from tunelab.pipeline.runtime import start_runtime
 from tunelab.pipeline.telemetry import engine_state_bytes
@@ -110,3 +111,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process(0)  # as a trial process ends (tunelab.pipeline.process_end)

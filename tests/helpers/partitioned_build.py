@@ -17,6 +17,7 @@ import torch
 from tunelab.config import load_config
 from tunelab.dsconfig import eval_ds_config
 from tunelab.pipeline.models import build_causal_lm, frozen_engine, train_tokenizer
+from tunelab.pipeline.process_end import end_process
 from tunelab.pipeline.run import _quiet_libraries
 from tunelab.pipeline.runtime import start_runtime
 from tunelab.pipeline.telemetry import MemoryTracker, rss_bytes
@@ -51,3 +52,4 @@ def main(preset: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    end_process(0)  # as a trial process ends (tunelab.pipeline.process_end)

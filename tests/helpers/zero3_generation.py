@@ -29,6 +29,7 @@ from tunelab.pipeline.models import (
     train_engine,
     train_tokenizer,
 )
+from tunelab.pipeline.process_end import end_process
 from tunelab.pipeline.run import _quiet_libraries
 from tunelab.pipeline.runtime import start_runtime
 from tunelab.presets import resolve_model
@@ -86,3 +87,4 @@ def main(mode: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    end_process(0)  # as a trial process ends (tunelab.pipeline.process_end)

@@ -8,12 +8,12 @@ on before the trial runs.
 """
 
 import gc
-import sys
 import time
 
 started = time.time()  # psutil's process start is only as exact as the boot time (1 s)
 gc.disable()
 
+from tunelab.pipeline.process_end import end_process  # noqa: E402
 from tunelab.pipeline.run import main  # noqa: E402
 
-sys.exit(main(process_started=started))
+end_process(main(process_started=started))

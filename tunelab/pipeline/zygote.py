@@ -23,8 +23,8 @@ What makes a fork equal to a fresh start:
   copied every page that holds an object). Python reseeds `random` at a fork and the child reseeds
   numpy's global generator, as a fresh process draws both from the OS. Children share the
   zygote's string-hash seed (PYTHONHASHSEED), which only orders sets of strings.
-- Exit. The child leaves as an interpreter does (SystemExit through the whole stack: threads
-  joined, atexit handlers run, streams flushed), never back into the zygote's loop.
+- Exit. The child leaves as a fresh trial process does (process_end.end_process: streams
+  flushed, no finalization), never back into the zygote's loop.
 
 Protocol (JSON lines): the zygote writes {"ready": [modules], "unusable": reason or null} once
 (and ends when unusable); each request on stdin, {"args": [...], "log": path}, gets
@@ -44,6 +44,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+
+from tunelab.pipeline.process_end import end_process
 
 PRELOAD = ("torch", "transformers.models.opt.modeling_opt", "transformers.generation", "peft")
 # Imported by every trial's first ZeRO or bf16 optimizer (0.76 s, trial_wall.md); DeepSpeed's
@@ -161,9 +163,7 @@ def _fork(request: dict, served: Served) -> None:
             code = _child(request, served.preloaded, served.runs, started)
         except BaseException:
             traceback.print_exc()
-        # Never back into the zygote's loop: SystemExit unwinds past it to the interpreter's
-        # own exit.
-        sys.exit(code)
+        end_process(code)  # never back into the zygote's loop
     os.close(session_write)
     os.read(session_read, 1)  # EOF once the child has its own session
     os.close(session_read)
