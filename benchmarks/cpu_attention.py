@@ -14,13 +14,12 @@ tunelab.pipeline.models.MATH_ATTENTION_MAX_TOKENS. Writes reports/bench/cpu_atte
 from __future__ import annotations
 
 import json
-import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from checkout import record_header
 from token_draw import per_call_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -88,9 +87,7 @@ def main() -> None:
             rows.append({"pass": "no-grad forward, mask", "dtype": "bfloat16",
                          "shape": list(shape), **times})  # fmt: skip
     record = {
-        "command": "python benchmarks/cpu_attention.py",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "torch": torch.__version__,
         "rows": rows,
     }

@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from checkout import record_header
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_SEED = 1234
@@ -147,9 +147,7 @@ def main() -> None:
                 if column and all(name in run for run in column)}  # fmt: skip
 
     record = {
-        "command": "python benchmarks/noise.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "cpus": os.cpu_count(),
         "load_start": load_start,
         "load_end": os.getloadavg()[0],

@@ -17,16 +17,14 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
-from checkout import short_commit
+from checkout import record_header, short_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["precision=bf16", "actor.offload_optimizer=cpu", "critic.offload_optimizer=cpu",
@@ -77,9 +75,7 @@ def main() -> None:
                     for name, (tree, extra) in variants.items()}  # fmt: skip
         rows += [{"zero": zero, **row} for row in alternating_medians(measures, args.repeats)]
     record = {
-        "command": "python benchmarks/ppo_step.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "rows": rows,
     }
     out = ROOT / "reports" / "bench"

@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
-from checkout import short_commit
+from checkout import record_header, short_commit
 from ppo_step import SETTINGS, alternating_medians, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +167,7 @@ def main() -> None:
                 "floor": lambda: floor_run(args.steps)}  # fmt: skip
     rows = alternating_medians(measures, args.repeats)
     record = {
-        "command": "python benchmarks/ppo_step_floor.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "rows": rows,
     }
     out = ROOT / "reports" / "bench"

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from checkout import short_commit
+from checkout import record_header, short_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,9 +47,7 @@ def main() -> None:
             runs.append(one_run(how))
             print(runs[-1], file=sys.stderr)
     record = {
-        "command": f"python benchmarks/process_end.py --runs {args.runs}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(f"python benchmarks/process_end.py --runs {args.runs}"),
         "commit": short_commit(ROOT),
         "runs": runs,
     }

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
 import pandas
 import yaml
+from checkout import record_header
 
 from tunelab.metrics import RUNNING, recent_mean
 from tunelab.pruning import past_constraint
@@ -95,10 +94,8 @@ def measure_run(spec: dict, trials: int, seed: int) -> list[dict]:
 
 def measure(trials: int, seeds: list[int]) -> None:
     spec = yaml.safe_load(SPEC.read_text())
-    record = {"command": "python benchmarks/reward_pruning.py measure --trials "
-                         f"{trials} --seeds {' '.join(map(str, seeds))}",
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.node()} {platform.machine()}",
+    record = {**record_header("python benchmarks/reward_pruning.py measure --trials "
+                         f"{trials} --seeds {' '.join(map(str, seeds))}"),
               "constraints": without_stop_margins(spec["constraints"]),
               "runs": {str(seed): measure_run(spec, trials, seed) for seed in seeds}}  # fmt: skip
     MEASURED.write_text(json.dumps(record, indent=1) + "\n")

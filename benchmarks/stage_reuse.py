@@ -31,18 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
 import yaml
-from checkout import short_commit
+from checkout import record_header, short_commit
 
 from tunelab.records import trial_metrics
 from tunelab.stagecache import START_REUSED
@@ -154,9 +152,7 @@ def main() -> None:
     ratios = {steps: {mode: statistics.median(each) for mode, each in against.items()}
               for steps, against in round_ratios.items()}  # fmt: skip
     record = {
-        "command": "python benchmarks/stage_reuse.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "results": results,
         "wall_ratio_of_shipped": ratios,
         "wall_ratio_of_shipped_per_round": round_ratios,

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from checkout import record_header
 
 from tunelab.pipeline.decoding import Decoding, choose_tokens
 
@@ -49,9 +47,7 @@ def main() -> None:
     logits = torch.randn(args.rows, args.vocab)
     decoding = Decoding(max_new=32, min_new=1, eos_id=2, pad_id=1, temperature=1.0)
     record = {
-        "command": "python benchmarks/token_draw.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "rows": args.rows, "vocab": args.vocab,
         "multinomial_us": per_call_us(
             lambda: torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)),

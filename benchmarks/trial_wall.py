@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from checkout import record_header
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("start", "imports", "data", "setup", "eval", "handoff", "steps")
@@ -151,9 +151,7 @@ def main() -> None:
                for _ in range(args.repeats)]  # fmt: skip
     import_median = {name: statistics.median(i[name] for i in imports) for name in IMPORT_STEPS}
     record = {
-        "command": "python benchmarks/trial_wall.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **record_header(),
         "runs": runs,
         "median_s": median,
         "forked_runs": forked,
